@@ -1,0 +1,5 @@
+import sys
+
+from conceptseg.cli import main
+
+sys.exit(main())

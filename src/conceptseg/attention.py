@@ -1,0 +1,123 @@
+"""Capture of cross-attention maps through diffusers' public attention-processor API.
+
+Only cross-attention (`attn2`) layers get the capturing processor; self-attention keeps whatever
+fused processor the model had. For each captured layer only the requested token columns are kept,
+averaged over heads (and over the tokens of one word), nearest-upsampled to the latent grid and
+summed as they come: no full attention tensor outlives its layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class CrossAttentionStore:
+    """Running sum over layers of the chosen token groups' head-averaged attention, per batch row."""
+
+    def __init__(self, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int]):
+        if not token_groups or any(len(g) == 0 for g in token_groups):
+            raise ValueError("every token group needs at least one token position")
+        self.token_groups = [list(g) for g in token_groups]
+        self.latent_hw = latent_hw
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None  # (B, G, H, W) float32
+        self.num_layers = 0
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        h, w = self.latent_hw
+        for f in (1, 2, 4, 8, 16, 32, 64):
+            gh, gw = -(-h // f), -(-w // f)
+            if gh * gw == n:
+                return gh, gw
+        raise ValueError(f"cannot place {n} attention queries on a {h}x{w} latent grid")
+
+    def add(self, probs: torch.Tensor) -> None:
+        """probs: (B, heads, N, T) softmax over T text tokens for N = h*w image positions."""
+        b, _, n, _ = probs.shape
+        cols = torch.stack([probs[..., g].mean(-1) for g in self.token_groups], dim=-1)  # (B, heads, N, G)
+        maps = cols.mean(1).transpose(1, 2).reshape(b, len(self.token_groups), *self._grid(n)).float()
+        maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
+        self.total = maps if self.total is None else self.total + maps
+        self.num_layers += 1
+
+    def pop_mean(self) -> torch.Tensor:
+        """Equal-weight mean over the layers seen since the last call, (B, G, H, W); then reset."""
+        if self.total is None:
+            raise RuntimeError("no cross-attention layer ran: does this UNet have attn2 layers?")
+        mean = self.total / self.num_layers
+        self.reset()
+        return mean
+
+
+class CrossAttentionCaptureProcessor:
+    """Attention with explicit probabilities (cross-attention has only 77 keys, so this is cheap);
+    the output is computed from the same probabilities, so the forward pass is unchanged."""
+
+    def __init__(self, store: CrossAttentionStore):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        b = hidden_states.shape[0]
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(encoder_hidden_states)
+        v = attn.to_v(encoder_hidden_states)
+        head_dim = k.shape[-1] // attn.heads
+        q, k, v = (x.view(b, -1, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b)
+            scores = scores + mask.view(b, attn.heads, -1, mask.shape[-1]).float()
+        probs = scores.softmax(dim=-1)
+        self.store.add(probs)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def is_cross_attention(name: str) -> bool:
+    return name.endswith("attn2.processor")
+
+
+@contextmanager
+def capture_cross_attention(unet, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int]) -> Iterator[CrossAttentionStore]:
+    """Within the block, every cross-attention layer of `unet` adds its maps to the yielded store.
+
+    The original processors are restored on exit, also when the block raises.
+    """
+    store = CrossAttentionStore(token_groups, latent_hw)
+    original = dict(unet.attn_processors)
+    capture = CrossAttentionCaptureProcessor(store)
+    # set_attn_processor pops entries from the dict it is given: always hand it a fresh one.
+    unet.set_attn_processor({name: capture if is_cross_attention(name) else proc for name, proc in original.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(dict(original))

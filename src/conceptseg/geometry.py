@@ -1,0 +1,102 @@
+"""One image geometry for every stage: resize the long edge to the model's resolution, pad to a
+square canvas, and map every mask back to the ORIGINAL image size (METHOD.md §8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Padding is mid-grey: 0 in the model's [-1, 1] pixel range, the least informative value.
+PAD_VALUE = 127
+
+
+class ImageReadError(ValueError):
+    """An input image that cannot be read; the message names the file and the problem."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Any Pillow-readable file as 8-bit RGB: EXIF orientation applied, alpha composited on white,
+    16-bit and float images rescaled from their own range."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: unreadable or truncated image ({e})") from None
+    if im.width < 1 or im.height < 1:
+        raise ImageReadError(f"{path}: empty image ({im.width}x{im.height})")
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.round().astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(canvas, im)
+    return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """Where an image of size (width, height) sits on a square canvas of side `size`."""
+
+    width: int
+    height: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.width, self.height)
+
+    @property
+    def inner(self) -> tuple[int, int, int, int]:
+        """(left, top, inner_width, inner_height) of the resized image on the canvas."""
+        w = max(1, round(self.width * self.scale))
+        h = max(1, round(self.height * self.scale))
+        return (self.size - w) // 2, (self.size - h) // 2, w, h
+
+    def place(self, image: Image.Image, resample=Image.Resampling.BICUBIC, fill=PAD_VALUE) -> np.ndarray:
+        """The image resized and padded onto the canvas (HxWxC uint8, or HxW for mode L)."""
+        left, top, w, h = self.inner
+        bands = len(image.getbands())
+        canvas = Image.new(image.mode, (self.size, self.size), (fill,) * bands if bands > 1 else fill)
+        canvas.paste(image.resize((w, h), resample), (left, top))
+        return np.asarray(canvas)
+
+    def place_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A boolean mask of the original image on the canvas (nearest), False in the padding."""
+        im = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
+        return self.place(im, resample=Image.Resampling.NEAREST, fill=0) > 127
+
+    def valid(self, resolution: int) -> np.ndarray:
+        """Which cells of a `resolution`-square grid over the canvas hold image, not padding."""
+        left, top, w, h = self.inner
+        centres = (np.arange(resolution) + 0.5) * self.size / resolution
+        rows = (centres >= top) & (centres < top + h)
+        cols = (centres >= left) & (centres < left + w)
+        return rows[:, None] & cols[None, :]
+
+    def restore(self, grid: np.ndarray, resample=Image.Resampling.NEAREST) -> np.ndarray:
+        """A map over the canvas at any square resolution, cropped and resized to the ORIGINAL size."""
+        grid = np.asarray(grid)
+        is_bool = grid.dtype == bool
+        im = Image.fromarray(grid.astype(np.uint8) * 255 if is_bool else grid.astype(np.float32))
+        full = im.resize((self.size, self.size), Image.Resampling.NEAREST)
+        left, top, w, h = self.inner
+        out = np.asarray(full.crop((left, top, left + w, top + h)).resize((self.width, self.height), resample))
+        return out > 127 if is_bool else out

@@ -1,0 +1,123 @@
+"""Atomic output files, image listing and the run manifest shared by every per-image stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic(path, lambda f: np.save(f, array))
+
+
+def save_png(path: Path, image: Image.Image | np.ndarray) -> None:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    _atomic(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A binary mask as an 8-bit PNG with values 0/255 (what every image tool reads)."""
+    save_png(path, Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L"))
+
+
+def _jsonable(obj):
+    if is_dataclass(obj):
+        return asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (by extension), sorted; stems must be unique (they name outputs)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    by_stem: dict[str, Path] = {}
+    for p in files:
+        if p.stem in by_stem:
+            raise ValueError(f"two images share the name {p.stem!r} ({by_stem[p.stem].name}, {p.name}); outputs are named by stem")
+        by_stem[p.stem] = p
+    return files
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("conceptseg", "torch", "diffusers", "transformers", "accelerate", "scikit-learn", "numpy", "pillow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+class Manifest:
+    """`manifest.json` of a per-image stage: its settings, the model, versions and each image's status.
+
+    Written atomically, at most every `flush_seconds` and at the end, so a 10,000-image run does not
+    rewrite it 10,000 times. Whether an image is done is decided by its output files, not by this.
+    """
+
+    def __init__(self, out: Path, stage: str, settings: dict, flush_seconds: float = 10.0):
+        self.path = Path(out) / "manifest.json"
+        self.flush_seconds = flush_seconds
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data = {
+            "stage": stage,
+            "settings": settings,
+            "versions": library_versions(),
+            "images": old.get("images", {}),
+        }
+        self._last_flush = 0.0
+
+    @staticmethod
+    def previous_settings(out: Path) -> dict | None:
+        path = Path(out) / "manifest.json"
+        return json.loads(path.read_text()).get("settings") if path.exists() else None
+
+    def record(self, name: str, status: str, **info) -> None:
+        self.data["images"][name] = {"status": status, **info}
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        counts: dict[str, int] = {}
+        for entry in self.data["images"].values():
+            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+        self.data["counts"] = counts
+        write_json(self.path, self.data)
+        self._last_flush = time.monotonic()

@@ -1,0 +1,171 @@
+"""Loading a Stable-Diffusion-style model: a local diffusers folder, a hub id, or the embedded default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+EMBEDDED_MODEL = "embedded:toy"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says what is missing."""
+
+
+def embedded_model_path() -> Path:
+    return Path(str(resources.files("conceptseg") / "assets" / "toy_model"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and fp32 on CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return table[dtype]
+
+
+@dataclass
+class DiffusionModel:
+    """The parts of a latent diffusion model the pipeline uses, on one device and dtype."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Image side the model was trained at (512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.unet.config.sample_size
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mean, so deterministic."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+        latents = self.vae.encode(x).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> uint8 images (N, H, W, 3)."""
+        x = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_folder(path: Path) -> None:
+    missing = []
+    for name in COMPONENTS:
+        sub = path / name
+        if not sub.is_dir():
+            missing.append(f"{name}/ (folder missing)")
+        elif name == "tokenizer":
+            if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not (sub / "tokenizer.json").exists():
+                missing.append("tokenizer/vocab.json + merges.txt")
+        elif name == "scheduler":
+            if not (sub / "scheduler_config.json").exists():
+                missing.append("scheduler/scheduler_config.json")
+        else:
+            if not (sub / "config.json").exists():
+                missing.append(f"{name}/config.json")
+            if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+                missing.append(f"{name}/ weights (*.safetensors)")
+    if missing:
+        raise ModelLoadError(f"{path} is not a complete diffusers Stable Diffusion folder; missing: {', '.join(missing)}")
+
+
+def load_model(model: str | Path | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> DiffusionModel:
+    """Load vae, unet, text encoder, tokenizer and scheduler from a diffusers folder or hub id.
+
+    `None` or "embedded:toy" is the toy-world model that ships with the package.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if model is None or str(model) == EMBEDDED_MODEL:
+        path = embedded_model_path()
+        if not path.is_dir():
+            raise ModelLoadError(f"the embedded default model is not installed at {path}; pass --model")
+        source, local = EMBEDDED_MODEL, True
+    else:
+        path = Path(model)
+        local = path.exists()
+        source = str(path.resolve()) if local else str(model)
+    if local:
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; --model takes a diffusers folder or a hub id")
+        _check_folder(path)
+    # safetensors only for components that have them: never unpickle a .bin a user may not have made.
+    kwargs = dict(local_files_only=local or None)
+    try:
+        vae = AutoencoderKL.from_pretrained(path if local else model, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path if local else model, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(path if local else model, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(path if local else model, subfolder="tokenizer", **kwargs)
+        scheduler = DDIMScheduler.from_pretrained(path if local else model, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError) as e:
+        where = f"local folder {path}" if local else f"hub id {model!r} (not a local folder; needs the hub or a cached copy)"
+        raise ModelLoadError(f"could not load the model from {where}: {str(e).splitlines()[0]}") from None
+    for m in (vae, unet, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
+
+
+def from_components(components: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                    source: str = "in-memory") -> DiffusionModel:
+    """Wrap components built in memory (e.g. `modeling.build_components`) without saving them."""
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    parts = {k: components[k] for k in COMPONENTS}
+    for k in ("vae", "unet", "text_encoder"):
+        parts[k] = parts[k].to(device).eval().requires_grad_(False)
+        if parts[k].dtype != torch_dtype:
+            parts[k] = parts[k].to(torch_dtype)
+    return DiffusionModel(**parts, source=source, device=device, dtype=torch_dtype)
+
+
+def save_model(model_parts: dict, out: Path) -> None:
+    """A standard diffusers folder that `StableDiffusionPipeline.from_pretrained(out)` loads offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**{k: model_parts[k] for k in COMPONENTS}, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,190 @@
+"""Stage 1: preliminary masks M_pre from cross-attention and a GMM threshold (METHOD.md §1).
+
+For each image: encode to latents z0; for each of the T0 smallest timesteps of the 50-step DDIM
+grid (1, 21, ..., 781 for T0 = 40) draw fresh noise and form z_t = sqrt(abar_t) z0 +
+sqrt(1 - abar_t) eps; one conditional UNet pass with "a photo of a {concept}"; average the
+concept token's head-averaged cross-attention over every layer (nearest-upsampled to the latent
+grid) and every timestep. The raw map is binarised by a 2-component GMM threshold and a 3x3
+orphan filter. The (image, timestep) rows of several images share UNet batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from conceptseg.attention import capture_cross_attention
+from conceptseg.geometry import Canvas, ImageReadError, load_rgb, to_rgb
+from conceptseg.io import Manifest, list_images, save_mask_png, save_npy
+from conceptseg.models import DiffusionModel
+from conceptseg.thresholding import binarize
+from conceptseg.tokenizer import concept_token_positions
+
+
+def timestep_grid(t0: int = 40, num_inference_steps: int = 50, num_train_timesteps: int = 1000, offset: int = 1) -> list[int]:
+    """The t0 smallest timesteps of the DDIM-uniform grid (t = 1, 21, ..., 981 for 50 of 1000 steps)."""
+    ratio = num_train_timesteps // num_inference_steps
+    grid = [k * ratio + offset for k in range(num_inference_steps)]
+    if not 1 <= t0 <= len(grid):
+        raise ValueError(f"T0 must be between 1 and {len(grid)}, got {t0}")
+    return grid[:t0]
+
+
+@dataclass
+class PrelimConfig:
+    concept: Sequence[str]  # word(s) whose maps are summed, e.g. ("human", "arms", "legs")
+    prompt: str | None = None  # default "a photo of a {first word}"
+    steps: int = 40  # T0
+    batch_size: int = 8  # UNet rows per forward pass; rows of several images share a batch
+    seed: int = 0
+    orphan_filter: bool = True
+
+    def __post_init__(self):
+        self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
+        if not self.concept:
+            raise ValueError("give at least one concept word")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+
+    @property
+    def full_prompt(self) -> str:
+        return self.prompt or f"a photo of a {self.concept[0]}"
+
+
+@dataclass
+class PrelimResult:
+    attention: np.ndarray  # raw averaged map over the padded canvas, latent resolution, float32
+    mask_latent: np.ndarray  # M_pre on the latent grid (False in the padding)
+    mask: np.ndarray  # M_pre at the original image size
+    canvas: Canvas = field(repr=False)
+
+
+def image_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise that depends only on (seed, image key): the same in any batch, order, process or device."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+
+
+@torch.no_grad()
+def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, token_groups: Sequence[Sequence[int]],
+                   timesteps: Sequence[int], noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean over layers and timesteps of each token group's map: (N images, G groups, h, w), float32.
+
+    latents (N, C, h, w); noise (N, T, C, h, w); cond (1, 77, D) text embedding of the prompt.
+    """
+    n, t_count = latents.shape[0], len(timesteps)
+    abar = model.alphas_cumprod.to(latents.device, torch.float32)
+    t_all = torch.tensor(timesteps, device=latents.device)
+    rows = [(i, j) for i in range(n) for j in range(t_count)]
+    total = torch.zeros(n, len(token_groups), *latents.shape[-2:], device=latents.device)
+    with capture_cross_attention(model.unet, token_groups, tuple(latents.shape[-2:])) as store:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            img = torch.tensor([i for i, _ in chunk], device=latents.device)
+            step = torch.tensor([j for _, j in chunk], device=latents.device)
+            t = t_all[step]
+            a = abar[t].view(-1, 1, 1, 1)
+            eps = noise[img.cpu(), step.cpu()].to(latents.device, torch.float32)
+            zt = a.sqrt() * latents[img].float() + (1 - a).sqrt() * eps
+            model.unet(zt.to(model.dtype), t, cond.expand(len(chunk), -1, -1)).sample
+            total.index_add_(0, img, store.pop_mean())
+    return total / t_count
+
+
+class PrelimRunner:
+    """Stage 1 for a model and a config: images in, PrelimResults out."""
+
+    def __init__(self, model: DiffusionModel, config: PrelimConfig):
+        self.model, self.config = model, config
+        self.token_groups = concept_token_positions(model.tokenizer, config.full_prompt, config.concept)
+        self.timesteps = timestep_grid(config.steps, offset=model.scheduler.config.get("steps_offset", 1) or 0)
+        self.cond = model.encode_prompts([config.full_prompt])
+
+    def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[PrelimResult]:
+        m, cfg = self.model, self.config
+        size, lat = m.resolution, m.latent_resolution
+        canvases = [Canvas(im.width, im.height, size) for im in images]
+        pixels = np.stack([c.place(to_rgb(im)) for c, im in zip(canvases, images)])
+        latents = m.encode_images(pixels)
+        noise = torch.stack([image_noise(cfg.seed, k, (len(self.timesteps), *latents.shape[1:])) for k in keys])
+        maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size)
+        maps = maps.sum(1).cpu().numpy().astype(np.float32)  # several words: their maps are summed
+        results = []
+        for canvas, amap in zip(canvases, maps):
+            valid = canvas.valid(lat)
+            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed)
+            results.append(PrelimResult(amap, mask_latent, canvas.restore(mask_latent), canvas))
+        return results
+
+
+def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.ndarray | str | Path],
+                      concept: str | Sequence[str], **options) -> list[PrelimResult]:
+    """Python API of stage 1: M_pre (and the raw attention map) for each image."""
+    runner = PrelimRunner(model, PrelimConfig(concept, **options))
+    pil, keys = [], []
+    for i, im in enumerate(images):
+        if isinstance(im, (str, Path)):
+            pil.append(load_rgb(im))
+            keys.append(Path(im).stem)
+        else:
+            pil.append(Image.fromarray(im) if isinstance(im, np.ndarray) else im)
+            keys.append(str(i))
+    per_batch = max(1, runner.config.batch_size // len(runner.timesteps))
+    return [r for s in range(0, len(pil), per_batch) for r in runner(pil[s : s + per_batch], keys[s : s + per_batch])]
+
+
+def run_prelim(model: DiffusionModel, images_dir: Path, out: Path, config: PrelimConfig,
+               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+    """The `prelim` command: OUT/attention/<stem>.npy, OUT/masks/<stem>.png, OUT/manifest.json.
+
+    Images whose outputs exist are skipped (unless `overwrite`); unreadable images are reported
+    by name, recorded in the manifest and skipped. `shard=(k, n)` takes every n-th image from k.
+    """
+    out = Path(out)
+    files = list_images(images_dir)[shard[0] :: shard[1]]
+    settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
+    settings.pop("batch_size")  # does not change the outputs
+    previous = Manifest.previous_settings(out)
+    if previous is not None and previous != settings and not overwrite:
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        raise ValueError(f"{out} holds stage-1 outputs made with other settings ({', '.join(changed)}); "
+                         "pass --overwrite to redo them or choose another --out")
+    manifest = Manifest(out, "prelim", settings)
+    runner = PrelimRunner(model, config)
+
+    def done(p: Path) -> bool:
+        return (out / "masks" / f"{p.stem}.png").exists() and (out / "attention" / f"{p.stem}.npy").exists()
+
+    todo = [p for p in files if overwrite or not done(p)]
+    per_batch = max(1, config.batch_size // len(runner.timesteps))
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="prelim", unit="img", disable=not progress)
+    failed = 0
+    for start in range(0, len(todo), per_batch):
+        batch, names = [], []
+        for p in todo[start : start + per_batch]:
+            try:
+                batch.append(load_rgb(p))
+                names.append(p)
+            except ImageReadError as e:
+                failed += 1
+                tqdm.write(f"skipped {e}")
+                manifest.record(p.name, "failed", error=str(e))
+                bar.update(1)
+        if not batch:
+            continue
+        for p, res in zip(names, runner(batch, [p.stem for p in names])):
+            save_npy(out / "attention" / f"{p.stem}.npy", res.attention)
+            save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
+            manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4))
+        bar.update(len(batch))
+    bar.close()
+    manifest.flush()
+    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
