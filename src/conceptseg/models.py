@@ -79,7 +79,7 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mean, so deterministic."""
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.uint8))
         x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
         latents = self.vae.encode(x).latent_dist.mode()
         return latents * self.vae.config.scaling_factor

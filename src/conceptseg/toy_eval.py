@@ -1,0 +1,136 @@
+"""Does a text-to-image model localise and use its words? The embedded model's quality bar.
+
+On held-out single-object toy images, stage 1's raw map is scored against the true mask (AUC-ROC,
+mean over images) and M_pre by pooled IoU, beside three references: the map of a WRONG class word,
+the same architecture at random initialisation, and a fixed centre prior. The model's use of its
+words is scored by classification through the lowest denoising error over the class prompts, and
+by binding on fresh two-object scenes ("a photo of a c1 and a c2": is c1's map higher on c1's
+object than on c2's?).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from conceptseg.data.imagefolder import read_imagefolder
+from conceptseg.data.toyworld import CLASSES, caption_for, render_scene
+from conceptseg.geometry import Canvas, load_rgb
+from conceptseg.metrics import PooledCounts, auc_roc
+from conceptseg.models import DiffusionModel
+from conceptseg.prelim import PrelimConfig, PrelimRunner, attention_maps, image_noise, timestep_grid
+from conceptseg.tokenizer import concept_token_positions
+
+
+@dataclass
+class ToyEvalConfig:
+    per_class: int = 200
+    steps: int = 40  # T0 of stage 1
+    batch_size: int = 40
+    classify_timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800)
+    binding_scenes: int = 100
+    references: bool = True  # wrong word, random init, centre prior
+    seed: int = 0
+
+
+def _random_init(model: DiffusionModel, seed: int) -> DiffusionModel:
+    """The same architecture with fresh random UNet and text-encoder weights (the VAE is kept)."""
+    torch.manual_seed(seed)
+    unet = type(model.unet).from_config(model.unet.config).to(model.device, model.dtype).eval()
+    text_encoder = type(model.text_encoder)(copy.deepcopy(model.text_encoder.config)).to(model.device, model.dtype).eval()
+    return DiffusionModel(model.vae, unet, text_encoder, model.tokenizer, model.scheduler, "random-init", model.device, model.dtype)
+
+
+def _centre_prior(size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    return -np.hypot((yy + 0.5) / h - 0.5, (xx + 0.5) / w - 0.5)
+
+
+def _localisation(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
+    """Mean per-image AUC of the raw map and pooled scores of M_pre, for each image's given word."""
+    aucs, counts, per_class = [], PooledCounts(), defaultdict(list)
+    runners = {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
+    for im, key, truth, word in tqdm(list(zip(images, keys, truths, words)), desc=f"stage 1 ({model.source[-30:]})", disable=not progress, leave=False):
+        res = runners[word]([im], [key])[0]
+        auc = auc_roc(res.canvas.restore(res.attention), truth)
+        aucs.append(auc)
+        per_class[word].append(auc)
+        counts.add(res.mask, truth)
+    return {"auc": float(np.nanmean(aucs)), **{f"prelim_{k}": v for k, v in counts.as_dict().items()},
+            "auc_per_word": {w: float(np.nanmean(v)) for w, v in sorted(per_class.items())}}
+
+
+@torch.no_grad()
+def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEvalConfig, progress: bool) -> float:
+    """Accuracy of argmin over class prompts of the denoising error (same noise for every prompt)."""
+    conds = model.encode_prompts([f"a photo of a {c}" for c in classes])
+    t = torch.tensor(cfg.classify_timesteps, device=model.device)
+    abar = model.alphas_cumprod.to(model.device)[t].view(-1, 1, 1, 1).float()
+    right = 0
+    for im, key, label in tqdm(list(zip(images, keys, labels)), desc="classify", disable=not progress, leave=False):
+        z0 = model.encode_images(Canvas(im.width, im.height, model.resolution).place(im)[None]).float()
+        eps = image_noise(cfg.seed + 1, key, (len(t), *z0.shape[1:])).to(model.device)
+        zt = (abar.sqrt() * z0 + (1 - abar).sqrt() * eps).to(model.dtype)
+        errors = []
+        for c in range(len(classes)):
+            pred = model.unet(zt, t, conds[c : c + 1].expand(len(t), -1, -1)).sample.float()
+            errors.append(((pred - eps) ** 2).mean().item())
+        right += classes[int(np.argmin(errors))] == label
+    return right / len(labels)
+
+
+@torch.no_grad()
+def _binding(model: DiffusionModel, cfg: ToyEvalConfig, classes, progress: bool) -> float:
+    """Mean AUC, over both words of fresh two-object scenes, of a word's map separating its object from the other."""
+    timesteps = timestep_grid(cfg.steps)
+    aucs = []
+    for k in tqdm(range(cfg.binding_scenes), desc="binding", disable=not progress, leave=False):
+        rng = np.random.default_rng([cfg.seed, 7, k])
+        pair = list(rng.choice(classes, size=2, replace=False))
+        scene = render_scene(rng, pair, size=model.resolution)
+        if min(m.sum() for m in scene.object_masks) == 0:
+            continue
+        prompt = caption_for(pair)
+        groups = concept_token_positions(model.tokenizer, prompt, pair)
+        z0 = model.encode_images(scene.image[None])
+        noise = image_noise(cfg.seed, f"binding-{k}", (len(timesteps), *z0.shape[1:]))[None]
+        maps = attention_maps(model, z0, model.encode_prompts([prompt]), groups, timesteps, noise, cfg.batch_size)[0]
+        canvas = Canvas(scene.image.shape[1], scene.image.shape[0], model.resolution)
+        either = scene.object_masks[0] | scene.object_masks[1]
+        for g in range(2):
+            full = canvas.restore(maps[g].cpu().numpy())
+            aucs.append(auc_roc(full[either], scene.object_masks[g][either]))
+    return float(np.nanmean(aucs))
+
+
+def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | None = None, progress: bool = True) -> dict:
+    cfg = cfg or ToyEvalConfig()
+    rows = [r for r in read_imagefolder(data_root, split="test") if len(r.classes) == 1]
+    by_class = defaultdict(list)
+    for r in rows:
+        by_class[r.classes[0]].append(r)
+    classes = [c for c in CLASSES if c in by_class]
+    chosen = [r for c in classes for r in by_class[c][: cfg.per_class]]
+    images = [load_rgb(r.image) for r in chosen]
+    truths = [load_rgb(r.mask).convert("L") for r in chosen]
+    truths = [np.asarray(t) > 127 for t in truths]
+    keys = [r.image.stem for r in chosen]
+    labels = [r.classes[0] for r in chosen]
+
+    report = {"images": len(chosen), "per_class": {c: min(len(by_class[c]), cfg.per_class) for c in classes},
+              "config": {**cfg.__dict__, "classify_timesteps": list(cfg.classify_timesteps)}}
+    report["correct_word"] = _localisation(model, images, keys, truths, labels, cfg, progress)
+    report["class_by_denoising_accuracy"] = _classify(model, images, keys, labels, classes, cfg, progress)
+    report["binding_auc"] = _binding(model, cfg, classes, progress)
+    if cfg.references:
+        wrong = [classes[(classes.index(c) + 1) % len(classes)] for c in labels]
+        report["wrong_word"] = _localisation(model, images, keys, truths, wrong, cfg, progress)
+        report["random_init"] = _localisation(_random_init(model, cfg.seed), images, keys, truths, labels, cfg, progress)
+        report["centre_prior_auc"] = float(np.nanmean([auc_roc(_centre_prior(t.shape), t) for t in truths]))
+    return report
