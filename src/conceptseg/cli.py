@@ -88,6 +88,19 @@ def _cmd_demo(args) -> None:
     print(f"\nmasks, maps and manifest: {args.out}/prelim   pictures: {args.out}/prelim_grid.png   numbers: {args.out}/metrics.json")
 
 
+def _cmd_finetune(args) -> None:
+    from conceptseg.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        concept=args.concept, images=args.images, prelim=args.prelim, out=args.out, model=args.model, prompt=args.prompt,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
+        mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    print(f"fine-tuned model: {finetune(cfg)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-orphan-filter", action="store_true")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
+
+    s = sub.add_parser("finetune", help="stage 2: fine-tune the model to inpaint background (concept distillation)")
+    s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
+    s.add_argument("--concept", nargs="+", required=True)
+    s.add_argument("--prompt", help='concept prompt y_f; default "a photo of a {first concept word}"')
+    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--batch-size", type=int, default=4, help="per process")
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--method", choices=["full", "lora"], default="full", help="full UNet (the paper) or LoRA adapters")
+    s.add_argument("--lora-rank", type=int, default=8)
+    s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    s.add_argument("--gradient-accumulation", type=int, default=1)
+    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
+    s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
+                   help="precompute this many augmented views per image and encode them once (0: encode every step)")
+    s.add_argument("--checkpoint-every", type=int, default=250)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("eval-toy-model", help="score a text-to-image model's localisation on held-out toy images")
     _add_model_args(s, several=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
+# A LoRA fine-tune (stage 2) is saved as diffusers' LoRA weights file plus this note of its base model.
+LORA_CONFIG_FILE = "conceptseg_lora.json"
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class ModelLoadError(RuntimeError):
@@ -120,6 +124,8 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     """
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
+        return _load_lora(Path(model), device, torch_dtype)
     if model is None or str(model) == EMBEDDED_MODEL:
         path = embedded_model_path()
         if not path.is_dir():
@@ -147,6 +153,19 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     for m in (vae, unet, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
+
+
+def _load_lora(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    note = json.loads((path / LORA_CONFIG_FILE).read_text())
+    base = load_model(note["base_model"], device=device, dtype=dtype)
+    try:
+        base.unet.load_lora_adapter(str(path), weight_name=note.get("weights", LORA_WEIGHTS_FILE), prefix="unet")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: could not apply the LoRA weights to {note['base_model']}: {e}") from None
+    base.unet.fuse_lora()  # one set of weights again: no adapter overhead at inference
+    base.unet.unload_lora()
+    base.source = str(path.resolve())
+    return base
 
 
 def from_components(components: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

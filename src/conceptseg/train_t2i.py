@@ -13,8 +13,6 @@ a diffusers folder; a re-run resumes from the last one with the same data order.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from conceptseg.geometry import Canvas, load_rgb
 from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
+from conceptseg.training import last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
 
 
 @dataclass
@@ -75,12 +74,6 @@ def _to_model_range(batch: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _last_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "state.json").exists()]  # state.json is written last
-    return ckpts[-1] if ckpts else None
-
-
 class _VAEObjective(torch.nn.Module):
     """Reconstruction (L1 + MSE) with a small KL term, as in latent diffusion's first stage; a module
     of its own so DDP sees one forward pass."""
@@ -102,7 +95,7 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig) -> None:
     objective, opt = accelerator.prepare(_VAEObjective(vae), torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr))
     bar = tqdm(range(cfg.vae_steps), desc="train VAE", disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, 1, step, accelerator.process_index])
+        rng = step_rng(cfg.seed, 1, step, accelerator.process_index)
         x = _to_model_range(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
         with accelerator.autocast():
             loss = objective(x)
@@ -181,10 +174,9 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
     unet_p, te_p, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     ema.to(accelerator.device)
     start = 0
-    last = _last_checkpoint(out)
+    last = last_checkpoint(out)
     if last is not None:
-        accelerator.load_state(str(last / "accelerate"))
-        state = json.loads((last / "state.json").read_text())
+        state = load_checkpoint_state(accelerator, last)
         start = state["step"]
         ema_parts = load_model(last / "model", device="cpu", dtype="fp32")
         ema_params = list(ema_parts.unet.parameters()) + (list(ema_parts.text_encoder.parameters()) if train_te else [])
@@ -204,18 +196,10 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
         finally:
             ema.restore(params)
 
-    def checkpoint(step: int) -> None:
-        dest = out / "checkpoints" / f"step-{step:06d}"
-        accelerator.save_state(str(dest / "accelerate"))
-        if accelerator.is_main_process:
-            export(dest / "model")
-            write_json(dest / "state.json", {"step": step, "ema_optimization_step": ema.optimization_step})
-        accelerator.wait_for_everyone()
-
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train UNet",
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, 2, step, accelerator.process_index])
+        rng = step_rng(cfg.seed, 2, step, accelerator.process_index)
         idx = rng.integers(0, len(images), cfg.batch_size)
         ids = ids_all[idx].clone()
         ids[rng.random(cfg.batch_size) < cfg.caption_dropout] = ids_empty
@@ -239,16 +223,11 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
             ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            checkpoint(step + 1)
+            save_checkpoint(accelerator, out, step + 1, export, {"ema_optimization_step": ema.optimization_step})
 
     final = out / "model"
     if accelerator.is_main_process:
-        src = _last_checkpoint(out) / "model"
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        publish(last_checkpoint(out) / "model", final)
         prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})
         save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed))
     accelerator.wait_for_everyone()

@@ -1,0 +1,361 @@
+"""Stage 2: concept distillation, fine-tuning the diffusion model to inpaint background (METHOD.md §2).
+
+Per sample, with probability 0.5: the concept prompt y_f and an epsilon loss over the whole latent
+(ordinary fine-tuning); otherwise the background prompt y_b and the loss only on the BACKGROUND
+pixels of a random rectangle drawn from M_pre with the published rejection rules. The masked loss
+is mean over c,h,w of ((eps_hat - eps) * m)^2: divided by every position, not by the mask area.
+Images and M_pre are augmented jointly (short side to the model's resolution, random crop, flip;
+the mask comes to the latent grid by 8x8 mean-pool + round). The whole UNet is trained (the paper)
+or LoRA adapters (peft); VAE and text encoder are frozen; EMA on; AdamW 1e-4 constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from conceptseg.geometry import ImageReadError, load_rgb
+from conceptseg.io import list_images, save_png, write_json
+from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
+from conceptseg.report import picture_grid
+from conceptseg.training import last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
+
+BACKGROUND_PROMPT = "a photo of a background"
+
+
+# ---------------------------------------------------------------- the background rectangle
+
+@dataclass(frozen=True)
+class BoxRules:
+    """The published rejection rules, on a 64x64 latent grid; other grids scale them by side/64."""
+
+    min_side: float = 10  # reject a side <= this
+    min_area: float = 16**2
+    max_area: float = 32**2
+    max_both_sides: float = 32  # reject w > this and h > this
+    min_background: float = 2 / 3
+    max_tries: int = 100
+
+    def scaled(self, side: int) -> "BoxRules":
+        s = side / 64
+        return BoxRules(self.min_side * s, self.min_area * s * s, self.max_area * s * s, self.max_both_sides * s,
+                        self.min_background, self.max_tries)
+
+    def accepts(self, h: int, w: int, background_share: float) -> bool:
+        area = h * w
+        return not (h <= self.min_side or w <= self.min_side or area < self.min_area or area > self.max_area
+                    or (w > self.max_both_sides and h > self.max_both_sides) or background_share < self.min_background)
+
+
+def sample_background_box(foreground: np.ndarray, rng: np.random.Generator, rules: BoxRules | None = None) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), inclusive, of a box whose opposite corners are two random background pixels
+    and which obeys every rule; None when `max_tries` draws all broke a rule (or there is no background)."""
+    bg = ~np.asarray(foreground, dtype=bool)
+    rules = (rules or BoxRules()).scaled(bg.shape[0])
+    ys, xs = np.nonzero(bg)
+    if len(ys) == 0:
+        return None
+    for _ in range(rules.max_tries):
+        a, b = rng.integers(0, len(ys), 2)
+        y0, y1 = sorted((int(ys[a]), int(ys[b])))
+        x0, x1 = sorted((int(xs[a]), int(xs[b])))
+        if rules.accepts(y1 - y0 + 1, x1 - x0 + 1, bg[y0 : y1 + 1, x0 : x1 + 1].mean()):
+            return y0, y1, x0, x1
+    return None
+
+
+def background_box_mask(foreground: np.ndarray, rng: np.random.Generator, rules: BoxRules | None = None) -> np.ndarray:
+    """The loss mask of the background branch: the background pixels inside a random box, or the
+    whole background when no box obeys the rules (the published fallback). Never a foreground pixel."""
+    bg = ~np.asarray(foreground, dtype=bool)
+    box = sample_background_box(foreground, rng, rules)
+    if box is None:
+        return bg
+    y0, y1, x0, x1 = box
+    out = np.zeros_like(bg)
+    out[y0 : y1 + 1, x0 : x1 + 1] = bg[y0 : y1 + 1, x0 : x1 + 1]
+    return out
+
+
+def training_targets(foreground: torch.Tensor, rng: np.random.Generator, background_probability: float = 0.5,
+                     rules: BoxRules | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Per sample: whether it takes the background branch, and its loss mask (B, 1, h, w): all ones
+    for the concept branch, `background_box_mask` for the background branch."""
+    n = foreground.shape[0]
+    background = rng.random(n) < background_probability
+    loss_mask = torch.ones(n, 1, *foreground.shape[-2:])
+    for i in np.nonzero(background)[0]:
+        loss_mask[i, 0] = torch.from_numpy(background_box_mask(foreground[i].numpy(), rng, rules))
+    return background, loss_mask
+
+
+def masked_epsilon_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean over (c, h, w) of ((pred - target) * mask)^2, divided by ALL positions."""
+    return (((pred.float() - target.float()) * mask) ** 2).mean(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class FinetuneSample:
+    image: np.ndarray  # HxWx3 uint8 at the model resolution
+    mask_latent: np.ndarray  # bool, latent grid
+
+
+def augment(image: Image.Image, mask: np.ndarray, resolution: int, factor: int, rng: np.random.Generator) -> FinetuneSample:
+    """Short side to `resolution` (bicubic; the mask nearest), random crop, random flip, jointly;
+    the mask to the latent grid by factor x factor mean-pool + round."""
+    scale = resolution / min(image.width, image.height)
+    w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    im = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC))
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
+    top, left = rng.integers(0, h - resolution + 1), rng.integers(0, w - resolution + 1)
+    im, m = im[top : top + resolution, left : left + resolution], m[top : top + resolution, left : left + resolution]
+    if rng.random() < 0.5:
+        im, m = im[:, ::-1], m[:, ::-1]
+    lat = resolution // factor
+    pooled = m.reshape(lat, factor, lat, factor).mean(axis=(1, 3))
+    return FinetuneSample(np.ascontiguousarray(im), np.round(pooled) >= 1)
+
+
+@dataclass
+class TrainingPair:
+    image: Path
+    mask: Path
+
+
+def collect_pairs(images_dir: Path, prelim_dir: Path) -> tuple[list[TrainingPair], list[str]]:
+    """Images with a usable stage-1 mask; the problems of the rest, each naming the file."""
+    pairs, problems = [], []
+    for p in list_images(images_dir):
+        mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
+        if not mask_path.exists():
+            problems.append(f"{p.name}: no preliminary mask ({mask_path} missing; run `conceptseg prelim` first)")
+            continue
+        try:
+            with Image.open(p) as im:
+                size = im.size
+            with Image.open(mask_path) as mk:
+                msize, mask = mk.size, np.asarray(mk.convert("L")) > 127
+        except (OSError, SyntaxError, ValueError) as e:
+            problems.append(f"{p.name}: unreadable image or mask ({e})")
+            continue
+        exif_swapped = (size[1], size[0]) == msize
+        if msize != size and not exif_swapped:
+            problems.append(f"{p.name}: mask {mask_path.name} is {msize[0]}x{msize[1]}, image is {size[0]}x{size[1]}")
+        elif mask.all():
+            problems.append(f"{p.name}: the preliminary mask is all foreground (no background to learn from)")
+        else:
+            pairs.append(TrainingPair(p, mask_path))
+    return pairs, problems
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class FinetuneConfig:
+    concept: Sequence[str] | str
+    images: Path
+    prelim: Path
+    out: Path
+    model: str | None = None
+    prompt: str | None = None  # y_f; default "a photo of a {concept}"
+    background_prompt: str = BACKGROUND_PROMPT
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    background_probability: float = 0.5
+    ema_decay: float = 0.9999
+    method: str = "full"  # "full" (the paper) or "lora"
+    lora_rank: int = 8
+    mixed_precision: str = "no"
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
+    latent_cache: int = 0  # >0: precompute this many augmented views per image, encode once
+    checkpoint_every: int = 250
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
+        if self.method not in ("full", "lora"):
+            raise ValueError(f"method must be 'full' or 'lora', not {self.method!r}")
+
+    @property
+    def concept_prompt(self) -> str:
+        return self.prompt or f"a photo of a {self.concept[0]}"
+
+
+def _optimizer(params, cfg: FinetuneConfig, device: torch.device):
+    if cfg.optimizer == "adamw-8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr)
+    if cfg.optimizer == "adamw-fused":
+        return torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr)
+
+
+class _Batches:
+    """Augmented (image, M_pre) batches, from disk each step or from a cache of encoded views."""
+
+    def __init__(self, pairs: list[TrainingPair], model: DiffusionModel, cfg: FinetuneConfig, rank: int):
+        self.pairs, self.model, self.cfg, self.rank = pairs, model, cfg, rank
+        self.cache = None
+        if cfg.latent_cache > 0:
+            lat, masks = [], []
+            for v in tqdm(range(cfg.latent_cache), desc="encode views", disable=not cfg.progress, leave=False):
+                for i in range(len(pairs)):
+                    s = self._sample(i, np.random.default_rng([cfg.seed, 9, v, i]))
+                    lat.append(model.encode_images(s.image[None]).cpu())
+                    masks.append(torch.from_numpy(s.mask_latent))
+            self.cache = torch.cat(lat), torch.stack(masks)
+
+    def _sample(self, i: int, rng) -> FinetuneSample:
+        pair = self.pairs[i]
+        image = load_rgb(pair.image)
+        mask = np.asarray(Image.open(pair.mask).convert("L")) > 127
+        if mask.shape != (image.height, image.width):  # EXIF-rotated source: the mask was written upright
+            mask = mask.T
+        return augment(image, mask, self.model.resolution, self.model.vae_scale_factor, rng)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.random.Generator]:
+        rng = step_rng(self.cfg.seed, 3, step, self.rank)
+        if self.cache is not None:
+            idx = torch.from_numpy(rng.integers(0, len(self.cache[0]), self.cfg.batch_size))
+            return self.cache[0][idx], self.cache[1][idx], rng
+        samples = [self._sample(int(i), rng) for i in rng.integers(0, len(self.pairs), self.cfg.batch_size)]
+        latents = self.model.encode_images(np.stack([s.image for s in samples])).cpu()
+        return latents, torch.from_numpy(np.stack([s.mask_latent for s in samples])), rng
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference)."""
+    out = Path(cfg.out)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation)
+    pairs, problems = collect_pairs(cfg.images, cfg.prelim)
+    for msg in problems:
+        accelerator.print(f"skipped {msg}")
+    if not pairs:
+        raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
+    model = load_model(cfg.model, device=accelerator.device, dtype="fp32")
+    unet = model.unet
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg, accelerator.device)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "finetune_config.json", {**asdict(cfg), "base_model": model.source, "pairs": len(pairs), "skipped": problems})
+
+    cond = model.encode_prompts([cfg.concept_prompt, cfg.background_prompt])
+    unet_p, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    start = 0
+    last = last_checkpoint(out)
+    if last is not None:
+        state = load_checkpoint_state(accelerator, last)
+        start = state["step"]
+        from safetensors.torch import load_file
+
+        shadow = load_file(last / "ema.safetensors")
+        ema.shadow_params = [shadow[str(i)].to(accelerator.device) for i in range(len(params))]
+        ema.optimization_step = state["ema_optimization_step"]
+        accelerator.print(f"resumed from {last} at step {start}")
+
+    def export(dest: Path) -> None:
+        from safetensors.torch import save_file
+
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            save_finetuned(accelerator.unwrap_model(unet_p), model, cfg, dest)
+            save_png(dest.parent / "preview.png", inpainting_preview(model, batches, cfg.background_prompt))
+        finally:
+            ema.restore(params)
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, dest.parent / "ema.safetensors")
+
+    batches = _Batches(pairs, model, cfg, accelerator.process_index)
+    scheduler = model.scheduler
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    for step in bar:
+        latents, masks_fg, rng = batches(step)
+        background, loss_mask = training_targets(masks_fg, rng, cfg.background_probability)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        latents, noise, t, loss_mask = (x.to(accelerator.device) for x in (latents, noise, t, loss_mask))
+        text = cond[torch.from_numpy(background.astype(np.int64)).to(accelerator.device)]
+        with accelerator.accumulate(unet_p):
+            with accelerator.autocast():
+                pred = unet_p(scheduler.add_noise(latents, noise, t), t, text).sample
+            loss = masked_epsilon_loss(pred, noise, loss_mask).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(params)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(accelerator, out, step + 1, export, {"ema_optimization_step": ema.optimization_step})
+    final = out / "model"
+    if accelerator.is_main_process:
+        publish(last_checkpoint(out) / "model", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def inpainting_preview(model: DiffusionModel, batches: "_Batches", prompt: str, count: int = 4, steps: int = 25) -> np.ndarray:
+    """image | M_pre | foreground inpainted with the background prompt, for a few training images."""
+    from conceptseg.inpaint import inpaint_background
+
+    was_training = model.unet.training
+    model.unet.eval()
+    try:
+        samples = [batches._sample(i, np.random.default_rng([0, i])) for i in range(min(count, len(batches.pairs)))]
+        z0 = model.encode_images(np.stack([s.image for s in samples]))
+        region = torch.from_numpy(np.stack([s.mask_latent for s in samples]))
+        filled = model.decode_latents(inpaint_background(model, z0, region, prompt, steps=steps,
+                                                         generator=torch.Generator().manual_seed(0)))
+    finally:
+        model.unet.train(was_training)
+    return picture_grid([[s.image, s.mask_latent, f] for s, f in zip(samples, filled)], ["image", "M_pre", "inpainted"])
+
+
+def save_finetuned(unet, base: DiffusionModel, cfg: FinetuneConfig, dest: Path) -> None:
+    """Full: a complete diffusers folder. LoRA: diffusers' LoRA weights file (plain
+    `pipe.load_lora_weights(dest)` reads it) plus the base model it belongs to."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if cfg.method == "lora":
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusionPipeline.save_lora_weights(dest, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                  weight_name=LORA_WEIGHTS_FILE, safe_serialization=True)
+        write_json(dest / LORA_CONFIG_FILE, {"base_model": base.source, "weights": LORA_WEIGHTS_FILE, "rank": cfg.lora_rank})
+    else:
+        save_model(dict(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                        scheduler=base.scheduler), dest)
+

@@ -1,0 +1,52 @@
+"""What the training commands share: checkpoints that resume, EMA export, per-step data order."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+
+from conceptseg.io import write_json
+
+
+def step_rng(seed: int, stream: int, step: int, rank: int) -> np.random.Generator:
+    """Randomness that depends only on (seed, stream, step, process): a resumed run draws the same data."""
+    return np.random.default_rng([seed, stream, step, rank])
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:06d}"
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (its state.json is written last)."""
+    ckpts = [c for c in (Path(out) / "checkpoints").glob("step-*") if (c / "state.json").exists()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, export_model, extra: dict) -> Path:
+    """accelerate state (models, optimiser, scheduler, RNG) + the model export + state.json, in that order."""
+    dest = checkpoint_dir(out, step)
+    accelerator.save_state(str(dest / "accelerate"))
+    if accelerator.is_main_process:
+        export_model(dest / "model")
+        write_json(dest / "state.json", {"step": step, **extra})
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def load_checkpoint_state(accelerator: Accelerator, ckpt: Path) -> dict:
+    accelerator.load_state(str(ckpt / "accelerate"))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def publish(src: Path, dest: Path) -> None:
+    """Copy a finished folder into place atomically (a reader never sees half of it)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)

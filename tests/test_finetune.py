@@ -1,0 +1,192 @@
+"""Stage 2: the background rectangle, the branch mixing, the loss, and training that saves, loads and resumes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conceptseg.finetune import (
+    BoxRules, FinetuneConfig, background_box_mask, collect_pairs, finetune, masked_epsilon_loss,
+    sample_background_box, training_targets,
+)
+from conceptseg.modeling import build_components
+from conceptseg.models import load_model, save_model
+
+
+def _random_foreground(rng, side=64):
+    fg = np.zeros((side, side), bool)
+    for _ in range(rng.integers(0, 4)):
+        y, x = rng.integers(0, side, 2)
+        h, w = rng.integers(2, side // 2, 2)
+        fg[y : y + h, x : x + w] = True
+    return fg
+
+
+@pytest.mark.parametrize("side", [64, 32])
+def test_box_obeys_every_rule_and_never_covers_foreground(side):
+    rules = BoxRules().scaled(side)
+    rng = np.random.default_rng(0)
+    boxes = 0
+    for _ in range(200):
+        fg = _random_foreground(rng, side)
+        box = sample_background_box(fg, rng)
+        loss = background_box_mask(fg, np.random.default_rng(1))
+        assert not (loss & fg).any()
+        if box is None:
+            continue
+        boxes += 1
+        y0, y1, x0, x1 = box
+        h, w = y1 - y0 + 1, x1 - x0 + 1
+        assert h > rules.min_side and w > rules.min_side
+        assert rules.min_area <= h * w <= rules.max_area
+        assert not (h > rules.max_both_sides and w > rules.max_both_sides)
+        assert (~fg[y0 : y1 + 1, x0 : x1 + 1]).mean() >= 2 / 3
+    assert boxes > 100  # the rules are satisfiable on ordinary masks
+
+
+def test_box_rules_at_the_published_numbers():
+    rules = BoxRules()
+    assert rules.accepts(16, 16, 1.0)
+    assert not rules.accepts(10, 40, 1.0)  # a side <= 10
+    assert not rules.accepts(15, 15, 1.0)  # area < 16^2
+    assert not rules.accepts(33, 33, 1.0)  # area > 32^2
+    assert not rules.accepts(20, 20, 0.6)  # less than 2/3 background
+
+
+def test_fallback_is_the_whole_background():
+    fg = np.ones((64, 64), bool)
+    fg[:5, :5] = False  # too little background for any legal box
+    rng = np.random.default_rng(0)
+    assert sample_background_box(fg, rng) is None
+    np.testing.assert_array_equal(background_box_mask(fg, rng), ~fg)
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_sampler_terminates_on_degenerate_masks(fill):
+    fg = np.full((64, 64), fill)
+    loss = background_box_mask(fg, np.random.default_rng(0))
+    if fill:
+        assert not loss.any()  # all foreground: nothing, and no endless loop
+    else:
+        assert loss.sum() >= 16 * 16  # all background: an ordinary legal box
+
+
+def test_branches_mix_half_and_half_with_the_right_loss_masks():
+    rng = np.random.default_rng(0)
+    fg = torch.from_numpy(np.stack([_random_foreground(rng, 32) for _ in range(8)]))
+    flags = []
+    for _ in range(100):
+        background, loss_mask = training_targets(fg, rng)
+        flags.extend(background)
+        for i in range(len(fg)):
+            if background[i]:
+                assert not (loss_mask[i, 0].bool() & fg[i]).any()
+                assert loss_mask[i].sum() < fg[i].numel()
+            else:
+                assert loss_mask[i].eq(1).all()
+    assert 0.45 < np.mean(flags) < 0.55
+
+
+def test_masked_loss_divides_by_all_positions():
+    pred, target = torch.ones(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, :2, :] = 1  # 16 of 64 positions
+    mask[1] = 1
+    np.testing.assert_allclose(masked_epsilon_loss(pred, target, mask).numpy(), [16 / 64, 1.0])
+
+
+@pytest.fixture(scope="module")
+def stage1_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    model_dir = root / "model"
+    save_model(build_components("tiny"), model_dir)
+    images, masks = root / "images", root / "prelim" / "masks"
+    images.mkdir()
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 32), (32, 48), (36, 36)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4 : h // 2, w // 4 : w // 2] = 255
+        Image.fromarray(m).save(masks / f"im{i}.png")
+    return root
+
+
+def _cfg(root, out, **kw):
+    base = dict(concept="bird", images=root / "images", prelim=root / "prelim", out=out, model=str(root / "model"),
+                steps=2, batch_size=2, checkpoint_every=2, progress=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _unet_delta(a, b):
+    return sum((p - q).abs().sum().item() for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_validation_names_each_bad_pair(stage1_folder, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    masks = tmp_path / "prelim" / "masks"
+    masks.mkdir(parents=True)
+    for name, size, mask in [("ok", (20, 20), "part"), ("nomask", (20, 20), None), ("wrongsize", (20, 20), "small"), ("allfg", (20, 20), "full")]:
+        Image.new("RGB", size).save(images / f"{name}.png")
+        if mask == "part":
+            m = np.zeros((20, 20), np.uint8)
+            m[5:10, 5:10] = 255
+            Image.fromarray(m).save(masks / f"{name}.png")
+        elif mask == "small":
+            Image.new("L", (10, 10)).save(masks / f"{name}.png")
+        elif mask == "full":
+            Image.new("L", (20, 20), 255).save(masks / f"{name}.png")
+    pairs, problems = collect_pairs(images, tmp_path / "prelim")
+    assert [p.image.stem for p in pairs] == ["ok"]
+    text = "\n".join(problems)
+    assert "nomask.png: no preliminary mask" in text
+    assert "wrongsize.png: mask" in text and "10x10" in text
+    assert "allfg.png" in text and "all foreground" in text
+    with pytest.raises(ValueError, match="no image"):
+        finetune(_cfg(stage1_folder, tmp_path / "out", images=images, prelim=tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_changes_weights_and_saves_a_loadable_model(stage1_folder, tmp_path, method):
+    out = finetune(_cfg(stage1_folder, tmp_path / method, method=method))
+    tuned = load_model(out, device="cpu")
+    base = load_model(stage1_folder / "model", device="cpu")
+    assert _unet_delta(tuned, base) > 0
+    assert (out.parent / "checkpoints" / "step-000002" / "preview.png").exists()
+    if method == "lora":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(stage1_folder / "model", local_files_only=True)
+        pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")  # plain diffusers reads it
+        assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+        text_before = dict(base.text_encoder.named_parameters())
+        for n, p in tuned.text_encoder.named_parameters():
+            assert torch.equal(p, text_before[n])
+
+
+def test_resume_continues_where_it_stopped(stage1_folder, tmp_path):
+    straight = finetune(_cfg(stage1_folder, tmp_path / "straight", steps=4))
+    finetune(_cfg(stage1_folder, tmp_path / "resumed", steps=2))
+    resumed = finetune(_cfg(stage1_folder, tmp_path / "resumed", steps=4))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000004").exists()
+    a, b = load_model(straight, device="cpu"), load_model(resumed, device="cpu")
+    assert _unet_delta(a, b) < 1e-3  # same data order, optimiser and EMA state as an uninterrupted run
+
+
+def test_two_process_cpu_run_with_accelerate_launch(stage1_folder, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conceptseg", "finetune",
+           "--model", str(stage1_folder / "model"), "--concept", "bird", "--images", str(stage1_folder / "images"),
+           "--prelim", str(stage1_folder / "prelim"), "--out", str(tmp_path / "ddp"), "--steps", "2",
+           "--batch-size", "1", "--checkpoint-every", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model" / "unet" / "config.json").exists()
+    tuned = load_model(tmp_path / "ddp" / "model", device="cpu")
+    assert _unet_delta(tuned, load_model(stage1_folder / "model", device="cpu")) > 0

@@ -1,0 +1,209 @@
+"""`train-t2i`: from scratch on a tiny toy world, resumed from a checkpoint, and fine-tuned."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conceptseg.data.imagefolder import read_imagefolder
+from conceptseg.data.toyworld import ToyWorldConfig, generate
+from conceptseg.modeling import build_components
+from conceptseg.train_t2i import TrainT2IConfig, train_t2i
+
+OLD_NS = 1_000_000_000 * 10**9  # an mtime in 2001: a rewritten file gets "now"
+PROMPT = "a photo of a star"
+
+
+def _cfg(data: Path, out: Path, **changes) -> TrainT2IConfig:
+    kw = dict(data=data, out=out, preset="tiny", steps=4, vae_steps=2, batch_size=4, checkpoint_every=2,
+              samples_per_prompt=1, sample_prompts=[PROMPT], progress=False)
+    kw.update(changes)
+    return TrainT2IConfig(**kw)
+
+
+def _weights(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
+    files = sorted((Path(model_dir) / component).glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fraction_changed(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return sum(not torch.equal(a[k], b[k]) for k in a) / len(a)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _run(cfg: TrainT2IConfig) -> tuple[Path, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        final = train_t2i(cfg)
+    return final, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("toy") / "data", 16, seed=0, config=ToyWorldConfig(size=32), progress=False)
+
+
+@pytest.fixture(scope="module")
+def scratch(dataset, tmp_path_factory) -> SimpleNamespace:
+    """A 4-step run from scratch (checkpoints at steps 2 and 4)."""
+    out = tmp_path_factory.mktemp("scratch") / "run"
+    final, log = _run(_cfg(dataset, out))
+    return SimpleNamespace(out=out, final=final, log=log)
+
+
+@pytest.fixture(scope="module")
+def resumed(dataset, scratch, tmp_path_factory) -> SimpleNamespace:
+    """A copy of the 4-step run, continued to 6 steps; the old files aged so a rewrite shows."""
+    out = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(scratch.out, out)
+    kept = [p for d in ("checkpoints/step-000002", "checkpoints/step-000004", "vae") for p in _files(out / d)]
+    for p in kept:
+        os.utime(p, ns=(OLD_NS, OLD_NS))
+    contents = {p: p.read_bytes() for p in kept}
+    final, log = _run(_cfg(dataset, out, steps=6))
+    return SimpleNamespace(out=out, final=final, log=log, kept=contents)
+
+
+# ------------------------------------------------------------------ from scratch
+
+
+def test_scratch_layout(scratch, dataset) -> None:
+    out = scratch.out
+    assert scratch.final == out / "model"
+    for step in (2, 4):
+        ckpt = out / "checkpoints" / f"step-{step:06d}"
+        assert json.loads((ckpt / "state.json").read_text()) == {"step": step, "ema_optimization_step": step}
+        assert (ckpt / "accelerate").is_dir() and (ckpt / "model" / "model_index.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    # the final model is the last checkpoint's (EMA) model
+    for comp in ("unet", "text_encoder", "vae"):
+        assert _same(_weights(out / "model", comp), _weights(out / "checkpoints" / "step-000004" / "model", comp)), comp
+    cfg = json.loads((out / "train_config.json").read_text())
+    n_train = sum(r.split != "test" for r in read_imagefolder(dataset))
+    assert cfg["num_images"] == n_train and 0 < n_train < 16
+    assert cfg["lr"] == 1e-3 and cfg["train_text_encoder"] is True and cfg["preset"] == "tiny"
+    assert not (out / ".model.tmp").exists()
+
+
+def test_scratch_model_loads_with_diffusers(scratch) -> None:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(scratch.out / "model", local_files_only=True)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert pipe.tokenizer(PROMPT).input_ids == [49406, 320, 1125, 539, 320, 2658, 49407]
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_scratch_samples(scratch) -> None:
+    with Image.open(scratch.out / "samples.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"  # one prompt x one sample of 32x32
+
+
+def test_scratch_weights_changed_from_initialisation(scratch) -> None:
+    init = build_components("tiny", seed=0)  # train_t2i builds its model with cfg.seed = 0
+    model = scratch.out / "model"
+    assert _fraction_changed(_weights(model, "unet"), init["unet"].state_dict()) > 0.9
+    assert _fraction_changed(_weights(model, "text_encoder"), init["text_encoder"].state_dict()) > 0.5
+    assert _fraction_changed(_weights(model, "vae"), init["vae"].state_dict()) > 0.9
+    # the first checkpoint differs from the second: training went on between them
+    assert not _same(_weights(scratch.out / "checkpoints/step-000002/model", "unet"), _weights(model, "unet"))
+
+
+def test_scratch_vae_scaling_factor(scratch, dataset) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(scratch.out / "vae")
+    assert _same(vae.state_dict(), _weights(scratch.out / "model", "vae"))
+    factor = vae.config.scaling_factor
+    assert factor != pytest.approx(0.18215)  # not the SD default: measured on the data
+    assert json.loads((scratch.out / "model" / "vae" / "config.json").read_text())["scaling_factor"] == factor
+    images = np.stack([np.asarray(Image.open(r.image).convert("RGB")) for r in read_imagefolder(dataset) if r.split != "test"])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+    assert factor == pytest.approx(1.0 / float(mean.std()), rel=1e-4)
+
+
+# ------------------------------------------------------------------ resumed
+
+
+def test_resume_continues_from_the_last_checkpoint(resumed) -> None:
+    out = resumed.out
+    assert "resumed from" in resumed.log and "step-000004" in resumed.log and "at step 4" in resumed.log
+    assert json.loads((out / "checkpoints/step-000006/state.json").read_text()) == {"step": 6, "ema_optimization_step": 6}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    # earlier checkpoints and the trained VAE were neither rewritten nor changed
+    for p, data in resumed.kept.items():
+        assert p.stat().st_mtime_ns == OLD_NS, p
+        assert p.read_bytes() == data, p
+    assert _same(_weights(out / "model", "unet"), _weights(out / "checkpoints/step-000006/model", "unet"))
+    assert not _same(_weights(out / "model", "unet"), _weights(out / "checkpoints/step-000004/model", "unet"))
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 6
+
+
+def test_resume_equals_an_uninterrupted_run(resumed, dataset, tmp_path_factory) -> None:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _run(_cfg(dataset, out, steps=6))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    for comp in ("unet", "text_encoder", "vae"):
+        a, b = _weights(out / "model", comp), _weights(resumed.out / "model", comp)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{comp}.{k}")
+
+
+def test_rerun_after_the_last_step_changes_nothing(resumed, dataset) -> None:
+    ckpt = resumed.out / "checkpoints/step-000006"
+    files = _files(ckpt)
+    for p in files:
+        os.utime(p, ns=(OLD_NS, OLD_NS))
+    _run(_cfg(dataset, resumed.out, steps=6))
+    assert all(p.stat().st_mtime_ns == OLD_NS for p in files)
+    assert _same(_weights(resumed.out / "model", "unet"), _weights(ckpt / "model", "unet"))
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def test_finetune_trains_only_the_unet(scratch, dataset, tmp_path_factory) -> None:
+    base = scratch.out / "model"
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    cfg = _cfg(dataset, out, base_model=str(base), preset=None, steps=2, samples_per_prompt=2,
+               sample_prompts=[PROMPT, "a photo of a car"])
+    final, _ = _run(cfg)
+    assert final == out / "model"
+    assert _same(_weights(final, "text_encoder"), _weights(base, "text_encoder"))  # frozen
+    assert _same(_weights(final, "vae"), _weights(base, "vae"))  # not trained, not re-scaled
+    assert json.loads((final / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+    assert _fraction_changed(_weights(final, "unet"), _weights(base, "unet")) > 0.5
+    assert not (out / "vae").exists()  # no VAE stage when fine-tuning
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["lr"] == 1e-5 and saved["train_text_encoder"] is False
+    assert json.loads((out / "checkpoints/step-000002/state.json").read_text())["step"] == 2
+    with Image.open(out / "samples.png") as im:
+        assert im.size == (2 * 32, 2 * 32)  # one row per prompt, one column per sample
