@@ -105,14 +105,15 @@ def test_scratch_layout(scratch, dataset) -> None:
     assert not (out / ".model.tmp").exists()
 
 
-def test_scratch_model_loads_with_diffusers(scratch) -> None:
+def test_scratch_model_loads_with_diffusers(scratch, tokenizer) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     pipe = StableDiffusionPipeline.from_pretrained(scratch.out / "model", local_files_only=True)
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.text_encoder, CLIPTextModel)
-    assert pipe.tokenizer(PROMPT).input_ids == [49406, 320, 1125, 539, 320, 2658, 49407]
+    assert pipe.tokenizer(PROMPT).input_ids == tokenizer(PROMPT).input_ids
+    assert pipe.tokenizer.model_max_length == 77
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
@@ -127,7 +128,7 @@ def test_scratch_weights_changed_from_initialisation(scratch) -> None:
     init = build_components("tiny", seed=0)  # train_t2i builds its model with cfg.seed = 0
     model = scratch.out / "model"
     assert _fraction_changed(_weights(model, "unet"), init["unet"].state_dict()) > 0.9
-    assert _fraction_changed(_weights(model, "text_encoder"), init["text_encoder"].state_dict()) > 0.5
+    assert _fraction_changed(_weights(model, "text_encoder"), init["text_encoder"].state_dict()) > 0.9
     assert _fraction_changed(_weights(model, "vae"), init["vae"].state_dict()) > 0.9
     # the first checkpoint differs from the second: training went on between them
     assert not _same(_weights(scratch.out / "checkpoints/step-000002/model", "unet"), _weights(model, "unet"))
@@ -200,7 +201,7 @@ def test_finetune_trains_only_the_unet(scratch, dataset, tmp_path_factory) -> No
     assert _same(_weights(final, "vae"), _weights(base, "vae"))  # not trained, not re-scaled
     assert json.loads((final / "vae" / "config.json").read_text())["scaling_factor"] == \
         json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
-    assert _fraction_changed(_weights(final, "unet"), _weights(base, "unet")) > 0.5
+    assert _fraction_changed(_weights(final, "unet"), _weights(base, "unet")) > 0.9
     assert not (out / "vae").exists()  # no VAE stage when fine-tuning
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["lr"] == 1e-5 and saved["train_text_encoder"] is False

@@ -101,6 +101,29 @@ def _cmd_finetune(args) -> None:
     print(f"fine-tuned model: {finetune(cfg)}")
 
 
+def _cmd_refine(args) -> None:
+    from conceptseg.models import load_model
+    from conceptseg.refine import RefineConfig, run_refine
+
+    cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
+                       sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
+                       batch_size=args.batch_size, seed=args.seed)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)  # crop needs only its resolution
+    summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
+                         overwrite=args.overwrite, resolution=model.resolution)
+    print(f"refine: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
+
+
+def _cmd_synth(args) -> None:
+    from conceptseg.models import load_model
+    from conceptseg.synth import SynthConfig, run_synth
+
+    cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
+                      prelim_steps=args.prelim_steps, refine_steps=args.inpaint_steps, batch_size=args.batch_size, seed=args.seed)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"synthetic dataset: {run_synth(model, args.out, cfg)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,6 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("refine", help="stage 3: refined masks from |image - inpainted background|")
+    _add_model_args(s)
+    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--prompt", default="a photo of a background", help="background prompt y_b")
+    s.add_argument("--inpainter", choices=["model", "crop"], default="model", help="crop: the paper's M_crop ablation")
+    s.add_argument("--inpaint-steps", type=int, default=50)
+    s.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim")
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--concept-prompt", help="with --guidance != 1: guide away from this prompt")
+    s.add_argument("--samples", type=int, default=1, help="inpaintings per image, difference maps averaged")
+    s.add_argument("--postprocess", action="store_true", help="binary closing + fill holes")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_refine)
+
+    s = sub.add_parser("synth", help="stage 4: sample a synthetic image + mask dataset from the fine-tuned model")
+    _add_model_args(s)
+    s.add_argument("--concept", nargs="+", required=True)
+    s.add_argument("--prompt", help='default "a photo of a {first concept word}"')
+    s.add_argument("--num", type=int, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--sample-steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--prelim-steps", type=int, default=40, help="T0 of stage 1 on the synthetic images")
+    s.add_argument("--inpaint-steps", type=int, default=50)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("eval-toy-model", help="score a text-to-image model's localisation on held-out toy images")
     _add_model_args(s, several=True)

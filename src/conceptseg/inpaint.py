@@ -16,12 +16,14 @@ SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 @torch.no_grad()
 def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                        steps: int = 50, eta: float = 0.0, guidance: float = 1.0, concept_prompt: str | None = None,
-                       sampler: str = "ddim", generator: torch.Generator | None = None, trace: list | None = None) -> torch.Tensor:
+                       sampler: str = "ddim", generator: torch.Generator | list[torch.Generator] | None = None,
+                       trace: list | None = None) -> torch.Tensor:
     """Latents with `region` (1 = to inpaint, (B, 1, h, w) or (B, h, w)) regenerated, the rest kept.
 
     guidance == 1 uses the background prompt alone (the paper's default). Otherwise, with
     `concept_prompt`, eps = eps_concept + guidance * (eps_background - eps_concept): guidance away
-    from the concept. `trace`, if given, receives (t, latents after blending) at every step.
+    from the concept. A list of generators, one per image, makes each image's noise independent
+    of how images are batched. `trace`, if given, receives (t, latents after blending) at every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -33,9 +35,14 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
     b = z0.shape[0]
     two = guidance != 1.0 and concept_prompt is not None
     cond = model.encode_prompts([prompt] + ([concept_prompt] if two else []))
-    z = torch.randn(z0.shape, generator=generator, device="cpu").to(model.device) * scheduler.init_noise_sigma
+    def randn() -> torch.Tensor:
+        if isinstance(generator, (list, tuple)):
+            return torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generator]).to(model.device)
+        return torch.randn(z0.shape, generator=generator).to(model.device)
+
+    z = randn() * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        known = scheduler.add_noise(z0, torch.randn(z0.shape, generator=generator, device="cpu").to(model.device), t.expand(b))
+        known = scheduler.add_noise(z0, randn(), t.expand(b))
         z = known * (1 - m) + z * m
         if trace is not None:
             trace.append((int(t), z.clone()))
@@ -49,3 +56,11 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         z = scheduler.step(eps, t, z, **kwargs).prev_sample
     return z0 * (1 - m) + z * m
+
+
+def sample_latents(model: DiffusionModel, prompt: str, count: int, steps: int = 50, guidance: float = 1.0,
+                   sampler: str = "ddim", generator=None) -> torch.Tensor:
+    """Plain text-to-image sampling: inpainting with nothing known."""
+    shape = (count, model.unet.config.in_channels, model.latent_resolution, model.latent_resolution)
+    return inpaint_background(model, torch.zeros(shape), torch.ones(count, 1, *shape[2:]), prompt=prompt, steps=steps,
+                              guidance=guidance, sampler=sampler, generator=generator)

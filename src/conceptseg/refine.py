@@ -1,0 +1,201 @@
+"""Stage 3: refined masks M = up(M_pre) * g(|x - x_bg|) (METHOD.md §3).
+
+x_bg is the image with M_pre's region inpainted by the fine-tuned model and the background prompt
+(`inpaint.inpaint_background`), or, for the paper's ablation M_crop, by the largest background
+strip beside the foreground mirrored over it. |.| is the per-pixel mean over RGB of the absolute
+difference at the model's image resolution; g is stage 1's GMM threshold + orphan filter; `up`
+is nearest upsampling of M_pre from the latent grid. Everything is mapped back to the original size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from conceptseg.geometry import Canvas, ImageReadError, load_rgb
+from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
+from conceptseg.io import Manifest, list_images, save_mask_png, save_png
+from conceptseg.models import DiffusionModel
+from conceptseg.thresholding import binarize
+
+INPAINTERS = ("model", "crop")
+
+
+@dataclass
+class RefineConfig:
+    prompt: str = BACKGROUND_PROMPT
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 1.0
+    concept_prompt: str | None = None  # for guidance != 1: steer away from this prompt
+    sampler: str = "ddim"
+    samples: int = 1  # K inpaintings per image; their difference maps are averaged
+    inpainter: str = "model"  # "model" (the method) or "crop" (the paper's M_crop ablation)
+    postprocess: bool = False  # binary closing then fill holes (scipy defaults)
+    batch_size: int = 4  # images per inpainting batch
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.inpainter not in INPAINTERS:
+            raise ValueError(f"inpainter must be one of {INPAINTERS}, not {self.inpainter!r}")
+        if self.samples < 1:
+            raise ValueError("samples must be at least 1")
+
+
+@dataclass
+class RefineResult:
+    mask: np.ndarray  # M at the original size
+    background: np.ndarray  # x_bg at the original size, uint8 RGB (the first sample)
+    difference: np.ndarray  # |x - x_bg| over the canvas, float32, image resolution
+    canvas: Canvas
+
+
+def latent_mask(mask: np.ndarray, canvas: Canvas, factor: int) -> np.ndarray:
+    """A mask at the original size onto the canvas's latent grid (factor x factor mean-pool + round)."""
+    full = canvas.place_mask(mask).astype(np.float32)
+    lat = canvas.size // factor
+    return np.round(full.reshape(lat, factor, lat, factor).mean(axis=(1, 3))) >= 1
+
+
+def upsample(mask_latent: np.ndarray, factor: int) -> np.ndarray:
+    return np.kron(mask_latent.astype(np.uint8), np.ones((factor, factor), np.uint8)).astype(bool)
+
+
+def crop_inpaint(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """M_crop's background: the largest background strip beside the region's bounding box, mirrored over it."""
+    ys, xs = np.nonzero(region)
+    if len(ys) == 0:
+        return image.copy()
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    h, w = region.shape
+    strips = {"left": x0 * h, "right": (w - 1 - x1) * h, "top": y0 * w, "bottom": (h - 1 - y1) * w}
+    side = max(strips, key=strips.get)
+    if strips[side] == 0:
+        return image.copy()
+
+    def mirror(i: np.ndarray, edge_lo: int, edge_hi: int, n: int, towards_low: bool) -> np.ndarray:
+        # reflect indices across the strip's edge, bouncing inside the strip when the box is wider
+        width = edge_lo if towards_low else n - 1 - edge_hi
+        d = (i - edge_lo) if towards_low else (edge_hi - i)
+        d = d % (2 * width)
+        d = np.where(d >= width, 2 * width - 1 - d, d)
+        return edge_lo - 1 - d if towards_low else edge_hi + 1 + d
+
+    rows, cols = np.mgrid[:h, :w]
+    if side in ("left", "right"):
+        cols = mirror(cols, x0, x1, w, side == "left")
+    else:
+        rows = mirror(rows, y0, y1, h, side == "top")
+    filled = image[rows, cols]
+    return np.where(region[..., None], filled, image)
+
+
+def _generators(seed: int, keys: list[str], sample: int) -> list[torch.Generator]:
+    out = []
+    for k in keys:
+        digest = hashlib.sha256(f"{seed}:{sample}:{k}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return out
+
+
+class Refiner:
+    """Stage 3 for a (fine-tuned) model and a config: images + M_pre in, RefineResults out."""
+
+    def __init__(self, model: DiffusionModel | None, config: RefineConfig, resolution: int | None = None, factor: int | None = None):
+        if config.inpainter == "model" and model is None:
+            raise ValueError("the model inpainter needs a fine-tuned model")
+        self.model, self.config = model, config
+        self.resolution = resolution or model.resolution
+        self.factor = factor or model.vae_scale_factor
+
+    def __call__(self, images: list[Image.Image], prelim_masks: list[np.ndarray], keys: list[str]) -> list[RefineResult]:
+        cfg, f = self.config, self.factor
+        canvases = [Canvas(im.width, im.height, self.resolution) for im in images]
+        pixels = np.stack([c.place(im) for c, im in zip(canvases, images)])
+        m_lat = np.stack([latent_mask(m, c, f) for m, c in zip(prelim_masks, canvases)])
+        regions = np.stack([upsample(m, f) for m in m_lat])
+        backgrounds = []  # per sample: (N, S, S, 3) uint8
+        if cfg.inpainter == "crop":
+            backgrounds.append(np.stack([crop_inpaint(p, r) for p, r in zip(pixels, regions)]))
+        else:
+            z0 = self.model.encode_images(pixels)
+            for k in range(cfg.samples):
+                z = inpaint_background(self.model, z0, torch.from_numpy(m_lat), cfg.prompt, steps=cfg.steps, eta=cfg.eta,
+                                       guidance=cfg.guidance, concept_prompt=cfg.concept_prompt, sampler=cfg.sampler,
+                                       generator=_generators(cfg.seed, keys, k))
+                backgrounds.append(self.model.decode_latents(z))
+        diffs = np.mean([np.abs(pixels.astype(np.float32) - b.astype(np.float32)).mean(-1) for b in backgrounds], axis=0)
+        results = []
+        for i, canvas in enumerate(canvases):
+            valid = canvas.valid(self.resolution)
+            mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed)
+            if cfg.postprocess:
+                mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask))
+            bg = backgrounds[0][i]
+            left, top, w, h = canvas.inner
+            bg_full = np.asarray(Image.fromarray(bg).crop((left, top, left + w, top + h)).resize((canvas.width, canvas.height), Image.Resampling.BICUBIC))
+            results.append(RefineResult(canvas.restore(mask), bg_full, diffs[i].astype(np.float32), canvas))
+        return results
+
+
+def run_refine(model: DiffusionModel | None, images_dir: Path, prelim_dir: Path, out: Path, config: RefineConfig,
+               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1),
+               resolution: int | None = None) -> dict:
+    """The `refine` command: OUT/masks/<stem>.png, OUT/background/<stem>.png, OUT/manifest.json; resumable."""
+    out = Path(out)
+    files = list_images(images_dir)[shard[0] :: shard[1]]
+    settings = {**asdict(config), "model": model.source if model is not None else None, "prelim": str(Path(prelim_dir).resolve())}
+    settings.pop("batch_size")
+    previous = Manifest.previous_settings(out)
+    if previous is not None and previous != settings and not overwrite:
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        raise ValueError(f"{out} holds stage-3 outputs made with other settings ({', '.join(changed)}); "
+                         "pass --overwrite to redo them or choose another --out")
+    manifest = Manifest(out, "refine", settings)
+    refiner = Refiner(model, config, resolution=resolution or (model.resolution if model else None),
+                      factor=model.vae_scale_factor if model else 8)
+
+    def done(p: Path) -> bool:
+        return (out / "masks" / f"{p.stem}.png").exists() and (out / "background" / f"{p.stem}.png").exists()
+
+    todo = [p for p in files if overwrite or not done(p)]
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="refine", unit="img", disable=not progress)
+    failed = 0
+    for start in range(0, len(todo), config.batch_size):
+        batch, masks, names = [], [], []
+        for p in todo[start : start + config.batch_size]:
+            mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
+            try:
+                image = load_rgb(p)
+                if not mask_path.exists():
+                    raise ImageReadError(f"{p}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
+                mask = np.asarray(load_rgb(mask_path).convert("L")) > 127
+                if mask.shape != (image.height, image.width):
+                    raise ImageReadError(f"{p}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
+            except ImageReadError as e:
+                failed += 1
+                tqdm.write(f"skipped {e}")
+                manifest.record(p.name, "failed", error=str(e))
+                bar.update(1)
+                continue
+            batch.append(image)
+            masks.append(mask)
+            names.append(p)
+        if not batch:
+            continue
+        for p, prelim_mask, res in zip(names, masks, refiner(batch, masks, [p.stem for p in names])):
+            save_png(out / "background" / f"{p.stem}.png", res.background)
+            save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
+            manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4),
+                            kept_of_prelim=round(float(res.mask.sum() / max(prelim_mask.sum(), 1)), 4))
+        bar.update(len(batch))
+    bar.close()
+    manifest.flush()
+    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}

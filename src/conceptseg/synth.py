@@ -1,0 +1,100 @@
+"""Stage 4: the synthetic dataset D', D'_m (METHOD.md §4).
+
+N images sampled from the fine-tuned model with the concept prompt (DDIM 50, guidance 1), then
+stage 1 and stage 3 on them, written in the imagefolder layout (images/, masks/, metadata.jsonl)
+that `train-seg` reads. Image i depends only on (seed, i): a run resumes, or grows, by index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from conceptseg.inpaint import BACKGROUND_PROMPT, sample_latents
+from conceptseg.io import Manifest, save_mask_png, save_png, write_json
+from conceptseg.models import DiffusionModel
+from conceptseg.prelim import PrelimConfig, PrelimRunner
+from conceptseg.refine import RefineConfig, Refiner
+
+
+@dataclass
+class SynthConfig:
+    concept: Sequence[str] | str
+    num: int
+    prompt: str | None = None  # y_f; default "a photo of a {concept}"
+    steps: int = 50
+    guidance: float = 1.0
+    sampler: str = "ddim"
+    prelim_steps: int = 40  # T0 of stage 1 on the synthetic images
+    refine_steps: int = 50
+    background_prompt: str = BACKGROUND_PROMPT
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
+
+    @property
+    def concept_prompt(self) -> str:
+        return self.prompt or f"a photo of a {self.concept[0]}"
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, 4, index]).integers(2**62)))
+
+
+def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> Path:
+    out = Path(out)
+    settings = {**asdict(config), "model": model.source}
+    settings.pop("batch_size")
+    settings.pop("num")  # growing N keeps the first images
+    previous = Manifest.previous_settings(out)
+    if previous is not None and previous != settings:
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        raise ValueError(f"{out} holds a synthetic set made with other settings ({', '.join(changed)}); choose another --out")
+    manifest = Manifest(out, "synth", settings)
+    prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
+                                              batch_size=max(config.prelim_steps, 8), seed=config.seed))
+    refiner = Refiner(model, RefineConfig(prompt=config.background_prompt, steps=config.refine_steps, seed=config.seed))
+
+    indices = list(range(config.num))[shard[0] :: shard[1]]
+    todo = [i for i in indices if not (out / "masks" / f"{i:06d}.png").exists()]
+    bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc="synth", unit="img", disable=not progress)
+    for start in range(0, len(todo), config.batch_size):
+        chunk = todo[start : start + config.batch_size]
+        latents = sample_latents(model, config.concept_prompt, len(chunk), steps=config.steps, guidance=config.guidance,
+                                 sampler=config.sampler, generator=[_generator(config.seed, i) for i in chunk])
+        images = [Image.fromarray(x) for x in model.decode_latents(latents)]
+        keys = [f"synth-{i:06d}" for i in chunk]
+        pre = prelim(images, keys)
+        refined = refiner(images, [r.mask for r in pre], keys)
+        for i, image, r in zip(chunk, images, refined):
+            save_png(out / "images" / f"{i:06d}.png", image)
+            save_mask_png(out / "masks" / f"{i:06d}.png", r.mask)  # written last: marks the row complete
+            manifest.record(f"{i:06d}", "done", foreground=round(float(r.mask.mean()), 4))
+        bar.update(len(chunk))
+    bar.close()
+    manifest.flush()
+    if shard == (0, 1):
+        write_metadata(out, config)
+    return out
+
+
+def write_metadata(out: Path, config: SynthConfig) -> None:
+    """metadata.jsonl for every complete row, in index order (the imagefolder layout)."""
+    rows = []
+    for i in range(config.num):
+        if (out / "masks" / f"{i:06d}.png").exists():
+            rows.append({"file_name": f"images/{i:06d}.png", "mask_file_name": f"masks/{i:06d}.png",
+                         "caption": config.concept_prompt, "class": config.concept[0], "classes": config.concept[:1],
+                         "split": "train", "synthetic": True})
+    tmp = out / ".metadata.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out / "metadata.jsonl")
