@@ -96,7 +96,7 @@ def _cmd_finetune(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
         mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, report_to=args.report_to, seed=args.seed,
     )
     print(f"fine-tuned model: {finetune(cfg)}")
 
@@ -122,6 +122,40 @@ def _cmd_synth(args) -> None:
                       prelim_steps=args.prelim_steps, refine_steps=args.inpaint_steps, batch_size=args.batch_size, seed=args.seed)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     print(f"synthetic dataset: {run_synth(model, args.out, cfg)}")
+
+
+def _cmd_train_seg(args) -> None:
+    from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
+
+    cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
+                         mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    print(f"segmenter: {train_segmenter(cfg)}")
+
+
+def _cmd_segment(args) -> None:
+    from conceptseg.segmenter.predict import load_segmenter, run_segment
+
+    seg = load_segmenter(args.segmenter, device=args.device or "cpu")
+    summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"segment: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
+
+
+def _cmd_export_onnx(args) -> None:
+    from conceptseg.segmenter.predict import export_onnx, load_segmenter
+
+    diff = export_onnx(load_segmenter(args.segmenter), args.out, check=not args.no_check)
+    print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
+
+
+def _cmd_evaluate(args) -> None:
+    from conceptseg.evaluate import format_summary, run_evaluate
+
+    report = run_evaluate(args.pred, args.dataset, args.split, args.out)
+    s = report["summary"]
+    print(f"{args.dataset} ({args.split}), pooled over all pixels (%); box IoU averaged over images:\n{format_summary(s)}")
+    if s["missing"]:
+        print(f"{s['missing']} images had no prediction (listed in the JSON)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
                    help="precompute this many augmented views per image and encode them once (0: encode every step)")
     s.add_argument("--checkpoint-every", type=int, default=250)
+    s.add_argument("--report-to", help="accelerate tracker for the loss (tensorboard, wandb, ...); always: OUT/train_log.jsonl")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_finetune)
 
@@ -211,6 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("train-seg", help="stage 5: train the U-Net segmenter on one or more mask datasets")
+    s.add_argument("--data", action="append", required=True,
+                   help="dataset spec, repeatable: an imagefolder DIR, folder:IMAGES,masks=MASKS, cub:ROOT, ...")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--steps", type=int, default=12000)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--width", type=int, default=64, help="first-level channels (64: the paper's 64..1024)")
+    s.add_argument("--input-size", type=int, default=128)
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    s.add_argument("--checkpoint-every", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_train_seg)
+
+    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, optional cut-outs")
+    s.add_argument("--segmenter", type=Path, required=True, help="folder made by train-seg (OUT/model)")
+    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs with a transparent background")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_segment)
+
+    s = sub.add_parser("export-onnx", help="export a trained segmenter to ONNX, checked against torch")
+    s.add_argument("--segmenter", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    s.set_defaults(func=_cmd_export_onnx)
+
+    s = sub.add_parser("evaluate", help="stage 6: score predicted masks against a dataset's ground truth")
+    s.add_argument("--pred", type=Path, required=True, help="folder of <key>.png masks (or with a masks/ subfolder)")
+    s.add_argument("--dataset", required=True, help="SPEC: cub:ROOT, dogs:ROOT, cars:ROOT, h36m:ROOT, folder:IMAGES,masks=MASKS, imagefolder:ROOT")
+    s.add_argument("--split", default="test", choices=["train", "test", "all"])
+    s.add_argument("--out", type=Path, help="JSON report (default: PRED/evaluation.json)")
+    s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("eval-toy-model", help="score a text-to-image model's localisation on held-out toy images")
     _add_model_args(s, several=True)

@@ -27,7 +27,7 @@ from conceptseg.geometry import ImageReadError, load_rgb
 from conceptseg.io import list_images, save_png, write_json
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
-from conceptseg.training import last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
+from conceptseg.training import TrainLog, last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -183,6 +183,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
     latent_cache: int = 0  # >0: precompute this many augmented views per image, encode once
     checkpoint_every: int = 250
+    report_to: str | None = None  # an accelerate tracker: "tensorboard", "wandb", ...
     seed: int = 0
     progress: bool = True
 
@@ -244,7 +245,8 @@ class _Batches:
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference)."""
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              log_with=cfg.report_to, project_dir=str(out))
     pairs, problems = collect_pairs(cfg.images, cfg.prelim)
     for msg in problems:
         accelerator.print(f"skipped {msg}")
@@ -298,6 +300,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
     batches = _Batches(pairs, model, cfg, accelerator.process_index)
     scheduler = model.scheduler
+    log = TrainLog(accelerator, out, "finetune", cfg.report_to)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune",
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
@@ -318,8 +321,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if accelerator.sync_gradients:
             ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.step(step + 1, loss=loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            log.flush()
             save_checkpoint(accelerator, out, step + 1, export, {"ema_optimization_step": ema.optimization_step})
+    log.end()
     final = out / "model"
     if accelerator.is_main_process:
         publish(last_checkpoint(out) / "model", final)

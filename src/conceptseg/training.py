@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 
 from conceptseg.io import write_json
@@ -41,6 +44,42 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, export_model
 def load_checkpoint_state(accelerator: Accelerator, ckpt: Path) -> dict:
     accelerator.load_state(str(ckpt / "accelerate"))
     return json.loads((ckpt / "state.json").read_text())
+
+
+class TrainLog:
+    """OUT/train_log.jsonl: one line per step (loss, seconds since this process started training) and
+    an end line with peak memory; appended, so a resumed run continues it. With `report_to`
+    ("tensorboard", "wandb", ...) the loss also goes to accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, out: Path, project: str, report_to: str | None = None):
+        self.accelerator, self.path = accelerator, Path(out) / "train_log.jsonl"
+        self.rows: list[dict] = []
+        self.start = time.perf_counter()
+        self.report_to = report_to
+        if report_to:
+            accelerator.init_trackers(project)
+
+    def step(self, step: int, **values: float) -> None:
+        if self.accelerator.is_main_process:
+            self.rows.append({"step": step, "time": round(time.perf_counter() - self.start, 4), **values})
+        if self.report_to:
+            self.accelerator.log(values, step=step)
+
+    def flush(self) -> None:
+        if self.accelerator.is_main_process and self.rows:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            self.rows = []
+
+    def end(self) -> None:
+        peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if torch.cuda.is_available():
+            peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if self.accelerator.is_main_process:
+            self.rows.append({"event": "end", "time": round(time.perf_counter() - self.start, 4), **peak})
+        self.flush()
+        if self.report_to:
+            self.accelerator.end_training()
 
 
 def publish(src: Path, dest: Path) -> None:

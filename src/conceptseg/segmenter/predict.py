@@ -1,0 +1,123 @@
+"""Applying a trained segmenter: masks at each image's original size, RGBA cut-outs, ONNX export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from conceptseg.geometry import Canvas, ImageReadError, load_rgb
+from conceptseg.io import Manifest, list_images, save_mask_png, save_png, write_json
+from conceptseg.modeling.segmenter import UNet
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_segmenter(net: UNet, folder: Path, input_size: int) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / WEIGHTS_FILE)
+    write_json(folder / CONFIG_FILE, {**net.config, "input_size": input_size, "architecture": "milesial-unet"})
+
+
+class Segmenter:
+    """A trained U-Net with its input size; images are resized (long edge) and padded, as everywhere."""
+
+    def __init__(self, net: UNet, input_size: int, device: str | torch.device = "cpu", threshold: float = 0.5):
+        self.net = net.to(device).eval()
+        self.input_size, self.device, self.threshold = input_size, torch.device(device), threshold
+
+    @torch.no_grad()
+    def probabilities(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """Foreground probability at each image's ORIGINAL size."""
+        canvases = [Canvas(im.width, im.height, self.input_size) for im in images]
+        x = np.stack([c.place(im.convert("RGB")) for c, im in zip(canvases, images)])
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
+        probs = torch.sigmoid(self.net(x))[:, 0].float().cpu().numpy()
+        return [c.restore(p, resample=Image.Resampling.BILINEAR) for c, p in zip(canvases, probs)]
+
+    def masks(self, images: list[Image.Image]) -> list[np.ndarray]:
+        return [p > self.threshold for p in self.probabilities(images)]
+
+
+def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} not found: {folder} is not a segmenter folder (made by `conceptseg train-seg`)")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    net = UNet(cfg["in_channels"], cfg["out_channels"], cfg["width"])
+    net.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    return Segmenter(net, cfg["input_size"], device)
+
+
+def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """RGBA with the background transparent."""
+    rgba = image.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
+    return rgba
+
+
+def run_segment(segmenter: Segmenter, images_dir: Path, out: Path, cutouts: bool = False, batch_size: int = 16,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
+    out = Path(out)
+    files = list_images(images_dir)
+    manifest = Manifest(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold})
+    todo = [p for p in files if overwrite or not (out / "masks" / f"{p.stem}.png").exists()
+            or (cutouts and not (out / "cutouts" / f"{p.stem}.png").exists())]
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="segment", unit="img", disable=not progress)
+    failed = 0
+    for start in range(0, len(todo), batch_size):
+        batch, names = [], []
+        for p in todo[start : start + batch_size]:
+            try:
+                batch.append(load_rgb(p))
+                names.append(p)
+            except ImageReadError as e:
+                failed += 1
+                tqdm.write(f"skipped {e}")
+                manifest.record(p.name, "failed", error=str(e))
+                bar.update(1)
+        if not batch:
+            continue
+        for p, image, mask in zip(names, batch, segmenter.masks(batch)):
+            if cutouts:
+                save_png(out / "cutouts" / f"{p.stem}.png", cutout(image, mask))
+            save_mask_png(out / "masks" / f"{p.stem}.png", mask)
+            manifest.record(p.name, "done", foreground=round(float(mask.mean()), 4))
+        bar.update(len(batch))
+    bar.close()
+    manifest.flush()
+    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+
+
+def export_onnx(segmenter: Segmenter, path: Path, check: bool = True) -> float | None:
+    """ONNX with dynamic batch and size (input "image" in [-1, 1], output "logits"); with `check`,
+    the max abs difference to torch on a random batch (needs onnxruntime)."""
+    net = segmenter.net.cpu().eval()
+    x = torch.rand(2, 3, segmenter.input_size, segmenter.input_size) * 2 - 1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, x, str(path), input_names=["image"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
+                          dynamo=False)
+    if not check:
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError("checking the ONNX export needs onnxruntime (pip install onnxruntime), or pass --no-check") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net(x).numpy()
+    return float(np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max())
