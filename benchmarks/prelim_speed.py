@@ -18,6 +18,9 @@ averaged over every `attn2` layer and every timestep.
 Model: the `sd15` preset (Stable Diffusion v1.5's UNet / CLIP-L-sized text encoder, random
 weights). Latents are random (N, 4, image_size/8, image_size/8) tensors (the UNet is
 size-agnostic); noise per (image, t) comes from `conceptseg.prelim.image_noise`, shared by both.
+Each variant is warmed up with one UNet pass, then timed `--repeats` times, alternating naive and
+ours so both see the same load on a shared machine; the fastest wall time counts. On CPU the
+process CPU time is reported too (it does not depend on what else runs on the machine).
 
     python benchmarks/prelim_speed.py --threads 1            # CPU: 128 px, 2 images, batch 8
     python benchmarks/prelim_speed.py --device cuda          # GPU: 512 px, 4 images, batch 40, bf16
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 import diffusers
 from diffusers.models.attention_processor import AttnProcessor
 
+from conceptseg.attention import capture_cross_attention
 from conceptseg.modeling import build_components
 from conceptseg.models import from_components, resolve_dtype
 from conceptseg.prelim import attention_maps, image_noise, timestep_grid
@@ -175,7 +179,7 @@ def _maxrss_bytes() -> int:
 class PeakMemory:
     """Peak memory of a block above the level at its start."""
 
-    def __init__(self, device: torch.device, interval: float = 0.005):
+    def __init__(self, device: torch.device, interval: float = 0.01):
         self.device, self.interval = device, interval
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated() minus memory_allocated() at the start"
@@ -291,6 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--check-steps", type=int, default=4,
                    help="when dtype is not fp32: timesteps of the extra fp32 equality check on 1 image (0 = skip)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs per variant, alternating naive/ours; the fastest (wall) counts (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/prelim_speed-<device>.json")
     args = p.parse_args(argv)
@@ -301,13 +307,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (40 if gpu else 8)
     args.dtype = resolve_dtype(args.dtype, args.device)
     args.json = args.json or ROOT / "results" / f"prelim_speed-{args.device.type}.json"
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.image_size % 8:
         p.error("--image-size must be a multiple of 8")
     return args
-
-
-def run_ours(model, latents, cond, groups, timesteps, noise, batch_size):
-    return attention_maps(model, latents, cond, groups, timesteps, noise, batch_size)
 
 
 def compare_fp32(model, args, groups) -> dict:
@@ -325,7 +329,7 @@ def compare_fp32(model, args, groups) -> dict:
     set_naive_processors(model.unet, store)
     naive = naive_attention_maps(model32, latents, cond, groups, steps, noise, store)
     model.unet.set_attn_processor(dict(original))
-    ours = run_ours(model32, latents, cond, groups, steps, noise, args.batch_size)
+    ours = attention_maps(model32, latents, cond, groups, steps, noise, args.batch_size)
     return {"images": 1, "steps": len(steps), "max_abs_diff": float((ours - naive).abs().max()),
             "max_abs_map": float(naive.abs().max())}
 
@@ -359,44 +363,64 @@ def main(argv=None) -> dict:
     print(f"matmul peak ({8192 if device.type == 'cuda' else 2048}^2, {str(dtype).removeprefix('torch.')}): "
           f"{peak / 1e9:.1f} GFLOP/s", flush=True)
 
-    results, maps = {}, {}
-    # ---- naive ---------------------------------------------------------------------------
     original = dict(model.unet.attn_processors)
     store: list = []
+
+    def naive():
+        set_naive_processors(model.unet, store)
+        try:
+            return naive_attention_maps(model, latents, cond, groups, timesteps, noise, store)
+        finally:
+            store.clear()
+            model.unet.set_attn_processor(dict(original))
+
+    def ours():
+        return attention_maps(model, latents, cond, groups, timesteps, noise, args.batch_size)
+
+    # warm-up: one UNet pass of each variant at its batch size
     set_naive_processors(model.unet, store)
-    naive_attention_maps(model, latents, cond, groups, timesteps, noise, store, limit=1)  # warm-up: one pass
-    sync(device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        maps["naive"] = naive_attention_maps(model, latents, cond, groups, timesteps, noise, store)
-        sync(device)
-        seconds = time.perf_counter() - t0
-    zt = torch.randn(1, 4, lat, lat, device=device, dtype=dtype)
-    with torch.no_grad():
-        flops_row = count_flops(lambda: model.unet(zt, torch.tensor([timesteps[0]], device=device), cond).sample)
+    naive_attention_maps(model, latents, cond, groups, timesteps, noise, store, limit=1)
     store.clear()
     model.unet.set_attn_processor(dict(original))
-    results["naive"] = dict(seconds=seconds, passes=rows, batch=1, flops_per_row=flops_row, peak_bytes=mem.delta,
-                            peak_abs_bytes=mem.peak)
-    print(f"naive: {seconds:.1f} s", flush=True)
-
-    # ---- ours ----------------------------------------------------------------------------
-    run_ours(model, latents[:1], cond, groups, timesteps[: args.batch_size], noise[:1, : args.batch_size], args.batch_size)  # warm-up
+    attention_maps(model, latents[:1], cond, groups, timesteps[: args.batch_size], noise[:1, : args.batch_size], args.batch_size)
     sync(device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        maps["ours"] = run_ours(model, latents, cond, groups, timesteps, noise, args.batch_size)
-        sync(device)
-        seconds = time.perf_counter() - t0
-    b = min(args.batch_size, rows)
-    from conceptseg.attention import capture_cross_attention
 
-    zt = torch.randn(b, 4, lat, lat, device=device, dtype=dtype)
-    with torch.no_grad(), capture_cross_attention(model.unet, groups, (lat, lat)):
-        flops_batch = count_flops(lambda: model.unet(zt, torch.full((b,), timesteps[0], device=device), cond.expand(b, -1, -1)).sample)
-    results["ours"] = dict(seconds=seconds, passes=math.ceil(rows / args.batch_size), batch=args.batch_size,
-                           flops_per_row=flops_batch / b, peak_bytes=mem.delta, peak_abs_bytes=mem.peak)
-    print(f"ours: {seconds:.1f} s", flush=True)
+    # timed runs, alternating so that both variants see the same load on a shared machine
+    variants = {"naive": naive, "ours": ours}
+    runs = {name: [] for name in variants}
+    maps, peaks = {}, {name: (0, 0) for name in variants}
+    for rep in range(args.repeats):
+        for name, fn in variants.items():
+            with PeakMemory(device) as mem:
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                maps[name] = fn()
+                sync(device)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            runs[name].append({"seconds": wall, "cpu_seconds": cpu})
+            peaks[name] = max(peaks[name], (mem.delta, mem.peak))
+            print(f"{name} run {rep + 1}/{args.repeats}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+
+    # FLOPs of one forward pass of each variant (not timed)
+    with torch.no_grad():
+        zt = torch.randn(1, 4, lat, lat, device=device, dtype=dtype)
+        set_naive_processors(model.unet, store)
+        flops_naive = count_flops(lambda: model.unet(zt, torch.tensor([timesteps[0]], device=device), cond).sample)
+        store.clear()
+        model.unet.set_attn_processor(dict(original))
+        b = min(args.batch_size, rows)
+        zt = torch.randn(b, 4, lat, lat, device=device, dtype=dtype)
+        with capture_cross_attention(model.unet, groups, (lat, lat)):
+            flops_ours = count_flops(lambda: model.unet(zt, torch.full((b,), timesteps[0], device=device),
+                                                        cond.expand(b, -1, -1)).sample)
+
+    results = {}
+    for name, flops_row, passes, batch in (("naive", flops_naive, rows, 1),
+                                           ("ours", flops_ours / b, math.ceil(rows / args.batch_size), args.batch_size)):
+        best = min(runs[name], key=lambda r: r["seconds"])
+        results[name] = dict(seconds=best["seconds"], cpu_seconds=best["cpu_seconds"],
+                             min_cpu_seconds=min(r["cpu_seconds"] for r in runs[name]), runs=runs[name],
+                             passes=passes, batch=batch, flops_per_row=flops_row,
+                             peak_bytes=peaks[name][0], peak_abs_bytes=peaks[name][1])
 
     for r in results.values():
         r["images_per_s"] = args.images / r["seconds"]
@@ -404,6 +428,7 @@ def main(argv=None) -> dict:
         r["flops_per_s"] = r["flops_per_row"] * rows / r["seconds"]
         r["fraction_of_peak"] = r["flops_per_s"] / peak
     speedup = results["naive"]["seconds"] / results["ours"]["seconds"]
+    speedup_cpu = results["naive"]["min_cpu_seconds"] / results["ours"]["min_cpu_seconds"]
     diff = float((maps["ours"] - maps["naive"]).abs().max())
     max_map = float(maps["naive"].abs().max())
     check = {"dtype": str(dtype).removeprefix("torch."), "images": args.images, "steps": len(timesteps),
@@ -414,20 +439,27 @@ def main(argv=None) -> dict:
         check32 = {"dtype": "float32", **compare_fp32(model, args, groups)}
 
     # ---- report --------------------------------------------------------------------------
-    mem_unit = "GiB"
-    lines = [
-        f"| variant | images/s | UNet rows/s | passes x batch | peak mem ({mem_unit}) | GFLOP/row | achieved GFLOP/s | % of matmul peak |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    on_cpu = device.type == "cpu"
+    head = "| variant | images/s | UNet rows/s | passes x batch | peak mem (GiB) | GFLOP/row | achieved GFLOP/s | % of matmul peak |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if on_cpu:  # CPU time does not depend on what else runs on a shared machine
+        head += " CPU s/row | % of peak by CPU time |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['images_per_s']:.4g} | {r['rows_per_s']:.4g} | {r['passes']} x {r['batch']} | "
-                     f"{gib(r['peak_bytes']):.3f} | {r['flops_per_row'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | "
-                     f"{100 * r['fraction_of_peak']:.1f} |")
+        r["cpu_fraction_of_peak"] = r["flops_per_row"] * rows / r["min_cpu_seconds"] / peak
+        line = (f"| {name} | {r['images_per_s']:.4g} | {r['rows_per_s']:.4g} | {r['passes']} x {r['batch']} | "
+                f"{gib(r['peak_bytes']):.3f} | {r['flops_per_row'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | "
+                f"{100 * r['fraction_of_peak']:.1f} |")
+        if on_cpu:
+            line += f" {r['min_cpu_seconds'] / rows:.3f} | {100 * r['cpu_fraction_of_peak']:.1f} |"
+        lines.append(line)
     table = "\n".join(lines)
     print()
     print(table)
     print()
-    print(f"speed-up ours/naive: {speedup:.2f}x")
+    print(f"speed-up ours/naive: {speedup:.2f}x (wall, best of {args.repeats})"
+          + (f", {speedup_cpu:.2f}x (process CPU time)" if on_cpu else ""))
     print(f"max |ours - naive| ({check['dtype']}, {args.images} images x {len(timesteps)} steps): {diff:.3g} "
           f"(max map value {max_map:.3g})")
     if check32 is not check and check32 is not None:
@@ -444,14 +476,18 @@ def main(argv=None) -> dict:
                      "image_size": args.image_size, "latent_size": lat, "steps": len(timesteps), "images": args.images,
                      "batch_size": args.batch_size, "threads": torch.get_num_threads(), "prompt": PROMPT,
                      "token_groups": groups, "seed": args.seed, "self_attention_processor_ours": fused,
-                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else argv},
+                     "repeats": args.repeats, "check_steps": args.check_steps,
+                     "command": " ".join(["python", "benchmarks/prelim_speed.py", *(sys.argv[1:] if argv is None else argv)])},
         "matmul_peak_flops_per_s": peak,
         "matmul_peak_size": 8192 if device.type == "cuda" else 2048,
         "memory_method": PeakMemory(device).method,
         "flop_method": "torch.utils.flop_counter.FlopCounterMode on one forward pass (matmul, conv, attention; "
                        "CPU fused SDPA counted by hand), times the rows",
+        "timing_method": "wall clock of the fastest of `repeats` alternating runs per variant (CUDA synchronised); "
+                         "cpu_seconds = time.process_time() of that run; min_cpu_seconds over all runs",
         "results": results,
         "speedup_ours_over_naive": speedup,
+        "speedup_ours_over_naive_cpu_time": speedup_cpu if on_cpu else None,
         "max_abs_diff": check,
         "max_abs_diff_fp32": check32,
         "markdown": table,
