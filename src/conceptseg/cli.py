@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
-    s.add_argument("--batch-size", type=int, default=8, help="UNet rows per forward pass")
+    s.add_argument("--batch-size", type=int, default=40, help="UNet rows per forward pass (T0 rows make one image)")
     s.add_argument("--no-orphan-filter", action="store_true")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)

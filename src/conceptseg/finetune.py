@@ -27,7 +27,7 @@ from conceptseg.geometry import ImageReadError, load_rgb
 from conceptseg.io import list_images, save_png, write_json
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
-from conceptseg.training import TrainLog, last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
+from conceptseg.training import TrainLog, last_checkpoint, publish, resume, save_checkpoint, step_rng
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -274,21 +274,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
     cond = model.encode_prompts([cfg.concept_prompt, cfg.background_prompt])
     unet_p, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
-    start = 0
-    last = last_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint_state(accelerator, last)
-        start = state["step"]
-        from safetensors.torch import load_file
-
-        shadow = load_file(last / "ema.safetensors")
-        ema.shadow_params = [shadow[str(i)].to(accelerator.device) for i in range(len(params))]
-        ema.optimization_step = state["ema_optimization_step"]
-        accelerator.print(f"resumed from {last} at step {start}")
+    start, _ = resume(accelerator, out, ema)
 
     def export(dest: Path) -> None:
-        from safetensors.torch import save_file
-
         ema.store(params)
         ema.copy_to(params)
         try:
@@ -296,7 +284,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
             save_png(dest.parent / "preview.png", inpainting_preview(model, batches, cfg.background_prompt))
         finally:
             ema.restore(params)
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, dest.parent / "ema.safetensors")
 
     batches = _Batches(pairs, model, cfg, accelerator.process_index)
     scheduler = model.scheduler
@@ -324,7 +311,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         log.step(step + 1, loss=loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             log.flush()
-            save_checkpoint(accelerator, out, step + 1, export, {"ema_optimization_step": ema.optimization_step})
+            save_checkpoint(accelerator, out, step + 1, export, ema)
     log.end()
     final = out / "model"
     if accelerator.is_main_process:

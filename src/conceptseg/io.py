@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 import platform
 import tempfile
 import time
@@ -109,6 +110,16 @@ class Manifest:
         path = Path(out) / "manifest.json"
         return json.loads(path.read_text()).get("settings") if path.exists() else None
 
+    @classmethod
+    def open(cls, out: Path, stage: str, settings: dict, overwrite: bool = False) -> "Manifest":
+        """The stage's manifest; refuses a folder holding outputs made with other settings."""
+        previous = cls.previous_settings(out)
+        if previous is not None and previous != settings and not overwrite:
+            changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
+                             "pass --overwrite to redo them or choose another --out")
+        return cls(out, stage, settings)
+
     def record(self, name: str, status: str, **info) -> None:
         self.data["images"][name] = {"status": status, **info}
         if time.monotonic() - self._last_flush > self.flush_seconds:
@@ -121,3 +132,35 @@ class Manifest:
         self.data["counts"] = counts
         write_json(self.path, self.data)
         self._last_flush = time.monotonic()
+
+
+def process_images(files: Sequence[Path], manifest: Manifest, batch_size: int, is_done: Callable[[Path], bool],
+                   load: Callable[[Path], Any], process: Callable[[list[Path], list[Any]], None],
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """The loop of every per-image stage: skip images whose outputs exist, load the rest in batches,
+    report and record an unreadable one (`load` raises ImageReadError) and go on, hand each batch
+    to `process` (which writes the outputs and records them), and keep a progress bar."""
+    from tqdm.auto import tqdm
+
+    from conceptseg.geometry import ImageReadError
+
+    todo = [p for p in files if overwrite or not is_done(p)]
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc=manifest.data["stage"], unit="img", disable=not progress)
+    failed = 0
+    for start in range(0, len(todo), batch_size):
+        names, loaded = [], []
+        for p in todo[start : start + batch_size]:
+            try:
+                loaded.append(load(p))
+                names.append(p)
+            except ImageReadError as e:
+                failed += 1
+                tqdm.write(f"skipped {e}")
+                manifest.record(p.name, "failed", error=str(e))
+                bar.update(1)
+        if names:
+            process(names, loaded)
+            bar.update(len(names))
+    bar.close()
+    manifest.flush()
+    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}

@@ -19,11 +19,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from conceptseg.attention import capture_cross_attention
-from conceptseg.geometry import Canvas, ImageReadError, load_rgb, to_rgb
-from conceptseg.io import Manifest, list_images, save_mask_png, save_npy
+from conceptseg.geometry import Canvas, load_rgb, to_rgb
+from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_npy
 from conceptseg.models import DiffusionModel
 from conceptseg.thresholding import binarize
 from conceptseg.tokenizer import concept_token_positions
@@ -43,7 +42,7 @@ class PrelimConfig:
     concept: Sequence[str]  # word(s) whose maps are summed, e.g. ("human", "arms", "legs")
     prompt: str | None = None  # default "a photo of a {first word}"
     steps: int = 40  # T0
-    batch_size: int = 8  # UNet rows per forward pass; rows of several images share a batch
+    batch_size: int = 40  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
     seed: int = 0
     orphan_filter: bool = True
 
@@ -152,39 +151,17 @@ def run_prelim(model: DiffusionModel, images_dir: Path, out: Path, config: Preli
     files = list_images(images_dir)[shard[0] :: shard[1]]
     settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
     settings.pop("batch_size")  # does not change the outputs
-    previous = Manifest.previous_settings(out)
-    if previous is not None and previous != settings and not overwrite:
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise ValueError(f"{out} holds stage-1 outputs made with other settings ({', '.join(changed)}); "
-                         "pass --overwrite to redo them or choose another --out")
-    manifest = Manifest(out, "prelim", settings)
+    manifest = Manifest.open(out, "prelim", settings, overwrite)
     runner = PrelimRunner(model, config)
 
-    def done(p: Path) -> bool:
+    def is_done(p: Path) -> bool:
         return (out / "masks" / f"{p.stem}.png").exists() and (out / "attention" / f"{p.stem}.npy").exists()
 
-    todo = [p for p in files if overwrite or not done(p)]
-    per_batch = max(1, config.batch_size // len(runner.timesteps))
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="prelim", unit="img", disable=not progress)
-    failed = 0
-    for start in range(0, len(todo), per_batch):
-        batch, names = [], []
-        for p in todo[start : start + per_batch]:
-            try:
-                batch.append(load_rgb(p))
-                names.append(p)
-            except ImageReadError as e:
-                failed += 1
-                tqdm.write(f"skipped {e}")
-                manifest.record(p.name, "failed", error=str(e))
-                bar.update(1)
-        if not batch:
-            continue
-        for p, res in zip(names, runner(batch, [p.stem for p in names])):
+    def process(names: list[Path], images: list[Image.Image]) -> None:
+        for p, res in zip(names, runner(images, [p.stem for p in names])):
             save_npy(out / "attention" / f"{p.stem}.npy", res.attention)
             save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
             manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4))
-        bar.update(len(batch))
-    bar.close()
-    manifest.flush()
-    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+
+    per_batch = max(1, config.batch_size // len(runner.timesteps))
+    return process_images(files, manifest, per_batch, is_done, load_rgb, process, overwrite, progress)

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from conceptseg.geometry import Canvas, ImageReadError, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
-from conceptseg.io import Manifest, list_images, save_mask_png, save_png
+from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
 from conceptseg.thresholding import binarize
 
@@ -153,49 +152,29 @@ def run_refine(model: DiffusionModel | None, images_dir: Path, prelim_dir: Path,
     files = list_images(images_dir)[shard[0] :: shard[1]]
     settings = {**asdict(config), "model": model.source if model is not None else None, "prelim": str(Path(prelim_dir).resolve())}
     settings.pop("batch_size")
-    previous = Manifest.previous_settings(out)
-    if previous is not None and previous != settings and not overwrite:
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise ValueError(f"{out} holds stage-3 outputs made with other settings ({', '.join(changed)}); "
-                         "pass --overwrite to redo them or choose another --out")
-    manifest = Manifest(out, "refine", settings)
+    manifest = Manifest.open(out, "refine", settings, overwrite)
     refiner = Refiner(model, config, resolution=resolution or (model.resolution if model else None),
                       factor=model.vae_scale_factor if model else 8)
 
-    def done(p: Path) -> bool:
+    def is_done(p: Path) -> bool:
         return (out / "masks" / f"{p.stem}.png").exists() and (out / "background" / f"{p.stem}.png").exists()
 
-    todo = [p for p in files if overwrite or not done(p)]
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="refine", unit="img", disable=not progress)
-    failed = 0
-    for start in range(0, len(todo), config.batch_size):
-        batch, masks, names = [], [], []
-        for p in todo[start : start + config.batch_size]:
-            mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
-            try:
-                image = load_rgb(p)
-                if not mask_path.exists():
-                    raise ImageReadError(f"{p}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
-                mask = np.asarray(load_rgb(mask_path).convert("L")) > 127
-                if mask.shape != (image.height, image.width):
-                    raise ImageReadError(f"{p}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
-            except ImageReadError as e:
-                failed += 1
-                tqdm.write(f"skipped {e}")
-                manifest.record(p.name, "failed", error=str(e))
-                bar.update(1)
-                continue
-            batch.append(image)
-            masks.append(mask)
-            names.append(p)
-        if not batch:
-            continue
-        for p, prelim_mask, res in zip(names, masks, refiner(batch, masks, [p.stem for p in names])):
+    def load(p: Path) -> tuple[Image.Image, np.ndarray]:
+        image = load_rgb(p)
+        mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
+        if not mask_path.exists():
+            raise ImageReadError(f"{p}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
+        mask = np.asarray(load_rgb(mask_path).convert("L")) > 127
+        if mask.shape != (image.height, image.width):
+            raise ImageReadError(f"{p}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
+        return image, mask
+
+    def process(names: list[Path], loaded: list[tuple[Image.Image, np.ndarray]]) -> None:
+        images, masks = [im for im, _ in loaded], [m for _, m in loaded]
+        for p, prelim_mask, res in zip(names, masks, refiner(images, masks, [p.stem for p in names])):
             save_png(out / "background" / f"{p.stem}.png", res.background)
             save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
             manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4),
                             kept_of_prelim=round(float(res.mask.sum() / max(prelim_mask.sum(), 1)), 4))
-        bar.update(len(batch))
-    bar.close()
-    manifest.flush()
-    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+
+    return process_images(files, manifest, config.batch_size, is_done, load, process, overwrite, progress)

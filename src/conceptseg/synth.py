@@ -55,11 +55,7 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
     settings = {**asdict(config), "model": model.source}
     settings.pop("batch_size")
     settings.pop("num")  # growing N keeps the first images
-    previous = Manifest.previous_settings(out)
-    if previous is not None and previous != settings:
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise ValueError(f"{out} holds a synthetic set made with other settings ({', '.join(changed)}); choose another --out")
-    manifest = Manifest(out, "synth", settings)
+    manifest = Manifest.open(out, "synth", settings)
     prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
                                               batch_size=max(config.prelim_steps, 8), seed=config.seed))
     refiner = Refiner(model, RefineConfig(prompt=config.background_prompt, steps=config.refine_steps, seed=config.seed))

@@ -29,7 +29,7 @@ from conceptseg.geometry import Canvas, load_rgb
 from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
-from conceptseg.training import last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
+from conceptseg.training import last_checkpoint, publish, resume, save_checkpoint, step_rng
 
 
 @dataclass
@@ -173,16 +173,7 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
 
     unet_p, te_p, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     ema.to(accelerator.device)
-    start = 0
-    last = last_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint_state(accelerator, last)
-        start = state["step"]
-        ema_parts = load_model(last / "model", device="cpu", dtype="fp32")
-        ema_params = list(ema_parts.unet.parameters()) + (list(ema_parts.text_encoder.parameters()) if train_te else [])
-        ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_params]
-        ema.optimization_step = state["ema_optimization_step"]
-        accelerator.print(f"resumed from {last} at step {start}")
+    start, _ = resume(accelerator, out, ema)
 
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
 
@@ -223,7 +214,7 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
             ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(accelerator, out, step + 1, export, {"ema_optimization_step": ema.optimization_step})
+            save_checkpoint(accelerator, out, step + 1, export, ema)
 
     final = out / "model"
     if accelerator.is_main_process:

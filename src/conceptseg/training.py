@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from accelerate import Accelerator
 
 from conceptseg.io import write_json
@@ -30,20 +31,35 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, export_model, extra: dict) -> Path:
-    """accelerate state (models, optimiser, scheduler, RNG) + the model export + state.json, in that order."""
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, export_model, ema=None, extra: dict | None = None) -> Path:
+    """accelerate state (models, optimiser, scheduler, RNG), the EMA weights, the exported model,
+    then state.json last (a checkpoint without it is incomplete and ignored)."""
     dest = checkpoint_dir(out, step)
     accelerator.save_state(str(dest / "accelerate"))
     if accelerator.is_main_process:
+        state = {"step": step, **(extra or {})}
+        if ema is not None:
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, dest / "ema.safetensors")
+            state["ema_optimization_step"] = ema.optimization_step
         export_model(dest / "model")
-        write_json(dest / "state.json", {"step": step, **extra})
+        write_json(dest / "state.json", state)
     accelerator.wait_for_everyone()
     return dest
 
 
-def load_checkpoint_state(accelerator: Accelerator, ckpt: Path) -> dict:
+def resume(accelerator: Accelerator, out: Path, ema=None) -> tuple[int, dict]:
+    """Load the newest complete checkpoint, if any: (step to start from, its state.json)."""
+    ckpt = last_checkpoint(out)
+    if ckpt is None:
+        return 0, {}
     accelerator.load_state(str(ckpt / "accelerate"))
-    return json.loads((ckpt / "state.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text())
+    if ema is not None:
+        shadow = load_file(ckpt / "ema.safetensors")
+        ema.shadow_params = [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]
+        ema.optimization_step = state["ema_optimization_step"]
+    accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state
 
 
 class TrainLog:

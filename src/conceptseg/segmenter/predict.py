@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from conceptseg.geometry import Canvas, ImageReadError, load_rgb
-from conceptseg.io import Manifest, list_images, save_mask_png, save_png, write_json
+from conceptseg.geometry import Canvas, load_rgb
+from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png, write_json
 from conceptseg.modeling.segmenter import UNet
 
 WEIGHTS_FILE = "model.safetensors"
@@ -70,33 +69,19 @@ def run_segment(segmenter: Segmenter, images_dir: Path, out: Path, cutouts: bool
     """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
     out = Path(out)
     files = list_images(images_dir)
-    manifest = Manifest(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold})
-    todo = [p for p in files if overwrite or not (out / "masks" / f"{p.stem}.png").exists()
-            or (cutouts and not (out / "cutouts" / f"{p.stem}.png").exists())]
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="segment", unit="img", disable=not progress)
-    failed = 0
-    for start in range(0, len(todo), batch_size):
-        batch, names = [], []
-        for p in todo[start : start + batch_size]:
-            try:
-                batch.append(load_rgb(p))
-                names.append(p)
-            except ImageReadError as e:
-                failed += 1
-                tqdm.write(f"skipped {e}")
-                manifest.record(p.name, "failed", error=str(e))
-                bar.update(1)
-        if not batch:
-            continue
-        for p, image, mask in zip(names, batch, segmenter.masks(batch)):
+    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite)
+
+    def is_done(p: Path) -> bool:
+        return (out / "masks" / f"{p.stem}.png").exists() and (not cutouts or (out / "cutouts" / f"{p.stem}.png").exists())
+
+    def process(names: list[Path], images: list[Image.Image]) -> None:
+        for p, image, mask in zip(names, images, segmenter.masks(images)):
             if cutouts:
                 save_png(out / "cutouts" / f"{p.stem}.png", cutout(image, mask))
             save_mask_png(out / "masks" / f"{p.stem}.png", mask)
             manifest.record(p.name, "done", foreground=round(float(mask.mean()), 4))
-        bar.update(len(batch))
-    bar.close()
-    manifest.flush()
-    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+
+    return process_images(files, manifest, batch_size, is_done, load_rgb, process, overwrite, progress)
 
 
 def export_onnx(segmenter: Segmenter, path: Path, check: bool = True) -> float | None:

@@ -24,7 +24,7 @@ from conceptseg.io import write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
 from conceptseg.segmenter.predict import save_segmenter
-from conceptseg.training import last_checkpoint, load_checkpoint_state, publish, save_checkpoint, step_rng
+from conceptseg.training import last_checkpoint, publish, resume, save_checkpoint, step_rng
 
 
 @dataclass
@@ -134,12 +134,8 @@ def train_segmenter(cfg: TrainSegConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {**asdict(cfg), "train_pairs": len(train), "val_pairs": len(val), "skipped": problems})
-    start, history = 0, []
-    last = last_checkpoint(out)
-    if last is not None:
-        state = load_checkpoint_state(accelerator, last)
-        start, history = state["step"], state.get("validation", [])
-        accelerator.print(f"resumed from {last} at step {start}")
+    start, state = resume(accelerator, out)
+    history = state.get("validation", [])
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-seg",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -158,7 +154,7 @@ def train_segmenter(cfg: TrainSegConfig) -> Path:
             if val and accelerator.is_main_process:
                 history.append({"step": step + 1, **validate(unwrapped, val, cfg.input_size, accelerator.device)})
             save_checkpoint(accelerator, out, step + 1, lambda d: save_segmenter(unwrapped, d, cfg.input_size),
-                            {"validation": history})
+                            extra={"validation": history})
     if accelerator.is_main_process:
         publish(last_checkpoint(out) / "model", out / "model")
     accelerator.wait_for_everyone()

@@ -1,0 +1,89 @@
+"""Stages 5 and 6: the U-Net, train-seg, segment (sizes kept, cut-outs, bad files), ONNX, evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conceptseg.cli import main
+from conceptseg.data.toyworld import ToyWorldConfig, generate
+from conceptseg.evaluate import evaluate_predictions
+from conceptseg.modeling.segmenter import UNet
+from conceptseg.segmenter import load_segmenter
+
+
+def test_unet_shapes_and_paper_width():
+    net = UNet(width=4)
+    for h, w in [(32, 32), (37, 50)]:  # odd sizes come back at the input size
+        assert net(torch.randn(2, 3, h, w)).shape == (2, 1, h, w)
+    paper = UNet()
+    assert paper.inc[0].out_channels == 64 and paper.downs[-1][1][0].out_channels == 1024
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    data = generate(root / "toy", 24, seed=0, config=ToyWorldConfig(size=32), progress=False)
+    out = root / "seg"
+    args = ["train-seg", "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "4", "--width", "4",
+            "--input-size", "32", "--checkpoint-every", "2"]
+    assert main(args) == 0
+    return data, out, args
+
+
+def test_train_seg_checkpoints_validates_and_resumes(trained):
+    data, out, args = trained
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert [v["step"] for v in state["validation"]] == [2, 4]
+    before = (out / "checkpoints" / "step-000002" / "state.json").stat().st_mtime_ns
+    assert main(args[:6] + ["6"] + args[7:]) == 0  # --steps 6
+    assert json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text())["step"] == 6
+    assert (out / "checkpoints" / "step-000002" / "state.json").stat().st_mtime_ns == before
+
+
+def test_segment_keeps_sizes_writes_cutouts_and_skips_bad_files(trained, tmp_path, make_image):
+    _, out, _ = trained
+    images = tmp_path / "images"
+    make_image(images / "wide.png", 70, 20)
+    make_image(images / "grey.png", 15, 40, mode="L")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    dest = tmp_path / "out"
+    assert main(["segment", "--segmenter", str(out / "model"), "--images", str(images), "--out", str(dest), "--cutout"]) == 0
+    assert Image.open(dest / "masks" / "wide.png").size == (70, 20)
+    cut = Image.open(dest / "cutouts" / "grey.png")
+    assert cut.size == (15, 40) and cut.mode == "RGBA"
+    mask = np.asarray(Image.open(dest / "masks" / "grey.png")) > 127
+    np.testing.assert_array_equal(np.asarray(cut)[..., 3] > 0, mask)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["images"]["broken.jpg"]["status"] == "failed"
+
+
+def test_onnx_matches_torch(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conceptseg.segmenter.predict import export_onnx
+
+    diff = export_onnx(load_segmenter(trained[1] / "model"), tmp_path / "seg.onnx")
+    assert diff < 1e-4
+
+
+def test_evaluate_pools_pixels_and_scores_boxes(tmp_path):
+    images, masks, preds = tmp_path / "images", tmp_path / "masks", tmp_path / "pred"
+    for d in (images, masks, preds):
+        d.mkdir()
+    truth = np.zeros((10, 10), np.uint8)
+    truth[2:6, 2:6] = 255  # 16 px
+    pred = np.zeros((10, 10), np.uint8)
+    pred[2:6, 2:4] = 255  # 8 px inside the truth
+    for name in ("a", "b"):
+        Image.new("RGB", (10, 10)).save(images / f"{name}.png")
+        Image.fromarray(truth).save(masks / f"{name}.png")
+    Image.fromarray(pred).save(preds / "a.png")
+    Image.fromarray(truth).save(preds / "b.png")
+    report = evaluate_predictions(preds, f"folder:{images},masks={masks}", "all")
+    s = report["summary"]
+    assert s["evaluated"] == 2
+    assert s["iou"] == pytest.approx(24 / 32)  # pooled: (8 + 16) / (16 + 16), not the mean of 0.5 and 1.0
+    assert s["acc"] == pytest.approx((200 - 8) / 200)
+    assert report["per_image"]["a"]["iou"] == pytest.approx(0.5)
