@@ -25,10 +25,6 @@ from PIL import Image  # noqa: E402
 # overrides.
 torch.set_num_threads(int(os.environ.get("CONCEPTSEG_TEST_THREADS", "1")))
 
-TINY_IMAGE_SIZE = 32  # the `tiny` preset's image side
-TINY_LATENT_SIZE = 16  # ... and its latent side
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     from conceptseg.tokenizer import clip_tokenizer

@@ -112,6 +112,13 @@ def test_unreadable_files_raise_image_read_error(tmp_path) -> None:
     assert issubclass(ImageReadError, ValueError)
 
 
+def test_decompression_bomb_is_an_image_read_error(tmp_path, monkeypatch) -> None:
+    Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 px > 2 x limit: Pillow refuses to open it
+    with pytest.raises(ImageReadError, match="huge.png"):
+        load_rgb(tmp_path / "huge.png")
+
+
 # ------------------------------------------------------------------ the canvas
 
 
@@ -169,7 +176,7 @@ def test_restore_gives_the_original_size(size, resolution) -> None:
     assert not c.restore(np.zeros((resolution, resolution), bool)).any()
 
 
-@pytest.mark.parametrize("size", [(16, 32), (32, 16), (37, 80), (80, 37), (3, 500), (1000, 7), (64, 64)])
+@pytest.mark.parametrize("size", [(16, 32), (32, 16), (37, 80), (80, 37), (3, 500), (1000, 7), (64, 64), (60, 64), (64, 60)])
 def test_valid_marks_padding_false(size) -> None:
     w, h = size
     c = Canvas(w, h, 64)

@@ -88,7 +88,9 @@ def test_bf16_prelim_runs_and_agrees_with_fp32(tiny_model_dir, tiny_model, textu
     lo = preliminary_masks(m, im, "bird", steps=2)[0].attention
     hi = preliminary_masks(tiny_model, im, "bird", steps=2)[0].attention
     assert lo.dtype == np.float32 and np.isfinite(lo).all()
-    np.testing.assert_allclose(lo, hi, atol=0.1 * float(np.abs(hi).max()), rtol=0)
+    # bf16 noise is small next to the map's own spatial variation (another token's map is ~15 std away)
+    np.testing.assert_allclose(lo, hi, atol=0.25 * float(hi.std()), rtol=0)
+    assert np.corrcoef(lo.ravel(), hi.ravel())[0, 1] > 0.99
 
 
 def test_resolve_dtype() -> None:
@@ -165,5 +167,5 @@ def test_cli_reports_missing_component(tiny_model_dir, tmp_path, capsys) -> None
 
 def test_components_list() -> None:
     assert set(COMPONENTS) == {"vae", "unet", "text_encoder", "tokenizer", "scheduler"}
-    with pytest.raises(KeyError, match="tiny"):
+    with pytest.raises((KeyError, ValueError), match="tiny"):  # the message lists the presets
         build_components("no-such-preset")

@@ -198,14 +198,23 @@ def _age(files) -> None:
         os.utime(p, ns=(OLD_NS, OLD_NS))
 
 
-SIZES = {"wide": (40, 24), "tall": (20, 44), "square": (32, 32), "odd": (37, 11)}
+# stem -> the ORIGINAL (displayed) size of the image: masks come back at this size
+SIZES = {"wide": (40, 24), "tall": (20, 44), "square": (32, 32), "odd": (37, 11), "rotated": (24, 40), "depth": (30, 18)}
+NAMES = {"wide.png", "tall.png", "square.png", "odd.jpg", "rotated.jpg", "depth.png"}
 
 
 @pytest.fixture
-def image_folder(tmp_path, make_image):
+def image_folder(tmp_path, make_image, textured):
     folder = tmp_path / "images"
-    for i, (stem, (w, h)) in enumerate(SIZES.items()):
-        make_image(folder / f"{stem}.{'jpg' if stem == 'odd' else 'png'}", w, h, seed=i, mode="L" if stem == "tall" else "RGB")
+    make_image(folder / "wide.png", 40, 24, seed=0)
+    make_image(folder / "tall.png", 20, 44, seed=1, mode="L")
+    make_image(folder / "square.png", 32, 32, seed=2, mode="RGBA")
+    make_image(folder / "odd.jpg", 37, 11, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x24, displayed 24x40
+    textured(40, 24, seed=4).save(folder / "rotated.jpg", exif=exif)
+    depth = (np.random.default_rng(5).random((18, 30)) * 60000).astype(np.uint16)
+    Image.fromarray(depth).save(folder / "depth.png")  # 16-bit grayscale
     (folder / "notes.txt").write_text("not an image")
     return folder
 
@@ -213,7 +222,7 @@ def image_folder(tmp_path, make_image):
 def test_cli_prelim_end_to_end_and_resume(tiny_model_dir, image_folder, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(_prelim_args(tiny_model_dir, image_folder, out)) == 0
-    assert "4 done, 0 already done, 0 failed" in capsys.readouterr().out
+    assert "6 done, 0 already done, 0 failed" in capsys.readouterr().out
 
     for stem, size in SIZES.items():
         att = np.load(out / "attention" / f"{stem}.npy")
@@ -221,7 +230,7 @@ def test_cli_prelim_end_to_end_and_resume(tiny_model_dir, image_folder, tmp_path
         with Image.open(out / "masks" / f"{stem}.png") as m:
             assert m.mode == "L" and m.size == size
             assert set(np.unique(np.asarray(m))) <= {0, 255}
-    assert len(_outputs(out)) == 8  # nothing for notes.txt
+    assert len(_outputs(out)) == 2 * len(SIZES)  # nothing for notes.txt
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "prelim"
@@ -230,9 +239,8 @@ def test_cli_prelim_end_to_end_and_resume(tiny_model_dir, image_folder, tmp_path
     assert settings["steps"] == 3 and settings["seed"] == 0 and settings["orphan_filter"] is True
     assert settings["model"] == str(tiny_model_dir.resolve()) and settings["dtype"] == "float32"
     assert "batch_size" not in settings
-    assert {k: v["status"] for k, v in manifest["images"].items()} == {
-        "wide.png": "done", "tall.png": "done", "square.png": "done", "odd.jpg": "done"}
-    assert manifest["counts"] == {"done": 4}
+    assert {k: v["status"] for k, v in manifest["images"].items()} == dict.fromkeys(NAMES, "done")
+    assert manifest["counts"] == {"done": 6}
     assert "torch" in manifest["versions"]
 
     files = _outputs(out)
@@ -243,20 +251,20 @@ def test_cli_prelim_end_to_end_and_resume(tiny_model_dir, image_folder, tmp_path
     for extra in ([], ["--batch-size", "1"]):
         capsys.readouterr()
         assert main(_prelim_args(tiny_model_dir, image_folder, out) + extra) == 0
-        assert "0 done, 4 already done" in capsys.readouterr().out
+        assert "0 done, 6 already done" in capsys.readouterr().out
         assert all(p.stat().st_mtime_ns == OLD_NS for p in files)
 
     # a missing output is redone on its own
     (out / "masks" / "wide.png").unlink()
     assert main(_prelim_args(tiny_model_dir, image_folder, out)) == 0
-    assert "1 done, 3 already done" in capsys.readouterr().out
+    assert "1 done, 5 already done" in capsys.readouterr().out
     assert (out / "masks" / "wide.png").read_bytes() == before[out / "masks" / "wide.png"]
     assert (out / "attention" / "tall.npy").stat().st_mtime_ns == OLD_NS
 
     # --overwrite redoes everything, with identical results (the noise depends on the image only)
     _age(_outputs(out))
     assert main(_prelim_args(tiny_model_dir, image_folder, out, "--overwrite")) == 0
-    assert "4 done, 0 already done" in capsys.readouterr().out
+    assert "6 done, 0 already done" in capsys.readouterr().out
     for p in files:
         assert p.stat().st_mtime_ns != OLD_NS, p
         if p.suffix == ".png":

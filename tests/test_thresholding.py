@@ -66,6 +66,16 @@ def test_binarize_fits_only_valid_cells_and_keeps_padding_background() -> None:
     assert np.array_equal(binarize(values, valid), expected)
 
 
+def test_binarize_invalid_cell_inside_the_foreground_stays_background() -> None:
+    values = np.zeros((12, 12))
+    values[2:10, 2:10] = 1.0
+    valid = np.ones((12, 12), bool)
+    valid[5, 5] = False  # the orphan filter would fill this hole; it is not image, so it stays False
+    mask = binarize(values, valid)
+    assert not mask[5, 5]
+    assert mask[4, 4] and mask[6, 6] and mask[5, 4]
+
+
 def test_binarize_all_invalid_is_all_background() -> None:
     values = np.random.default_rng(3).normal(size=(8, 8))
     assert not binarize(values, np.zeros((8, 8), bool)).any()

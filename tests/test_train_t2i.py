@@ -208,3 +208,11 @@ def test_finetune_trains_only_the_unet(scratch, dataset, tmp_path_factory) -> No
     assert json.loads((out / "checkpoints/step-000002/state.json").read_text())["step"] == 2
     with Image.open(out / "samples.png") as im:
         assert im.size == (2 * 32, 2 * 32)  # one row per prompt, one column per sample
+
+
+def test_cli_unknown_preset_is_a_clean_error(dataset, tmp_path, capsys) -> None:
+    from conceptseg.cli import main
+
+    rc = main(["train-t2i", "--data", str(dataset), "--out", str(tmp_path / "out"), "--preset", "nope", "--steps", "1"])
+    assert rc == 2
+    assert "nope" in capsys.readouterr().err

@@ -87,7 +87,8 @@ class CrossAttentionCaptureProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+        # scores in fp32 whatever the model dtype: fp16 SD 2.x relies on upcast attention
+        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b)
             scores = scores + mask.view(b, attn.heads, -1, mask.shape[-1]).float()

@@ -29,6 +29,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: unreadable or truncated image ({e})") from None
     if im.width < 1 or im.height < 1:

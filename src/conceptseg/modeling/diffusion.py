@@ -117,7 +117,7 @@ PRESETS: dict[str, DiffusionArch] = {
 def build_components(preset: str, seed: int = 0) -> dict:
     """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights."""
     if preset not in PRESETS:
-        raise KeyError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     return _build(PRESETS[preset], seed)
 
 
