@@ -51,7 +51,7 @@ def _cmd_prelim(args) -> None:
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite)
+    summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split)
     print(f"prelim: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed "
           f"-> {args.out}")
 
@@ -79,20 +79,30 @@ def _cmd_eval_toy_model(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from conceptseg.demo import DemoConfig, format_table, run_demo
+    from conceptseg.demo import demo_config
+    from conceptseg.pipeline import Run, format_table
 
-    cfg = DemoConfig(out=args.out, concept=args.concept, num_images=args.num_images, steps=args.steps,
-                     model=args.model, device=args.device)
-    metrics = run_demo(cfg)
-    print(f"\nheld-out toy-world '{cfg.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
-    print(f"\nmasks, maps and manifest: {args.out}/prelim   pictures: {args.out}/prelim_grid.png   numbers: {args.out}/metrics.json")
+    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device)
+    metrics = Run(cfg).execute()
+    print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
+    print(f"\nrun folder: {args.out}   numbers: {args.out}/metrics.json   report: {args.out}/report.html")
+
+
+def _cmd_run(args) -> None:
+    from conceptseg.pipeline import Run, format_table, load_config
+
+    cfg = load_config(args.config, args.set or [])
+    metrics = Run(cfg).execute()
+    if metrics:
+        print(f"\n{format_table(metrics)}")
+    print(f"\nrun folder: {cfg.out}")
 
 
 def _cmd_finetune(args) -> None:
     from conceptseg.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
-        concept=args.concept, images=args.images, prelim=args.prelim, out=args.out, model=args.model, prompt=args.prompt,
+        concept=args.concept, images=args.images, split=args.split, prelim=args.prelim, out=args.out, model=args.model, prompt=args.prompt,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
         mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
@@ -110,7 +120,7 @@ def _cmd_refine(args) -> None:
                        batch_size=args.batch_size, seed=args.seed)
     model = load_model(args.model, device=args.device, dtype=args.dtype)  # crop needs only its resolution
     summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
-                         overwrite=args.overwrite, resolution=model.resolution)
+                         overwrite=args.overwrite, resolution=model.resolution, split=args.split)
     print(f"refine: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 
@@ -137,7 +147,8 @@ def _cmd_segment(args) -> None:
     from conceptseg.segmenter.predict import load_segmenter, run_segment
 
     seg = load_segmenter(args.segmenter, device=args.device or "cpu")
-    summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite)
+    summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite,
+                          split=args.split)
     print(f"segment: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 
@@ -165,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the pipeline on held-out toy-world images with the embedded model and score it")
     s.add_argument("--out", type=Path, default=Path("runs/demo"))
     s.add_argument("--concept", default="fish", help="toy-world class")
-    s.add_argument("--num-images", type=int, default=24)
-    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
     s.add_argument("--model", default=None, help="default: the embedded toy-world model")
     s.add_argument("--device", default=None)
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("toyworld", help="generate the procedural toy world (images, exact masks, captions)")
     s.add_argument("--out", type=Path, required=True)
@@ -183,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--concept", nargs="+", required=True, help="concept word(s); several words' maps are summed")
     s.add_argument("--prompt", help='default: "a photo of a {first concept word}"')
-    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
@@ -196,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
     s.add_argument("--concept", nargs="+", required=True)
     s.add_argument("--prompt", help='concept prompt y_f; default "a photo of a {first concept word}"')
-    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--steps", type=int, default=1000)
@@ -217,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("refine", help="stage 3: refined masks from |image - inpainted background|")
     _add_model_args(s)
-    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--prompt", default="a photo of a background", help="background prompt y_b")
@@ -264,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, optional cut-outs")
     s.add_argument("--segmenter", type=Path, required=True, help="folder made by train-seg (OUT/model)")
-    s.add_argument("--images", type=Path, required=True)
+    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs with a transparent background")
     s.add_argument("--batch-size", type=int, default=16)

@@ -27,8 +27,13 @@ def find_prediction(pred_dir: Path, sample: Sample) -> Path | None:
 
 
 def evaluate_predictions(pred_dir: str | Path, spec: str, split: str = "test") -> dict:
+    report = evaluate_samples(pred_dir, read_dataset(spec, split))
+    report["summary"].update(dataset=spec, split=split)
+    return report
+
+
+def evaluate_samples(pred_dir: str | Path, samples: list[Sample]) -> dict:
     pred_dir = Path(pred_dir)
-    samples = read_dataset(spec, split)
     counts, box_ious, per_image, missing = PooledCounts(), [], {}, []
     for s in samples:
         path = find_prediction(pred_dir, s)
@@ -55,8 +60,9 @@ def evaluate_predictions(pred_dir: str | Path, spec: str, split: str = "test") -
             box_ious.append(row["box_iou"])
         per_image[s.key] = row
     if not per_image:
-        raise ValueError(f"no prediction in {pred_dir} matches an image of {spec} ({split}); expected <key>.png, e.g. {samples[0].key}.png" if samples else f"{spec} has no {split} images")
-    summary = {"dataset": spec, "split": split, "predictions": str(pred_dir), "evaluated": len(per_image), "missing": len(missing)}
+        raise ValueError(f"no prediction in {pred_dir} matches a test image; expected <key>.png, e.g. {samples[0].key}.png"
+                         if samples else "no test images to evaluate")
+    summary = {"predictions": str(pred_dir), "evaluated": len(per_image), "missing": len(missing)}
     if counts.tp + counts.fp + counts.fn + counts.tn:
         summary.update(counts.as_dict())
     if box_ious:

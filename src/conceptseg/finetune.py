@@ -133,10 +133,10 @@ class TrainingPair:
     mask: Path
 
 
-def collect_pairs(images_dir: Path, prelim_dir: Path) -> tuple[list[TrainingPair], list[str]]:
+def collect_pairs(images, prelim_dir: Path, split: str = "all") -> tuple[list[TrainingPair], list[str]]:
     """Images with a usable stage-1 mask; the problems of the rest, each naming the file."""
     pairs, problems = [], []
-    for p in list_images(images_dir):
+    for p in list_images(images, split):
         mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
         if not mask_path.exists():
             problems.append(f"{p.name}: no preliminary mask ({mask_path} missing; run `conceptseg prelim` first)")
@@ -164,10 +164,11 @@ def collect_pairs(images_dir: Path, prelim_dir: Path) -> tuple[list[TrainingPair
 @dataclass
 class FinetuneConfig:
     concept: Sequence[str] | str
-    images: Path
+    images: str | Path | Sequence[Path]  # a folder, a dataset spec (with `split`) or a list of files
     prelim: Path
     out: Path
     model: str | None = None
+    split: str = "all"
     prompt: str | None = None  # y_f; default "a photo of a {concept}"
     background_prompt: str = BACKGROUND_PROMPT
     steps: int = 1000
@@ -247,7 +248,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     out = Path(cfg.out)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               log_with=cfg.report_to, project_dir=str(out))
-    pairs, problems = collect_pairs(cfg.images, cfg.prelim)
+    pairs, problems = collect_pairs(cfg.images, cfg.prelim, cfg.split)
     for msg in problems:
         accelerator.print(f"skipped {msg}")
     if not pairs:

@@ -60,12 +60,20 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (by extension), sorted; stems must be unique (they name outputs)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def list_images(source: str | Path | Sequence[Path], split: str = "all") -> list[Path]:
+    """The images a stage works on: the image files directly in a folder (by extension, sorted), a
+    dataset spec's images ("cub:/data/CUB_200_2011" with `split`), or a list of paths. Stems must be
+    unique: they name the outputs."""
+    if isinstance(source, (list, tuple)):
+        files = [Path(p) for p in source]
+    elif Path(source).is_dir():
+        files = sorted(p for p in Path(source).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    elif ":" in str(source) and not Path(source).exists():
+        from conceptseg.data.readers import read_dataset
+
+        files = [s.image for s in read_dataset(str(source), split)]
+    else:
+        raise FileNotFoundError(f"image folder {source} does not exist or is not a folder (nor a dataset spec like cub:/path)")
     by_stem: dict[str, Path] = {}
     for p in files:
         if p.stem in by_stem:
@@ -84,6 +92,10 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
+
+
+class SettingsChanged(ValueError):
+    """An output folder holds results made with other settings."""
 
 
 class Manifest:
@@ -116,7 +128,7 @@ class Manifest:
         previous = cls.previous_settings(out)
         if previous is not None and previous != settings and not overwrite:
             changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
+            raise SettingsChanged(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
                              "pass --overwrite to redo them or choose another --out")
         return cls(out, stage, settings)
 

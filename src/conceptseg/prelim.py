@@ -140,15 +140,15 @@ def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.n
     return [r for s in range(0, len(pil), per_batch) for r in runner(pil[s : s + per_batch], keys[s : s + per_batch])]
 
 
-def run_prelim(model: DiffusionModel, images_dir: Path, out: Path, config: PrelimConfig,
-               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+def run_prelim(model: DiffusionModel, images: str | Path | Sequence[Path], out: Path, config: PrelimConfig,
+               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1), split: str = "all") -> dict:
     """The `prelim` command: OUT/attention/<stem>.npy, OUT/masks/<stem>.png, OUT/manifest.json.
 
     Images whose outputs exist are skipped (unless `overwrite`); unreadable images are reported
     by name, recorded in the manifest and skipped. `shard=(k, n)` takes every n-th image from k.
     """
     out = Path(out)
-    files = list_images(images_dir)[shard[0] :: shard[1]]
+    files = list_images(images, split)[shard[0] :: shard[1]]
     settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
     settings.pop("batch_size")  # does not change the outputs
     manifest = Manifest.open(out, "prelim", settings, overwrite)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -144,12 +145,12 @@ class Refiner:
         return results
 
 
-def run_refine(model: DiffusionModel | None, images_dir: Path, prelim_dir: Path, out: Path, config: RefineConfig,
+def run_refine(model: DiffusionModel | None, images: str | Path | Sequence[Path], prelim_dir: Path, out: Path, config: RefineConfig,
                overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1),
-               resolution: int | None = None) -> dict:
+               resolution: int | None = None, split: str = "all") -> dict:
     """The `refine` command: OUT/masks/<stem>.png, OUT/background/<stem>.png, OUT/manifest.json; resumable."""
     out = Path(out)
-    files = list_images(images_dir)[shard[0] :: shard[1]]
+    files = list_images(images, split)[shard[0] :: shard[1]]
     settings = {**asdict(config), "model": model.source if model is not None else None, "prelim": str(Path(prelim_dir).resolve())}
     settings.pop("batch_size")
     manifest = Manifest.open(out, "refine", settings, overwrite)

@@ -64,11 +64,11 @@ def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return rgba
 
 
-def run_segment(segmenter: Segmenter, images_dir: Path, out: Path, cutouts: bool = False, batch_size: int = 16,
-                overwrite: bool = False, progress: bool = True) -> dict:
+def run_segment(segmenter: Segmenter, images, out: Path, cutouts: bool = False, batch_size: int = 16,
+                overwrite: bool = False, progress: bool = True, split: str = "all") -> dict:
     """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
     out = Path(out)
-    files = list_images(images_dir)
+    files = list_images(images, split)
     manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite)
 
     def is_done(p: Path) -> bool:

@@ -29,7 +29,7 @@ from conceptseg.training import last_checkpoint, publish, resume, save_checkpoin
 
 @dataclass
 class TrainSegConfig:
-    data: list[str]  # dataset specs ("imagefolder:DIR", "folder:IMAGES,masks=MASKS", "cub:ROOT", ...)
+    data: list  # dataset specs ("imagefolder:DIR", "folder:IMAGES,masks=MASKS", "cub:ROOT", ...) or lists of Samples
     out: Path
     steps: int = 12000
     batch_size: int = 32
@@ -49,10 +49,12 @@ def _short_side(image: Image.Image, size: int, resample) -> Image.Image:
     return image.resize((max(size, round(image.width * s)), max(size, round(image.height * s))), resample)
 
 
-def load_pairs(specs: list[str], size: int, split: str = "train", progress: bool = True) -> tuple[list, list[str]]:
-    """(image uint8 HxWx3, mask bool HxW) with the short side at `size`; problems named per file."""
+def load_pairs(sources: list, size: int, split: str = "train", progress: bool = True) -> tuple[list, list[str]]:
+    """(image uint8 HxWx3, mask bool HxW) with the short side at `size`; problems named per file.
+
+    A source is a dataset spec, or a list of `Sample`s (what the pipeline passes)."""
     pairs, problems = [], []
-    samples = [s for spec in specs for s in read_dataset(_spec(spec), split)]
+    samples = [s for src in sources for s in (src if isinstance(src, list) else read_dataset(_spec(src), split))]
     for s in tqdm(samples, desc="loading masks", disable=not progress, leave=False):
         if s.mask is None:
             problems.append(f"{s.image}: no mask")
