@@ -47,6 +47,7 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert list(metrics) == list(ROW_NAMES)  # every row of the paper's table
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved) == set(ROW_NAMES)
+    assert (tmp_path / "run" / "report.html").read_text().count("<img src='data:image/png;base64,") == 2
     for row in saved.values():
         assert all(0.0 <= row[k] <= 1.0 for k in ("acc", "iou", "miou"))
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

@@ -283,7 +283,12 @@ class Run:
             seg = load_segmenter(folder, device=self.model.device)
             self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
                 run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress))
-        return self._stage("evaluate", lambda: self.evaluate(test_samples, seg_dirs))
+        metrics = self._stage("evaluate", lambda: self.evaluate(test_samples, seg_dirs))
+        from conceptseg.report import run_report
+
+        best = "unet_real_synth" if "unet_real_synth" in seg_dirs else "unet_real"
+        run_report(out, test_samples, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution)
+        return metrics
 
     def evaluate(self, samples, seg_dirs: dict) -> dict:
         from conceptseg.evaluate import evaluate_samples

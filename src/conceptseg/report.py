@@ -38,3 +38,88 @@ def picture_grid(rows: list[list[np.ndarray]], titles: list[str], tile: int = 96
         for c, item in enumerate(row):
             canvas.paste(Image.fromarray(as_tile(item, tile)), (gap + c * (tile + gap), header + gap + r * (tile + gap)))
     return np.asarray(canvas)
+
+
+def _load_mask(path) -> np.ndarray | None:
+    from pathlib import Path
+
+    path = Path(path)
+    return np.asarray(Image.open(path).convert("L")) > 127 if path.exists() else None
+
+
+def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, segmenter: str | None = None,
+               model_resolution: int | None = None, count: int = 6) -> None:
+    """report.html (self-contained: pictures embedded) and the same grids as PNG, in the run folder.
+
+    Grids: image | attention | M_pre | inpainted background | M | segmenter | truth, for the best
+    and the worst test images by IoU of M.
+    """
+    import base64
+    import html
+    import io
+    from pathlib import Path
+
+    from conceptseg.geometry import Canvas, load_rgb
+    from conceptseg.io import save_png
+
+    run = Path(run_dir)
+    scored = []
+    for s in samples:
+        refined = _load_mask(run / "refine" / "masks" / f"{s.image.stem}.png")
+        if refined is None or s.mask is None:
+            continue
+        from conceptseg.data.readers import load_mask
+
+        truth = load_mask(s)
+        union = (refined | truth).sum()
+        scored.append(((refined & truth).sum() / union if union else 1.0, s, truth))
+    scored.sort(key=lambda x: x[0])
+    titles = ["image", "attention", "M_pre", "background", "M", "segmenter", "truth"]
+
+    def grid(items) -> np.ndarray:
+        rows = []
+        for _, s, truth in items:
+            image = load_rgb(s.image)
+            stem = s.image.stem
+            attn_path = run / "prelim" / "attention" / f"{stem}.npy"
+            attention = np.load(attn_path) if attn_path.exists() else np.zeros((8, 8), np.float32)
+            if model_resolution:
+                attention = Canvas(image.width, image.height, model_resolution).restore(attention)
+            background = run / "refine" / "background" / f"{stem}.png"
+            blank = np.zeros(truth.shape, bool)
+            rows.append([np.asarray(image), attention,
+                         _load_mask(run / "prelim" / "masks" / f"{stem}.png"),
+                         np.asarray(load_rgb(background)) if background.exists() else np.asarray(image),
+                         _load_mask(run / "refine" / "masks" / f"{stem}.png"),
+                         (_load_mask(run / "eval" / segmenter / "masks" / f"{stem}.png") if segmenter else None),
+                         truth])
+            rows[-1] = [x if x is not None else blank for x in rows[-1]]
+        return picture_grid(rows, titles)
+
+    sections = {"best": scored[::-1][:count], "worst": scored[:count]}
+    pictures = {}
+    for name, items in sections.items():
+        if items:
+            pictures[name] = grid(items)
+            save_png(run / f"grid_{name}.png", pictures[name])
+
+    def embed(a: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    rows = "".join(
+        f"<tr><td>{html.escape(row_names.get(k, k))}</td>" + "".join(
+            f"<td>{100 * m[c]:.1f}</td>" if c in m else "<td>-</td>" for c in ("acc", "iou", "miou", "box_iou")) + "</tr>"
+        for k, m in metrics.items())
+    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
+    grids = "".join(f"<h2>{name} test images by IoU of M</h2><img src='{embed(a)}'>" for name, a in pictures.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>conceptseg run</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
+<h1>conceptseg run: {html.escape(str(run))}</h1>
+<h2>Results on the test images (%; pooled over all pixels; box IoU averaged over images)</h2>
+<table><tr><th>method</th><th>ACC</th><th>IoU</th><th>mIoU</th><th>box IoU</th></tr>{rows}</table>
+{grids}
+<h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""
+    (run / "report.html").write_text(page)
