@@ -169,6 +169,12 @@ def _cmd_evaluate(args) -> None:
         print(f"{s['missing']} images had no prediction (listed in the JSON)")
 
 
+def _cmd_fid(args) -> None:
+    from conceptseg.fid import fid
+
+    print(f"FID {fid(args.real, args.fake, args.inception_weights, device=args.device or 'cpu'):.2f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=["train", "test", "all"])
     s.add_argument("--out", type=Path, help="JSON report (default: PRED/evaluation.json)")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("fid", help="FID of generated images against real ones (standard InceptionV3 features)")
+    s.add_argument("--real", required=True, help="image folder or dataset spec")
+    s.add_argument("--fake", required=True, help="image folder (e.g. SYNTH/images)")
+    s.add_argument("--inception-weights", type=Path, help="torch-fidelity's inception-v3-compat weights file")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_fid)
 
     s = sub.add_parser("eval-toy-model", help="score a text-to-image model's localisation on held-out toy images")
     _add_model_args(s, several=True)
