@@ -65,3 +65,31 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     Run(cfg, progress=False).execute()
     assert (tmp_path / "run" / "finetune.old").exists()
     assert json.loads((tmp_path / "run" / "finetune" / "checkpoints" / "step-000003" / "state.json").read_text())["step"] == 3
+
+
+def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_image):
+    """`accelerate launch` with 2 CPU processes shards the per-image stages; outputs equal a single process's."""
+    import os
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    for i in range(5):
+        make_image(images / f"im{i}.png", 30 + 3 * i, 40 - 2 * i, seed=i)
+    (images / "broken.png").write_bytes(b"nope")
+    common = ["prelim", "--model", str(tiny_model_dir), "--concept", "bird", "--images", str(images), "--steps", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conceptseg"]
+    two = subprocess.run(launch + common + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "conceptseg"] + common + ["--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for i in range(5):
+        a = (tmp_path / "one" / "masks" / f"im{i}.png").read_bytes()
+        assert a == (tmp_path / "two" / "masks" / f"im{i}.png").read_bytes()
+        assert (tmp_path / "one" / "attention" / f"im{i}.npy").read_bytes() == (tmp_path / "two" / "attention" / f"im{i}.npy").read_bytes()
+    merged = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert len(merged["images"]) == 6 and merged["images"]["broken.png"]["status"] == "failed"
+    assert not list((tmp_path / "two").glob("manifest.shard-*"))

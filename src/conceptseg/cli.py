@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from conceptseg import distributed
+
 
 def _cmd_toyworld(args) -> None:
     from conceptseg.data.toyworld import ToyWorldConfig, generate
@@ -50,8 +52,9 @@ def _cmd_prelim(args) -> None:
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split)
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
     print(f"prelim: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed "
           f"-> {args.out}")
 
@@ -118,9 +121,10 @@ def _cmd_refine(args) -> None:
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
                        batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)  # crop needs only its resolution
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)  # crop needs only its resolution
     summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
-                         overwrite=args.overwrite, resolution=model.resolution, split=args.split)
+                         overwrite=args.overwrite, resolution=model.resolution, split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
     print(f"refine: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 
@@ -130,8 +134,14 @@ def _cmd_synth(args) -> None:
 
     cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
                       prelim_steps=args.prelim_steps, refine_steps=args.inpaint_steps, batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    print(f"synthetic dataset: {run_synth(model, args.out, cfg)}")
+    from conceptseg.synth import write_metadata
+
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    run_synth(model, args.out, cfg, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
+    if distributed.is_main():
+        write_metadata(args.out, cfg)
+    print(f"synthetic dataset: {args.out}")
 
 
 def _cmd_train_seg(args) -> None:
@@ -146,9 +156,10 @@ def _cmd_train_seg(args) -> None:
 def _cmd_segment(args) -> None:
     from conceptseg.segmenter.predict import load_segmenter, run_segment
 
-    seg = load_segmenter(args.segmenter, device=args.device or "cpu")
+    seg = load_segmenter(args.segmenter, device=args.device or distributed.device())
     summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite,
-                          split=args.split)
+                          split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
     print(f"segment: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 

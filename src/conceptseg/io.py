@@ -108,10 +108,12 @@ class Manifest:
 
     Written atomically, at most every `flush_seconds` and at the end, so a 10,000-image run does not
     rewrite it 10,000 times. Whether an image is done is decided by its output files, not by this.
+    A shard k of n processes writes `manifest.shard-k-of-n.json`; `merge_shards` joins them.
     """
 
-    def __init__(self, out: Path, stage: str, settings: dict, flush_seconds: float = 10.0):
-        self.path = Path(out) / "manifest.json"
+    def __init__(self, out: Path, stage: str, settings: dict, shard: tuple[int, int] = (0, 1), flush_seconds: float = 10.0):
+        self.out = Path(out)
+        self.path = self.out / ("manifest.json" if shard[1] == 1 else f"manifest.shard-{shard[0]}-of-{shard[1]}.json")
         self.flush_seconds = flush_seconds
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.data = {
@@ -124,18 +126,20 @@ class Manifest:
 
     @staticmethod
     def previous_settings(out: Path) -> dict | None:
-        path = Path(out) / "manifest.json"
-        return json.loads(path.read_text()).get("settings") if path.exists() else None
+        for path in [Path(out) / "manifest.json", *sorted(Path(out).glob("manifest.shard-*.json"))]:
+            if path.exists():
+                return json.loads(path.read_text()).get("settings")
+        return None
 
     @classmethod
-    def open(cls, out: Path, stage: str, settings: dict, overwrite: bool = False) -> "Manifest":
+    def open(cls, out: Path, stage: str, settings: dict, overwrite: bool = False, shard: tuple[int, int] = (0, 1)) -> "Manifest":
         """The stage's manifest; refuses a folder holding outputs made with other settings."""
         previous = cls.previous_settings(out)
         if previous is not None and previous != settings and not overwrite:
             changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
             raise SettingsChanged(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
-                             "pass --overwrite to redo them or choose another --out")
-        return cls(out, stage, settings)
+                                  "pass --overwrite to redo them or choose another --out")
+        return cls(out, stage, settings, shard)
 
     def record(self, name: str, status: str, **info) -> None:
         self.data["images"][name] = {"status": status, **info}
@@ -143,12 +147,31 @@ class Manifest:
             self.flush()
 
     def flush(self) -> None:
-        counts: dict[str, int] = {}
-        for entry in self.data["images"].values():
-            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
-        self.data["counts"] = counts
+        self.data["counts"] = _count(self.data["images"])
         write_json(self.path, self.data)
         self._last_flush = time.monotonic()
+
+    @staticmethod
+    def merge_shards(out: Path) -> None:
+        """Join the shard manifests of a multi-process run into manifest.json (run by one process)."""
+        shards = sorted(Path(out).glob("manifest.shard-*.json"))
+        if not shards:
+            return
+        main = Path(out) / "manifest.json"
+        merged = json.loads(main.read_text()) if main.exists() else json.loads(shards[0].read_text())
+        for path in shards:
+            merged["images"].update(json.loads(path.read_text())["images"])
+        merged["counts"] = _count(merged["images"])
+        write_json(main, merged)
+        for path in shards:
+            path.unlink()
+
+
+def _count(images: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in images.values():
+        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    return counts
 
 
 def process_images(files: Sequence[Path], manifest: Manifest, batch_size: int, is_done: Callable[[Path], bool],

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from conceptseg import distributed
 from conceptseg.io import SettingsChanged, library_versions, list_images, write_json
 
 ROW_NAMES = {
@@ -168,17 +169,20 @@ class Run:
         from conceptseg.models import load_model
 
         if self._model is None:
-            self._model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
         return self._model
 
     def _stage(self, name: str, fn):
-        print(f"\n== {name}", flush=True)
+        if distributed.is_main():
+            print(f"\n== {name}", flush=True)
         t0 = time.perf_counter()
         result = fn()
+        distributed.barrier()
         self.timings[name] = round(time.perf_counter() - t0, 2)
         if result is not None:
             self.counts[name] = result
-        self._write_manifest()
+        if distributed.is_main():
+            self._write_manifest()
         return result
 
     def _write_manifest(self) -> None:
@@ -189,12 +193,15 @@ class Run:
 
     @staticmethod
     def _per_image(run_stage, **kwargs):
-        """A per-image stage: resume; redo everything when its settings changed."""
+        """A per-image stage, sharded over processes: resume; redo everything when its settings changed."""
+        kwargs["shard"] = distributed.shard()
         try:
-            return run_stage(**kwargs)
+            result = run_stage(**kwargs)
         except SettingsChanged as e:
             print(f"settings changed, redoing: {e}")
-            return run_stage(**kwargs, overwrite=True)
+            result = run_stage(**kwargs, overwrite=True)
+        distributed.finish_per_image_stage(kwargs["out"])
+        return result
 
     @staticmethod
     def _trainer(out: Path, config_file: str, settings: dict, train):
@@ -202,11 +209,13 @@ class Run:
         saved = out / config_file
         if saved.exists():
             old = {k: v for k, v in json.loads(saved.read_text()).items() if k in settings}
-            if old != json.loads(json.dumps(settings, default=str)):
+            if old == json.loads(json.dumps(settings, default=str)):
+                if (out / "model").exists():
+                    return out / "model"
+            elif distributed.is_main():
                 shutil.rmtree(out.with_name(out.name + ".old"), ignore_errors=True)
                 out.rename(out.with_name(out.name + ".old"))
-            elif (out / "model").exists():
-                return out / "model"
+        distributed.barrier()
         return train()
 
     def execute(self) -> dict:
@@ -217,7 +226,7 @@ class Run:
         from conceptseg.refine import RefineConfig, run_refine
         from conceptseg.segmenter.predict import load_segmenter, run_segment
         from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
-        from conceptseg.synth import SynthConfig, run_synth
+        from conceptseg.synth import SynthConfig
 
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +260,7 @@ class Run:
             sy = cfg.synth
             synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, refine_steps=rf.steps,
                                     prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
-            self._stage("synth", lambda: str(run_synth(tuned, out / "synth", synth_cfg, progress=self.progress)))
+            self._stage("synth", lambda: self._synth(tuned, synth_cfg))
 
         # stage 5: one U-Net per training set
         def pairs(mask_dir: Path) -> list[Sample]:
@@ -283,12 +292,25 @@ class Run:
             seg = load_segmenter(folder, device=self.model.device)
             self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
                 run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress))
-        metrics = self._stage("evaluate", lambda: self.evaluate(test_samples, seg_dirs))
-        from conceptseg.report import run_report
+        metrics = {}
+        if distributed.is_main():  # scoring and the report are one process's job
+            from conceptseg.report import run_report
 
-        best = "unet_real_synth" if "unet_real_synth" in seg_dirs else "unet_real"
-        run_report(out, test_samples, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution)
+            metrics = self.evaluate(test_samples, seg_dirs)
+            best = "unet_real_synth" if "unet_real_synth" in seg_dirs else "unet_real"
+            run_report(out, test_samples, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution)
+        distributed.barrier()
         return metrics
+
+    def _synth(self, model, config) -> str:
+        from conceptseg.synth import run_synth, write_metadata
+
+        out = self.out / "synth"
+        run_synth(model, out, config, progress=self.progress, shard=distributed.shard())
+        distributed.finish_per_image_stage(out)
+        if distributed.is_main():
+            write_metadata(out, config)
+        return str(out)
 
     def evaluate(self, samples, seg_dirs: dict) -> dict:
         from conceptseg.evaluate import evaluate_samples

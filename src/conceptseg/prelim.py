@@ -151,7 +151,7 @@ def run_prelim(model: DiffusionModel, images: str | Path | Sequence[Path], out: 
     files = list_images(images, split)[shard[0] :: shard[1]]
     settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
     settings.pop("batch_size")  # does not change the outputs
-    manifest = Manifest.open(out, "prelim", settings, overwrite)
+    manifest = Manifest.open(out, "prelim", settings, overwrite, shard)
     runner = PrelimRunner(model, config)
 
     def is_done(p: Path) -> bool:

@@ -153,7 +153,7 @@ def run_refine(model: DiffusionModel | None, images: str | Path | Sequence[Path]
     files = list_images(images, split)[shard[0] :: shard[1]]
     settings = {**asdict(config), "model": model.source if model is not None else None, "prelim": str(Path(prelim_dir).resolve())}
     settings.pop("batch_size")
-    manifest = Manifest.open(out, "refine", settings, overwrite)
+    manifest = Manifest.open(out, "refine", settings, overwrite, shard)
     refiner = Refiner(model, config, resolution=resolution or (model.resolution if model else None),
                       factor=model.vae_scale_factor if model else 8)
 

@@ -55,7 +55,7 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
     settings = {**asdict(config), "model": model.source}
     settings.pop("batch_size")
     settings.pop("num")  # growing N keeps the first images
-    manifest = Manifest.open(out, "synth", settings)
+    manifest = Manifest.open(out, "synth", settings, shard=shard)
     prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
                                               batch_size=max(config.prelim_steps, 8), seed=config.seed))
     refiner = Refiner(model, RefineConfig(prompt=config.background_prompt, steps=config.refine_steps, seed=config.seed))
@@ -78,7 +78,7 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
         bar.update(len(chunk))
     bar.close()
     manifest.flush()
-    if shard == (0, 1):
+    if shard[1] == 1:  # several shards: the caller writes it once all are done
         write_metadata(out, config)
     return out
 

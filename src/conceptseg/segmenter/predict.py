@@ -65,11 +65,11 @@ def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
 
 
 def run_segment(segmenter: Segmenter, images, out: Path, cutouts: bool = False, batch_size: int = 16,
-                overwrite: bool = False, progress: bool = True, split: str = "all") -> dict:
+                overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
     """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
     out = Path(out)
-    files = list_images(images, split)
-    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite)
+    files = list_images(images, split)[shard[0] :: shard[1]]
+    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite, shard)
 
     def is_done(p: Path) -> bool:
         return (out / "masks" / f"{p.stem}.png").exists() and (not cutouts or (out / "cutouts" / f"{p.stem}.png").exists())
