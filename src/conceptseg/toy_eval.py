@@ -27,6 +27,9 @@ from conceptseg.prelim import PrelimConfig, PrelimRunner, attention_maps, image_
 from conceptseg.tokenizer import concept_token_positions
 
 
+PARTS = ("localisation", "classify", "binding", "wrong_word", "random_init", "centre_prior")
+
+
 @dataclass
 class ToyEvalConfig:
     per_class: int = 200
@@ -34,7 +37,7 @@ class ToyEvalConfig:
     batch_size: int = 40
     classify_timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800)
     binding_scenes: int = 100
-    references: bool = True  # wrong word, random init, centre prior
+    parts: tuple[str, ...] = PARTS  # which measurements to make (several processes can split them)
     seed: int = 0
 
 
@@ -123,14 +126,22 @@ def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | No
     keys = [r.image.stem for r in chosen]
     labels = [r.classes[0] for r in chosen]
 
+    unknown = set(cfg.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown evaluation part(s) {sorted(unknown)}; choose from {PARTS}")
     report = {"images": len(chosen), "per_class": {c: min(len(by_class[c]), cfg.per_class) for c in classes},
-              "config": {**cfg.__dict__, "classify_timesteps": list(cfg.classify_timesteps)}}
-    report["correct_word"] = _localisation(model, images, keys, truths, labels, cfg, progress)
-    report["class_by_denoising_accuracy"] = _classify(model, images, keys, labels, classes, cfg, progress)
-    report["binding_auc"] = _binding(model, cfg, classes, progress)
-    if cfg.references:
+              "config": {**cfg.__dict__, "classify_timesteps": list(cfg.classify_timesteps), "parts": list(cfg.parts)}}
+    if "localisation" in cfg.parts:
+        report["correct_word"] = _localisation(model, images, keys, truths, labels, cfg, progress)
+    if "classify" in cfg.parts:
+        report["class_by_denoising_accuracy"] = _classify(model, images, keys, labels, classes, cfg, progress)
+    if "binding" in cfg.parts:
+        report["binding_auc"] = _binding(model, cfg, classes, progress)
+    if "wrong_word" in cfg.parts:
         wrong = [classes[(classes.index(c) + 1) % len(classes)] for c in labels]
         report["wrong_word"] = _localisation(model, images, keys, truths, wrong, cfg, progress)
+    if "random_init" in cfg.parts:
         report["random_init"] = _localisation(_random_init(model, cfg.seed), images, keys, truths, labels, cfg, progress)
+    if "centre_prior" in cfg.parts:
         report["centre_prior_auc"] = float(np.nanmean([auc_roc(_centre_prior(t.shape), t) for t in truths]))
     return report

@@ -1,0 +1,31 @@
+"""The embedded model's yardstick: which numbers it makes, and that its references mean what they say."""
+
+import numpy as np
+import pytest
+
+from conceptseg.data.toyworld import ToyWorldConfig, generate
+from conceptseg.toy_eval import ToyEvalConfig, _centre_prior, evaluate_toy_model
+from conceptseg.metrics import auc_roc
+
+
+def test_centre_prior_scores_a_centred_object_perfectly():
+    truth = np.zeros((20, 20), bool)
+    truth[7:13, 7:13] = True
+    assert auc_roc(_centre_prior(truth.shape), truth) == 1.0
+    corner = np.zeros((20, 20), bool)
+    corner[:4, :4] = True
+    assert auc_roc(_centre_prior(corner.shape), corner) == 0.0
+
+
+def test_report_has_every_requested_part(tiny_model, tmp_path):
+    data = generate(tmp_path / "toy", 40, seed=0, config=ToyWorldConfig(size=32, test_fraction=0.5), progress=False)
+    cfg = ToyEvalConfig(per_class=1, steps=2, classify_timesteps=(100, 500), binding_scenes=2)
+    report = evaluate_toy_model(tiny_model, data, cfg, progress=False)
+    for key in ("correct_word", "wrong_word", "random_init"):
+        assert 0.0 <= report[key]["auc"] <= 1.0 and 0.0 <= report[key]["prelim_iou"] <= 1.0
+    assert 0.0 <= report["class_by_denoising_accuracy"] <= 1.0
+    assert 0.0 <= report["binding_auc"] <= 1.0 and 0.0 <= report["centre_prior_auc"] <= 1.0
+    only = evaluate_toy_model(tiny_model, data, ToyEvalConfig(per_class=1, steps=2, parts=("centre_prior",)), progress=False)
+    assert set(only) == {"images", "per_class", "config", "centre_prior_auc"}
+    with pytest.raises(ValueError, match="unknown evaluation part"):
+        evaluate_toy_model(tiny_model, data, ToyEvalConfig(per_class=1, parts=("nope",)), progress=False)
