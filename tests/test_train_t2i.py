@@ -216,3 +216,19 @@ def test_cli_unknown_preset_is_a_clean_error(dataset, tmp_path, capsys) -> None:
     rc = main(["train-t2i", "--data", str(dataset), "--out", str(tmp_path / "out"), "--preset", "nope", "--steps", "1"])
     assert rc == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_its_ema_file_still_resumes(scratch, dataset, tmp_path_factory) -> None:
+    """Checkpoints written before ema.safetensors existed: the EMA is rebuilt from the model export,
+    so continuing gives the same weights as continuing a checkpoint that has the file."""
+    with_file = tmp_path_factory.mktemp("with_ema") / "run"
+    without = tmp_path_factory.mktemp("without_ema") / "run"
+    shutil.copytree(scratch.out, with_file)
+    shutil.copytree(scratch.out, without)
+    (without / "checkpoints/step-000004/ema.safetensors").unlink()
+    _run(_cfg(dataset, with_file, steps=6))
+    _run(_cfg(dataset, without, steps=6))
+    for comp in ("unet", "text_encoder"):
+        a, b = _weights(with_file / "model", comp), _weights(without / "model", comp)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{comp}.{k}")

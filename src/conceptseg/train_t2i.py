@@ -13,6 +13,7 @@ a diffusers folder; a re-run resumes from the last one with the same data order.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,24 @@ def _min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float 
     return torch.clamp(snr, max=gamma) / snr  # epsilon-prediction form of min-SNR weighting
 
 
+def _add_missing_ema_file(out: Path, train_te: bool, accelerator: Accelerator) -> None:
+    """Checkpoints from before ema.safetensors existed kept the EMA weights only in their model
+    export; rebuild the file from it so such a run resumes."""
+    ckpt = last_checkpoint(out)
+    if ckpt is None or (ckpt / "ema.safetensors").exists() or not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    from safetensors.torch import save_file
+
+    exported = load_model(ckpt / "model", device="cpu", dtype="fp32")
+    params = list(exported.unet.parameters()) + (list(exported.text_encoder.parameters()) if train_te else [])
+    save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, ckpt / "ema.safetensors")
+    state = json.loads((ckpt / "state.json").read_text())
+    state.setdefault("ema_optimization_step", state["step"])
+    write_json(ckpt / "state.json", state)
+    accelerator.wait_for_everyone()
+
+
 def train_t2i(cfg: TrainT2IConfig) -> Path:
     out = Path(cfg.out)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation)
@@ -173,6 +192,7 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
 
     unet_p, te_p, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     ema.to(accelerator.device)
+    _add_missing_ema_file(out, train_te, accelerator)
     start, _ = resume(accelerator, out, ema)
 
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
