@@ -1,6 +1,5 @@
 """The embedded model's yardstick: which numbers it makes, and that its references mean what they say."""
 
-import numpy as np
 import pytest
 
 from conceptseg.data.toyworld import ToyWorldConfig, generate

@@ -232,3 +232,16 @@ def test_a_checkpoint_without_its_ema_file_still_resumes(scratch, dataset, tmp_p
         a, b = _weights(with_file / "model", comp), _weights(without / "model", comp)
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{comp}.{k}")
+
+
+def test_decoder_fine_tuning_keeps_the_encoder(dataset, scratch, tmp_path_factory) -> None:
+    out = tmp_path_factory.mktemp("decoder") / "run"
+    shutil.copytree(scratch.out, out)
+    shutil.rmtree(out / "model")
+    _run(_cfg(dataset, out, decoder_steps=2))
+    before, after = _weights(scratch.out / "model", "vae"), _weights(out / "model", "vae")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space the UNet learned
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    assert (out / "vae_decoder" / "config.json").exists()

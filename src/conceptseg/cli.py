@@ -28,7 +28,7 @@ def _cmd_train_t2i(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = TrainT2IConfig(
         data=args.data, out=args.out, preset=args.preset, base_model=args.base_model, steps=args.steps,
-        vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance,
@@ -353,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--base-model", help="diffusers folder or hub id to fine-tune instead")
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--vae-steps", type=int, default=800)
+    s.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder alone (encoder frozen)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int, default=0)

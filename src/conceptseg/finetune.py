@@ -17,13 +17,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptseg.geometry import ImageReadError, load_rgb
+from conceptseg.geometry import load_rgb
 from conceptseg.io import list_images, save_png, write_json
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
@@ -282,7 +281,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
         ema.copy_to(params)
         try:
             save_finetuned(accelerator.unwrap_model(unet_p), model, cfg, dest)
-            save_png(dest.parent / "preview.png", inpainting_preview(model, batches, cfg.background_prompt))
+            preview = inpainting_preview(model, batches, cfg.background_prompt)
+            save_png(dest.parent / "preview.png", preview)
+            log.image("inpainting preview", preview, int(dest.parent.name.split("-")[1]))
         finally:
             ema.restore(params)
 

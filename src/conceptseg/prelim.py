@@ -11,7 +11,6 @@ orphan filter. The (image, timestep) rows of several images share UNet batches.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence

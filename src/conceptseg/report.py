@@ -123,3 +123,35 @@ td:first-child{{text-align:left}}img{{max-width:100%;image-rendering:pixelated}}
 {grids}
 <h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""
     (run / "report.html").write_text(page)
+
+
+def line_plot(xs: list[float], series: dict[str, list[float]], title: str, width: int = 480, height: int = 300,
+              y_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """A small line chart (no plotting library needed), e.g. a metric against training steps."""
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 40, width - 10, 24, height - 30
+    lo, hi = y_range
+    x0, x1 = min(xs), max(xs)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        fx = (x - x0) / ((x1 - x0) or 1)
+        return left + fx * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top)
+
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    for k in range(6):
+        y = lo + k * (hi - lo) / 5
+        draw.text((4, px(x0, y)[1] - 5), f"{y:.1f}", fill=(0, 0, 0))
+        draw.line([left, px(x0, y)[1], right, px(x0, y)[1]], fill=(225, 225, 225))
+    for x in xs:
+        draw.text((px(x, lo)[0] - 10, bottom + 4), f"{x:g}", fill=(0, 0, 0))
+    draw.text((left, 4), title, fill=(0, 0, 0))
+    for i, (name, ys) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        pts = [px(x, y) for x, y in zip(xs, ys)]
+        draw.line(pts, fill=c, width=2)
+        for p in pts:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        draw.text((right - 150, top + 6 + 12 * i), name, fill=c)
+    return np.asarray(img)

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptseg.inpaint import BACKGROUND_PROMPT, sample_latents
-from conceptseg.io import Manifest, save_mask_png, save_png, write_json
+from conceptseg.io import Manifest, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
 from conceptseg.prelim import PrelimConfig, PrelimRunner
 from conceptseg.refine import RefineConfig, Refiner

@@ -41,6 +41,7 @@ class TrainT2IConfig:
     base_model: str | None = None  # ... or fine-tune this diffusers model (then preset is ignored)
     steps: int = 3000
     vae_steps: int = 800
+    decoder_steps: int = 0  # from scratch: then fine-tune the VAE decoder alone (encoder frozen) this long
     batch_size: int = 32
     lr: float | None = None  # default: 1e-3 from scratch, 1e-5 fine-tuning
     vae_lr: float = 1e-3
@@ -89,14 +90,23 @@ class _VAEObjective(torch.nn.Module):
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean()
 
 
-def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig) -> None:
+def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, decoder_only: bool = False) -> None:
+    """The VAE from scratch, or (`decoder_only`) its decoder with the encoder frozen: sharper
+    reconstructions without moving the latent space a UNet has already learned (as SD's ft-MSE VAE)."""
     # An accelerator of its own, so the UNet phase's checkpoints hold only the UNet phase's objects.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    vae.train().requires_grad_(True)
-    objective, opt = accelerator.prepare(_VAEObjective(vae), torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr))
-    bar = tqdm(range(cfg.vae_steps), desc="train VAE", disable=not (cfg.progress and accelerator.is_main_process))
+    vae.train().requires_grad_(not decoder_only)
+    if decoder_only:
+        vae.encoder.eval()
+        for part in (vae.decoder, vae.post_quant_conv):
+            part.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    objective, opt = accelerator.prepare(_VAEObjective(vae), torch.optim.AdamW(params, lr=cfg.vae_lr))
+    steps, stream = (cfg.decoder_steps, 7) if decoder_only else (cfg.vae_steps, 1)
+    bar = tqdm(range(steps), desc="train VAE decoder" if decoder_only else "train VAE",
+               disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        rng = step_rng(cfg.seed, 1, step, accelerator.process_index)
+        rng = step_rng(cfg.seed, stream, step, accelerator.process_index)
         x = _to_model_range(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
         with accelerator.autocast():
             loss = objective(x)
@@ -237,8 +247,15 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
             save_checkpoint(accelerator, out, step + 1, export, ema)
 
     final = out / "model"
+    decoder_dir = out / "vae_decoder"
+    if from_scratch and cfg.decoder_steps > 0 and not (decoder_dir / "config.json").exists():
+        train_vae(vae, images, cfg, decoder_only=True)
+        if accelerator.is_main_process:
+            vae.save_pretrained(decoder_dir, safe_serialization=True)
     if accelerator.is_main_process:
         publish(last_checkpoint(out) / "model", final)
+        if (decoder_dir / "config.json").exists():
+            publish(decoder_dir, final / "vae")
         prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})
         save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed))
     accelerator.wait_for_everyone()

@@ -81,6 +81,13 @@ class TrainLog:
         if self.report_to:
             self.accelerator.log(values, step=step)
 
+    def image(self, name: str, image: np.ndarray, step: int) -> None:
+        """An HxWx3 uint8 picture to the trackers that take images (tensorboard, wandb)."""
+        for tracker in self.accelerator.trackers if self.report_to else []:
+            if hasattr(tracker, "log_images"):
+                kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+                tracker.log_images({name: image[None]}, step=step, **kwargs)
+
     def flush(self) -> None:
         if self.accelerator.is_main_process and self.rows:
             with open(self.path, "a") as f:
