@@ -169,3 +169,15 @@ def test_components_list() -> None:
     assert set(COMPONENTS) == {"vae", "unet", "text_encoder", "tokenizer", "scheduler"}
     with pytest.raises((KeyError, ValueError), match="tiny"):  # the message lists the presets
         build_components("no-such-preset")
+
+
+def test_pickled_weights_are_refused(tiny_model_dir, tmp_path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match=r"unet/ weights \(\*\.safetensors\) \(only pickled \.bin"):
+        load_model(folder, device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -95,6 +96,18 @@ class DiffusionModel:
         return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _load_parts(source, dtype: torch.dtype, local_files_only: bool) -> tuple:
+    # use_safetensors=True: weights are never unpickled from a .bin a user may not have made
+    kw = dict(local_files_only=local_files_only)
+    return (
+        AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw),
+        UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **kw),
+        CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True, **kw),
+        CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+        DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+    )
+
+
 def _check_folder(path: Path) -> None:
     missing = []
     for name in COMPONENTS:
@@ -110,8 +123,9 @@ def _check_folder(path: Path) -> None:
         else:
             if not (sub / "config.json").exists():
                 missing.append(f"{name}/config.json")
-            if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
-                missing.append(f"{name}/ weights (*.safetensors)")
+            if not any(sub.glob("*.safetensors")):
+                pickled = " (only pickled .bin weights, which are not loaded: convert them to safetensors)" if any(sub.glob("*.bin")) else ""
+                missing.append(f"{name}/ weights (*.safetensors){pickled}")
     if missing:
         raise ModelLoadError(f"{path} is not a complete diffusers Stable Diffusion folder; missing: {', '.join(missing)}")
 
@@ -139,17 +153,19 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file; --model takes a diffusers folder or a hub id")
         _check_folder(path)
-    # safetensors only for components that have them: never unpickle a .bin a user may not have made.
-    kwargs = dict(local_files_only=local or None)
+    source_id = path if local else str(model)
     try:
-        vae = AutoencoderKL.from_pretrained(path if local else model, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(path if local else model, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path if local else model, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(path if local else model, subfolder="tokenizer", **kwargs)
-        scheduler = DDIMScheduler.from_pretrained(path if local else model, subfolder="scheduler", **kwargs)
+        parts = _load_parts(source_id, torch_dtype, local_files_only=True)
     except (OSError, ValueError) as e:
-        where = f"local folder {path}" if local else f"hub id {model!r} (not a local folder; needs the hub or a cached copy)"
-        raise ModelLoadError(f"could not load the model from {where}: {str(e).splitlines()[0]}") from None
+        if local or os.environ.get("HF_HUB_OFFLINE") == "1":
+            where = f"local folder {path}" if local else f"hub id {model!r} (offline, and not in the local cache)"
+            raise ModelLoadError(f"could not load the model from {where}: {str(e).splitlines()[0]}") from None
+        try:  # not cached: a hub id is worth one online attempt
+            parts = _load_parts(source_id, torch_dtype, local_files_only=False)
+        except (OSError, ValueError) as e2:
+            raise ModelLoadError(f"could not load the model from hub id {model!r} (not a local folder, not cached, "
+                                 f"and the hub did not answer): {str(e2).splitlines()[0]}") from None
+    vae, unet, text_encoder, tokenizer, scheduler = parts
     for m in (vae, unet, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
