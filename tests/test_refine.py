@@ -126,3 +126,22 @@ def test_refine_cli_runs_resumes_and_reports_bad_images(tiny_model_dir, tmp_path
     assert (out / "masks" / "a.png").stat().st_mtime_ns == before
     assert main(args[:-2] + ["--samples", "2", "--device", "cpu"]) == 2  # other settings: refused without --overwrite
     assert main(args + ["--inpainter", "crop", "--overwrite"]) == 0
+
+
+def test_difference_to_image_or_reconstruction(tiny_model, textured):
+    """The paper compares x_bg with the image x; the option compares it with the VAE's decoding of x,
+    so the VAE's own reconstruction error is not taken for foreground."""
+    image = textured(32, 32, seed=5)  # the tiny model's canvas size: no resizing anywhere
+    prelim = np.zeros((32, 32), bool)
+    prelim[:8, :8] = True
+    x = np.asarray(image).astype(np.float32)
+    recon_x = tiny_model.decode_latents(tiny_model.encode_images(np.asarray(image)[None]))[0].astype(np.float32)
+    paper = Refiner(tiny_model, RefineConfig(steps=2))([image], [prelim], ["k"])[0]
+    recon = Refiner(tiny_model, RefineConfig(steps=2, difference_to="reconstruction"))([image], [prelim], ["k"])[0]
+    np.testing.assert_array_equal(paper.background, recon.background)  # same inpainting, only the reference differs
+    bg = paper.background.astype(np.float32)
+    np.testing.assert_allclose(paper.difference, np.abs(x - bg).mean(-1), atol=1e-4)
+    np.testing.assert_allclose(recon.difference, np.abs(recon_x - bg).mean(-1), atol=1e-4)
+    assert np.abs(paper.difference - recon.difference).max() > 1
+    with pytest.raises(ValueError, match="difference_to"):
+        RefineConfig(difference_to="other")

@@ -125,7 +125,7 @@ def _cmd_refine(args) -> None:
 
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
-                       batch_size=args.batch_size, seed=args.seed)
+                       difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)  # crop needs only its resolution
     summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
                          overwrite=args.overwrite, resolution=model.resolution, split=args.split, shard=distributed.shard())
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concept-prompt", help="with --guidance != 1: guide away from this prompt")
     s.add_argument("--samples", type=int, default=1, help="inpaintings per image, difference maps averaged")
     s.add_argument("--postprocess", action="store_true", help="binary closing + fill holes")
+    s.add_argument("--difference-to", choices=["image", "reconstruction"], default="image",
+                   help="compare the inpainted background with the image (the paper) or with its VAE reconstruction")
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")

@@ -66,6 +66,7 @@ class RefineSection:
     sampler: str = "ddim"
     samples: int = 1
     postprocess: bool = False
+    difference_to: str = "image"  # or "reconstruction" (see RefineConfig)
     batch_size: int = 8
     seed: int = 0
 
@@ -247,8 +248,7 @@ class Run:
                                                                    lambda: finetune(ft_cfg)))
         tuned = load_model(tuned_dir, device=self.model.device, dtype=self.model.dtype)
         rf = cfg.refine
-        refine_cfg = RefineConfig(steps=rf.steps, sampler=rf.sampler, samples=rf.samples, postprocess=rf.postprocess,
-                                  batch_size=rf.batch_size, seed=rf.seed)
+        refine_cfg = RefineConfig(**asdict(rf))
         self._stage("refine", lambda: self._per_image(run_refine, model=tuned, images=all_files, prelim_dir=out / "prelim",
                                                       out=out / "refine", config=refine_cfg, progress=self.progress))
         if cfg.baselines and test_files:

@@ -39,6 +39,9 @@ class RefineConfig:
     samples: int = 1  # K inpaintings per image; their difference maps are averaged
     inpainter: str = "model"  # "model" (the method) or "crop" (the paper's M_crop ablation)
     postprocess: bool = False  # binary closing then fill holes (scipy defaults)
+    # |x - x_bg| with x the image (the paper), or "reconstruction": the VAE's decoding of x, so the
+    # VAE's own reconstruction error (large for small VAEs) does not count as foreground
+    difference_to: str = "image"
     batch_size: int = 4  # images per inpainting batch
     seed: int = 0
 
@@ -47,6 +50,8 @@ class RefineConfig:
             raise ValueError(f"inpainter must be one of {INPAINTERS}, not {self.inpainter!r}")
         if self.samples < 1:
             raise ValueError("samples must be at least 1")
+        if self.difference_to not in ("image", "reconstruction"):
+            raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
 
 
 @dataclass
@@ -122,16 +127,19 @@ class Refiner:
         m_lat = np.stack([latent_mask(m, c, f) for m, c in zip(prelim_masks, canvases)])
         regions = np.stack([upsample(m, f) for m in m_lat])
         backgrounds = []  # per sample: (N, S, S, 3) uint8
+        reference = pixels  # what x_bg is compared with: the image x (the paper)
         if cfg.inpainter == "crop":
             backgrounds.append(np.stack([crop_inpaint(p, r) for p, r in zip(pixels, regions)]))
         else:
             z0 = self.model.encode_images(pixels)
+            if cfg.difference_to == "reconstruction":
+                reference = self.model.decode_latents(z0)
             for k in range(cfg.samples):
                 z = inpaint_background(self.model, z0, torch.from_numpy(m_lat), cfg.prompt, steps=cfg.steps, eta=cfg.eta,
                                        guidance=cfg.guidance, concept_prompt=cfg.concept_prompt, sampler=cfg.sampler,
                                        generator=_generators(cfg.seed, keys, k))
                 backgrounds.append(self.model.decode_latents(z))
-        diffs = np.mean([np.abs(pixels.astype(np.float32) - b.astype(np.float32)).mean(-1) for b in backgrounds], axis=0)
+        diffs = np.mean([np.abs(reference.astype(np.float32) - b.astype(np.float32)).mean(-1) for b in backgrounds], axis=0)
         results = []
         for i, canvas in enumerate(canvases):
             valid = canvas.valid(self.resolution)
