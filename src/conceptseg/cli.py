@@ -31,7 +31,7 @@ def _cmd_train_t2i(args) -> None:
         vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
-        sample_guidance=args.sample_guidance,
+        sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
     )
     final = train_t2i(cfg)
     print(f"model: {final}\nsamples: {Path(args.out) / 'samples.png'}")
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gradient-accumulation", type=int, default=1)
     s.add_argument("--sample-prompt", action="append", help="prompt for the sample grid (repeatable)")
     s.add_argument("--sample-guidance", type=float, default=1.0)
+    s.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     s.set_defaults(func=_cmd_train_t2i)
     return p
