@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conceptseg.data.readers import Sample, box_iou, image_size, load_mask, mask_to_box, read_dataset
-from conceptseg.geometry import ImageReadError, load_rgb
+from conceptseg.data.readers import Sample, box_iou, load_mask, mask_to_box, read_dataset
+from conceptseg.geometry import ImageReadError, image_size, load_mask_file
 from conceptseg.io import write_json
 from conceptseg.metrics import PooledCounts
 
@@ -41,7 +41,7 @@ def evaluate_samples(pred_dir: str | Path, samples: list[Sample]) -> dict:
             missing.append(s.key)
             continue
         try:
-            pred = np.asarray(load_rgb(path).convert("L")) > 127
+            pred = load_mask_file(path)
         except ImageReadError as e:
             missing.append(f"{s.key} ({e})")
             continue

@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptseg.geometry import load_rgb
+from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.io import list_images, save_png, write_json
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
@@ -141,15 +141,13 @@ def collect_pairs(images, prelim_dir: Path, split: str = "all") -> tuple[list[Tr
             problems.append(f"{p.name}: no preliminary mask ({mask_path} missing; run `conceptseg prelim` first)")
             continue
         try:
-            with Image.open(p) as im:
-                size = im.size
-            with Image.open(mask_path) as mk:
-                msize, mask = mk.size, np.asarray(mk.convert("L")) > 127
+            size = image_size(p)  # upright, as stage 1 wrote its mask
+            mask = load_mask_file(mask_path)
         except (OSError, SyntaxError, ValueError) as e:
             problems.append(f"{p.name}: unreadable image or mask ({e})")
             continue
-        exif_swapped = (size[1], size[0]) == msize
-        if msize != size and not exif_swapped:
+        msize = (mask.shape[1], mask.shape[0])
+        if msize != size:
             problems.append(f"{p.name}: mask {mask_path.name} is {msize[0]}x{msize[1]}, image is {size[0]}x{size[1]}")
         elif mask.all():
             problems.append(f"{p.name}: the preliminary mask is all foreground (no background to learn from)")
@@ -227,10 +225,7 @@ class _Batches:
     def _sample(self, i: int, rng) -> FinetuneSample:
         pair = self.pairs[i]
         image = load_rgb(pair.image)
-        mask = np.asarray(Image.open(pair.mask).convert("L")) > 127
-        if mask.shape != (image.height, image.width):  # EXIF-rotated source: the mask was written upright
-            mask = mask.T
-        return augment(image, mask, self.model.resolution, self.model.vae_scale_factor, rng)
+        return augment(image, load_mask_file(pair.mask), self.model.resolution, self.model.vae_scale_factor, rng)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.random.Generator]:
         rng = step_rng(self.cfg.seed, 3, step, self.rank)

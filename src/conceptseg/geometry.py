@@ -38,6 +38,33 @@ def load_rgb(path: str | Path) -> Image.Image:
     return to_rgb(im)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as `load_rgb` returns it (EXIF rotation applied), from its header."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not an image Pillow can read ({e})") from None
+    return (h, w) if rotated else (w, h)
+
+
+def load_mask_file(path: str | Path) -> np.ndarray:
+    """A mask image as bool HxW: grey value > 127 is foreground (what `io.save_mask_png` writes)."""
+    return np.asarray(load_rgb(path).convert("L")) > 127
+
+
+def to_model_input(images, device=None, dtype=None):
+    """uint8 images (N, H, W, 3), numpy or torch -> (N, 3, H, W) tensor in the models' [-1, 1] range."""
+    import torch
+
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.uint8))
+    return x.to(device).permute(0, 3, 1, 2).to(dtype or torch.float32) / 127.5 - 1
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(im, dtype=np.float64)

@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from conceptseg.geometry import to_model_input
+
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
 # A LoRA fine-tune (stage 2) is saved as diffusers' LoRA weights file plus this note of its base model.
@@ -84,9 +86,7 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mean, so deterministic."""
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.uint8))
-        x = x.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
-        latents = self.vae.encode(x).latent_dist.mode()
+        latents = self.vae.encode(to_model_input(images, self.device, self.dtype)).latent_dist.mode()
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()

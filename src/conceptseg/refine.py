@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from conceptseg.geometry import Canvas, ImageReadError, load_rgb
+from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
@@ -173,7 +173,7 @@ def run_refine(model: DiffusionModel | None, images: str | Path | Sequence[Path]
         mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
         if not mask_path.exists():
             raise ImageReadError(f"{p}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
-        mask = np.asarray(load_rgb(mask_path).convert("L")) > 127
+        mask = load_mask_file(mask_path)
         if mask.shape != (image.height, image.width):
             raise ImageReadError(f"{p}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
         return image, mask

@@ -43,8 +43,9 @@ def picture_grid(rows: list[list[np.ndarray]], titles: list[str], tile: int = 96
 def _load_mask(path) -> np.ndarray | None:
     from pathlib import Path
 
-    path = Path(path)
-    return np.asarray(Image.open(path).convert("L")) > 127 if path.exists() else None
+    from conceptseg.geometry import load_mask_file
+
+    return load_mask_file(path) if Path(path).exists() else None
 
 
 def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, segmenter: str | None = None,
@@ -59,6 +60,7 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
     import io
     from pathlib import Path
 
+    from conceptseg.data.readers import load_mask
     from conceptseg.geometry import Canvas, load_rgb
     from conceptseg.io import save_png
 
@@ -68,8 +70,6 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
         refined = _load_mask(run / "refine" / "masks" / f"{s.image.stem}.png")
         if refined is None or s.mask is None:
             continue
-        from conceptseg.data.readers import load_mask
-
         truth = load_mask(s)
         union = (refined | truth).sum()
         scored.append(((refined & truth).sum() / union if union else 1.0, s, truth))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.data.toyworld import CLASSES, caption_for, render_scene
-from conceptseg.geometry import Canvas, load_rgb
+from conceptseg.geometry import Canvas, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
 from conceptseg.models import DiffusionModel
 from conceptseg.prelim import PrelimConfig, PrelimRunner, attention_maps, image_noise, timestep_grid
@@ -121,8 +121,7 @@ def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | No
     classes = [c for c in CLASSES if c in by_class]
     chosen = [r for c in classes for r in by_class[c][: cfg.per_class]]
     images = [load_rgb(r.image) for r in chosen]
-    truths = [load_rgb(r.mask).convert("L") for r in chosen]
-    truths = [np.asarray(t) > 127 for t in truths]
+    truths = [load_mask_file(r.mask) for r in chosen]
     keys = [r.image.stem for r in chosen]
     labels = [r.classes[0] for r in chosen]
 

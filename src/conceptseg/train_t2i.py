@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.geometry import Canvas, load_rgb
+from conceptseg.geometry import Canvas, load_rgb, to_model_input
 from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
@@ -72,10 +72,6 @@ def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[
     return np.stack(images), captions
 
 
-def _to_model_range(batch: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 class _VAEObjective(torch.nn.Module):
     """Reconstruction (L1 + MSE) with a small KL term, as in latent diffusion's first stage; a module
     of its own so DDP sees one forward pass."""
@@ -107,7 +103,7 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, decoder_only: bool =
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
         rng = step_rng(cfg.seed, stream, step, accelerator.process_index)
-        x = _to_model_range(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
+        x = to_model_input(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
         with accelerator.autocast():
             loss = objective(x)
         accelerator.backward(loss)
@@ -121,7 +117,7 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, decoder_only: bool =
 def _latent_moments(vae, images: np.ndarray, device, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(images), chunk):
-        d = vae.encode(_to_model_range(images[i : i + chunk], device).to(vae.dtype)).latent_dist
+        d = vae.encode(to_model_input(images[i : i + chunk], device, vae.dtype)).latent_dist
         means.append(d.mean.float().cpu())
         stds.append(d.std.float().cpu())
     return torch.cat(means), torch.cat(stds)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy.io import loadmat
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.geometry import ImageReadError, load_rgb
+from conceptseg.geometry import image_size, load_rgb
 
 SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -327,20 +327,6 @@ def read_dataset(spec: str, split: str = "test") -> list[Sample]:
 
 
 # ---------------------------------------------------------------- masks and boxes
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image as `load_rgb` returns it (EXIF rotation applied), from its header."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: not an image Pillow can read ({e})") from None
-    return (h, w) if rotated else (w, h)
-
 
 def load_mask(sample: Sample) -> np.ndarray:
     """The ground-truth mask as bool HxW at the image's size: grey value >= 128 is foreground (CUB's

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conceptseg.geometry import Canvas, load_rgb
+from conceptseg.geometry import Canvas, load_rgb, to_model_input
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png, write_json
 from conceptseg.modeling.segmenter import UNet
 
@@ -38,8 +38,7 @@ class Segmenter:
         """Foreground probability at each image's ORIGINAL size."""
         canvases = [Canvas(im.width, im.height, self.input_size) for im in images]
         x = np.stack([c.place(im.convert("RGB")) for c, im in zip(canvases, images)])
-        x = torch.from_numpy(x).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
-        probs = torch.sigmoid(self.net(x))[:, 0].float().cpu().numpy()
+        probs = torch.sigmoid(self.net(to_model_input(x, self.device)))[:, 0].float().cpu().numpy()
         return [c.restore(p, resample=Image.Resampling.BILINEAR) for c, p in zip(canvases, probs)]
 
     def masks(self, images: list[Image.Image]) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptseg.data.readers import load_mask, read_dataset
-from conceptseg.geometry import ImageReadError, load_rgb
+from conceptseg.geometry import ImageReadError, load_rgb, to_model_input
 from conceptseg.io import write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
@@ -91,8 +91,7 @@ def random_crop_batch(pairs: list, idx, size: int, rng: np.random.Generator) -> 
             im, m = im[:, ::-1], m[:, ::-1]
         images.append(np.ascontiguousarray(im))
         masks.append(np.ascontiguousarray(m))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.from_numpy(np.stack(masks))[:, None].float()
+    return to_model_input(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None].float()
 
 
 def centre_crop(im: np.ndarray, size: int) -> np.ndarray:
@@ -108,8 +107,8 @@ def validate(net: UNet, pairs: list, size: int, device) -> dict:
     counts = PooledCounts()
     for s in range(0, len(pairs), 32):
         chunk = pairs[s : s + 32]
-        x = torch.from_numpy(np.stack([centre_crop(im, size) for im, _ in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        pred = torch.sigmoid(net(x.to(device)))[:, 0].cpu().numpy() > 0.5
+        x = to_model_input(np.stack([centre_crop(im, size) for im, _ in chunk]), device)
+        pred = torch.sigmoid(net(x))[:, 0].cpu().numpy() > 0.5
         for p, (_, m) in zip(pred, chunk):
             counts.add(p, centre_crop(m, size))
     net.train(was)
