@@ -146,6 +146,16 @@ def test_generate_layout_and_resume(tmp_path: Path) -> None:
     assert np.array_equal(a, b)
 
 
+def test_generate_in_worker_processes_matches_serial(tmp_path: Path) -> None:
+    serial = generate(tmp_path / "serial", num=10, seed=3, progress=False)
+    parallel = generate(tmp_path / "parallel", num=10, seed=3, progress=False, workers=2)
+    assert (serial / "metadata.jsonl").read_text() == (parallel / "metadata.jsonl").read_text()
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*.png"))
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png"))
+    for rel in files:
+        assert np.array_equal(np.asarray(Image.open(serial / rel)), np.asarray(Image.open(parallel / rel))), rel
+
+
 def test_split_composition() -> None:
     cfg = ToyWorldConfig()
     specs = [toyworld._row_spec(0, i, cfg)[1:] for i in range(2000)]

@@ -15,7 +15,7 @@ def _cmd_toyworld(args) -> None:
     cfg = ToyWorldConfig(size=args.size)
     if args.classes:
         cfg.classes = tuple(args.classes)
-    out = generate(args.out, args.num, seed=args.seed, config=cfg)
+    out = generate(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
     print(f"wrote {args.num} rows to {out}")
 
 
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--classes", nargs="+", help="subset of the toy classes (default: all)")
+    s.add_argument("--workers", type=int, default=1, help="render rows in this many processes (same output)")
     s.set_defaults(func=_cmd_toyworld)
 
     s = sub.add_parser("prelim", help="stage 1: preliminary masks from cross-attention")

@@ -366,18 +366,53 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _row_record(seed: int, i: int, cfg: ToyWorldConfig) -> dict:
+    """Row ``i``'s metadata.jsonl record."""
+    _, classes, split = _row_spec(seed, i, cfg)
+    mask_name = f"masks/{i:05d}.png"
+    obj_names = [f"masks/{i:05d}_obj{k}.png" for k in range(len(classes))] if len(classes) > 1 else []
+    return {
+        "file_name": f"images/{i:05d}.png",
+        "mask_file_name": mask_name,
+        "caption": caption_for(classes),
+        "class": "+".join(classes) if classes else "background",
+        "classes": classes,
+        "object_mask_file_names": obj_names or [mask_name] * len(classes),
+        "split": split,
+    }
+
+
+def _row_files(row: dict) -> list[str]:
+    return [row["file_name"], row["mask_file_name"], *row["object_mask_file_names"]]
+
+
+def _render_row(out: Path, seed: int, cfg: ToyWorldConfig, i: int) -> None:
+    rng, classes, _ = _row_spec(seed, i, cfg)
+    row = _row_record(seed, i, cfg)
+    scene = render_scene(rng, classes, cfg.size)
+    if len(classes) > 1:
+        for name, m in zip(row["object_mask_file_names"], scene.object_masks):
+            _save_png(m.astype(np.uint8) * 255, out / name)
+    _save_png(scene.mask.astype(np.uint8) * 255, out / row["mask_file_name"])
+    _save_png(scene.image, out / row["file_name"])  # written last: its presence marks a complete row
+
+
 def generate(
     out_dir: str | Path,
     num: int,
     seed: int = 0,
     config: ToyWorldConfig | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Write ``num`` rows as an imagefolder dataset into ``out_dir`` and return it.
 
     Existing rows (image and masks present) are not re-rendered, so a run can be
-    resumed or extended with a larger ``num``; use the same seed and config.
+    resumed or extended with a larger ``num``; use the same seed and config. Rows render in
+    ``workers`` processes; a row depends only on (seed, i, config), so the output does not.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm.auto import tqdm
 
     cfg = config or ToyWorldConfig()
@@ -389,26 +424,17 @@ def generate(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in tqdm(range(num), desc="toyworld", disable=not progress):
-        rng, classes, split = _row_spec(seed, i, cfg)
-        image_name, mask_name = f"images/{i:05d}.png", f"masks/{i:05d}.png"
-        obj_names = [f"masks/{i:05d}_obj{k}.png" for k in range(len(classes))] if len(classes) > 1 else []
-        if not all((out / n).exists() for n in [image_name, mask_name, *obj_names]):
-            scene = render_scene(rng, classes, cfg.size)
-            for name, m in zip(obj_names, scene.object_masks):
-                _save_png(m.astype(np.uint8) * 255, out / name)
-            _save_png(scene.mask.astype(np.uint8) * 255, out / mask_name)
-            _save_png(scene.image, out / image_name)  # written last: its presence marks a complete row
-        rows.append({
-            "file_name": image_name,
-            "mask_file_name": mask_name,
-            "caption": caption_for(classes),
-            "class": "+".join(classes) if classes else "background",
-            "classes": classes,
-            "object_mask_file_names": obj_names or [mask_name] * len(classes),
-            "split": split,
-        })
+    rows = [_row_record(seed, i, cfg) for i in range(num)]
+    missing = [i for i, row in enumerate(rows) if not all((out / n).exists() for n in _row_files(row))]
+    render = functools.partial(_render_row, out, seed, cfg)
+    if workers > 1 and len(missing) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            done = pool.map(render, missing, chunksize=max(1, min(64, len(missing) // (4 * workers))))
+            for _ in tqdm(done, total=len(missing), desc="toyworld", disable=not progress):
+                pass
+    else:
+        for i in tqdm(missing, desc="toyworld", disable=not progress):
+            render(i)
     tmp = out / "metadata.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
