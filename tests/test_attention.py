@@ -171,6 +171,25 @@ def test_store_averages_heads_and_group_tokens_and_upsamples() -> None:
     torch.testing.assert_close(got[0], (maps(fine, 4) + up) / 2)
 
 
+def test_store_per_level_means_weight_back_to_the_overall_mean() -> None:
+    torch.manual_seed(0)
+    probs = [torch.rand(2, 2, 16, 3).softmax(-1), torch.rand(2, 2, 16, 3).softmax(-1), torch.rand(2, 2, 4, 3).softmax(-1)]
+    overall, levels = CrossAttentionStore([[1]], (4, 4)), CrossAttentionStore([[1]], (4, 4), per_level=True)
+    for p in probs:
+        overall.add(p)
+        levels.add(p)
+    by_level = levels.pop_level_means()
+    assert sorted(by_level) == ["2x2", "4x4"]
+    fine_only = CrossAttentionStore([[1]], (4, 4))
+    fine_only.add(probs[0])
+    fine_only.add(probs[1])
+    torch.testing.assert_close(by_level["4x4"], fine_only.pop_mean())
+    torch.testing.assert_close((2 * by_level["4x4"] + by_level["2x2"]) / 3, overall.pop_mean())
+    assert levels.level_totals == {} and levels.total is None  # popped means reset
+    with pytest.raises(RuntimeError, match="per_level"):
+        overall.pop_level_means()
+
+
 def test_store_non_square_latent_grid() -> None:
     store = CrossAttentionStore([[0]], latent_hw=(4, 6))
     probs = torch.arange(6, dtype=torch.float32).view(1, 1, 6, 1)  # a 2x3 grid

@@ -93,3 +93,45 @@ def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_
     merged = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert len(merged["images"]) == 6 and merged["images"]["broken.png"]["status"] == "failed"
     assert not list((tmp_path / "two").glob("manifest.shard-*"))
+
+
+def test_two_process_run_equals_one_process(tiny_model_dir, tmp_path):
+    """`accelerate launch -m conceptseg run` with 2 CPU processes: every per-image stage (prelim, refine,
+    crop, synth, segment) is sharded and gives the same files as one process, and so the same table.
+
+    The trainers are shared: DDP on 2 processes sees twice the batch, so it is not meant to equal one
+    process; the run made with one process is kept and the per-image stages are redone around it."""
+    import dataclasses
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cfg = _tiny_demo(run, tiny_model_dir)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "conceptseg", "run", str(config)], env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    per_image = ["prelim", "refine", "crop", "synth", "eval"]
+    outputs = {p.relative_to(run): p.read_bytes() for d in per_image for p in (run / d).rglob("*") if p.suffix in (".png", ".npy")}
+    assert {p.parts[0] for p in outputs} == set(per_image) and len(outputs) > 100
+    metrics = (run / "metrics.json").read_text()
+    trained = (run / "finetune" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    for d in per_image:
+        shutil.rmtree(run / d)
+    (run / "metrics.json").unlink()
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conceptseg"]
+    two = subprocess.run(launch + ["run", str(config)], env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    again = {p.relative_to(run): p.read_bytes() for d in per_image for p in (run / d).rglob("*") if p.suffix in (".png", ".npy")}
+    assert sorted(again) == sorted(outputs)
+    assert [k for k in outputs if again[k] != outputs[k]] == []
+    assert (run / "metrics.json").read_text() == metrics
+    assert (run / "finetune" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == trained
+    for d in ("prelim", "refine", "synth"):
+        assert not list((run / d).glob("manifest.shard-*"))  # the shards' manifests were merged

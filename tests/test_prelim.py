@@ -16,6 +16,7 @@ from conceptseg.prelim import (
     PrelimConfig,
     PrelimRunner,
     attention_maps,
+    attention_maps_by_level,
     image_noise,
     preliminary_masks,
     run_prelim,
@@ -98,6 +99,23 @@ def test_attention_maps_independent_of_batch_size(tiny_model, latents_and_noise)
                                    atol=1e-5, rtol=0)
     # ...and the maps do differ between images, so the comparison can fail
     assert (one[0] - one[1]).abs().max() > 1e-4
+
+
+def test_attention_maps_by_level_has_each_cross_attention_resolution(tiny_model, latents_and_noise) -> None:
+    latents, noise = latents_and_noise
+    cond = tiny_model.encode_prompts(["a photo of a bird"])
+    ts = timestep_grid(3)
+    levels = attention_maps_by_level(tiny_model, latents, cond, [[5]], ts, noise[:, :3], batch_size=4)
+    unet = tiny_model.unet
+    latent = latents.shape[-1]
+    expected = {f"{latent >> i}x{latent >> i}" for i, on in enumerate(unet.config.down_block_types) if "CrossAttn" in on}
+    assert set(levels) == expected
+    overall = attention_maps(tiny_model, latents, cond, [[5]], ts, noise[:, :3], batch_size=4)
+    for maps in levels.values():
+        assert maps.shape == overall.shape
+        assert not torch.allclose(maps, overall)  # each level differs from the equal-weight mean
+    assert overall.min() >= min(m.min() for m in levels.values()) - 1e-6
+    assert overall.max() <= max(m.max() for m in levels.values()) + 1e-6
 
 
 def test_attention_maps_mean_over_timesteps(tiny_model, latents_and_noise) -> None:

@@ -22,6 +22,8 @@ def test_report_has_every_requested_part(tiny_model, tmp_path):
         assert 0.0 <= report[key]["auc"] <= 1.0 and 0.0 <= report[key]["prelim_iou"] <= 1.0
     assert 0.0 <= report["class_by_denoising_accuracy"] <= 1.0
     assert 0.0 <= report["binding_auc"] <= 1.0 and 0.0 <= report["centre_prior_auc"] <= 1.0
+    levels = report["auc_per_level"]  # the tiny UNet cross-attends at its two finest levels
+    assert list(levels) == ["16x16", "8x8"] and all(0.0 <= v <= 1.0 for v in levels.values())
     only = evaluate_toy_model(tiny_model, data, ToyEvalConfig(per_class=1, steps=2, parts=("centre_prior",)), progress=False)
     assert set(only) == {"images", "per_class", "config", "centre_prior_auc"}
     with pytest.raises(ValueError, match="unknown evaluation part"):

@@ -18,16 +18,19 @@ import torch.nn.functional as F
 class CrossAttentionStore:
     """Running sum over layers of the chosen token groups' head-averaged attention, per batch row."""
 
-    def __init__(self, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int]):
+    def __init__(self, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int], per_level: bool = False):
         if not token_groups or any(len(g) == 0 for g in token_groups):
             raise ValueError("every token group needs at least one token position")
         self.token_groups = [list(g) for g in token_groups]
         self.latent_hw = latent_hw
+        self.per_level = per_level  # also keep a sum per UNet resolution (a diagnostic)
         self.reset()
 
     def reset(self) -> None:
         self.total: torch.Tensor | None = None  # (B, G, H, W) float32
         self.num_layers = 0
+        self.level_totals: dict[str, torch.Tensor] = {}  # "16x16" -> (B, G, H, W), with per_level
+        self.level_layers: dict[str, int] = {}
 
     def _grid(self, n: int) -> tuple[int, int]:
         h, w = self.latent_hw
@@ -40,11 +43,16 @@ class CrossAttentionStore:
     def add(self, probs: torch.Tensor) -> None:
         """probs: (B, heads, N, T) softmax over T text tokens for N = h*w image positions."""
         b, _, n, _ = probs.shape
+        grid = self._grid(n)
         cols = torch.stack([probs[..., g].mean(-1) for g in self.token_groups], dim=-1)  # (B, heads, N, G)
-        maps = cols.mean(1).transpose(1, 2).reshape(b, len(self.token_groups), *self._grid(n)).float()
+        maps = cols.mean(1).transpose(1, 2).reshape(b, len(self.token_groups), *grid).float()
         maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
         self.total = maps if self.total is None else self.total + maps
         self.num_layers += 1
+        if self.per_level:
+            level = f"{grid[0]}x{grid[1]}"
+            self.level_totals[level] = self.level_totals[level] + maps if level in self.level_totals else maps
+            self.level_layers[level] = self.level_layers.get(level, 0) + 1
 
     def pop_mean(self) -> torch.Tensor:
         """Equal-weight mean over the layers seen since the last call, (B, G, H, W); then reset."""
@@ -53,6 +61,17 @@ class CrossAttentionStore:
         mean = self.total / self.num_layers
         self.reset()
         return mean
+
+    def pop_level_means(self) -> dict[str, torch.Tensor]:
+        """With `per_level`: the mean over each resolution's layers since the last call, keyed
+        "HxW" of the attention grid; then reset."""
+        if not self.per_level:
+            raise RuntimeError("this store was made without per_level=True")
+        if not self.level_totals:
+            raise RuntimeError("no cross-attention layer ran: does this UNet have attn2 layers?")
+        means = {k: self.level_totals[k] / self.level_layers[k] for k in self.level_totals}
+        self.reset()
+        return means
 
 
 class CrossAttentionCaptureProcessor:
@@ -108,12 +127,13 @@ def is_cross_attention(name: str) -> bool:
 
 
 @contextmanager
-def capture_cross_attention(unet, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int]) -> Iterator[CrossAttentionStore]:
+def capture_cross_attention(unet, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int],
+                            per_level: bool = False) -> Iterator[CrossAttentionStore]:
     """Within the block, every cross-attention layer of `unet` adds its maps to the yielded store.
 
     The original processors are restored on exit, also when the block raises.
     """
-    store = CrossAttentionStore(token_groups, latent_hw)
+    store = CrossAttentionStore(token_groups, latent_hw, per_level=per_level)
     original = dict(unet.attn_processors)
     capture = CrossAttentionCaptureProcessor(store)
     # set_attn_processor pops entries from the dict it is given: always hand it a fresh one.

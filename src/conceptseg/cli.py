@@ -78,7 +78,8 @@ def _cmd_eval_toy_model(args) -> None:
                 f"binding AUC {r['binding_auc']:.3f}" if "binding_auc" in r else "",
                 f"wrong-word AUC {r['wrong_word']['auc']:.3f}" if "wrong_word" in r else "",
                 f"random-init AUC {r['random_init']['auc']:.3f}" if "random_init" in r else "",
-                f"centre-prior AUC {r['centre_prior_auc']:.3f}" if "centre_prior_auc" in r else ""]
+                f"centre-prior AUC {r['centre_prior_auc']:.3f}" if "centre_prior_auc" in r else "",
+                "AUC per level " + ", ".join(f"{k} {v:.3f}" for k, v in r["auc_per_level"].items()) if "auc_per_level" in r else ""]
         print(f"{name}: " + "  ".join(x for x in line if x), flush=True)
         if args.out:
             write_json(args.out, reports)

@@ -71,19 +71,33 @@ def image_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
 
 
-@torch.no_grad()
 def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, token_groups: Sequence[Sequence[int]],
                    timesteps: Sequence[int], noise: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Mean over layers and timesteps of each token group's map: (N images, G groups, h, w), float32.
 
     latents (N, C, h, w); noise (N, T, C, h, w); cond (1, 77, D) text embedding of the prompt.
     """
+    return _mean_maps(model, latents, cond, token_groups, timesteps, noise, batch_size, per_level=False)["all"]
+
+
+def attention_maps_by_level(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor,
+                            token_groups: Sequence[Sequence[int]], timesteps: Sequence[int], noise: torch.Tensor,
+                            batch_size: int) -> dict[str, torch.Tensor]:
+    """As `attention_maps`, but averaged over each UNet resolution's layers separately, keyed by the
+    attention grid ("32x32", "16x16", ...): a diagnostic of which levels localise (stage 1 itself
+    averages every layer with equal weight)."""
+    return _mean_maps(model, latents, cond, token_groups, timesteps, noise, batch_size, per_level=True)
+
+
+@torch.no_grad()
+def _mean_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, token_groups: Sequence[Sequence[int]],
+               timesteps: Sequence[int], noise: torch.Tensor, batch_size: int, per_level: bool) -> dict[str, torch.Tensor]:
     n, t_count = latents.shape[0], len(timesteps)
     abar = model.alphas_cumprod.to(latents.device, torch.float32)
     t_all = torch.tensor(timesteps, device=latents.device)
     rows = [(i, j) for i in range(n) for j in range(t_count)]
-    total = torch.zeros(n, len(token_groups), *latents.shape[-2:], device=latents.device)
-    with capture_cross_attention(model.unet, token_groups, tuple(latents.shape[-2:])) as store:
+    totals: dict[str, torch.Tensor] = {}
+    with capture_cross_attention(model.unet, token_groups, tuple(latents.shape[-2:]), per_level=per_level) as store:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             img = torch.tensor([i for i, _ in chunk], device=latents.device)
@@ -93,8 +107,12 @@ def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Ten
             eps = noise[img.cpu(), step.cpu()].to(latents.device, torch.float32)
             zt = a.sqrt() * latents[img].float() + (1 - a).sqrt() * eps
             model.unet(zt.to(model.dtype), t, cond.expand(len(chunk), -1, -1)).sample
-            total.index_add_(0, img, store.pop_mean())
-    return total / t_count
+            means = store.pop_level_means() if per_level else {"all": store.pop_mean()}
+            for key, m in means.items():
+                if key not in totals:
+                    totals[key] = torch.zeros(n, *m.shape[1:], device=latents.device)
+                totals[key].index_add_(0, img, m)
+    return {key: total / t_count for key, total in totals.items()}
 
 
 class PrelimRunner:

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.data.toyworld import CLASSES, caption_for, render_scene
-from conceptseg.geometry import Canvas, load_mask_file, load_rgb
+from conceptseg.geometry import Canvas, load_mask_file, load_rgb, to_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
 from conceptseg.models import DiffusionModel
-from conceptseg.prelim import PrelimConfig, PrelimRunner, attention_maps, image_noise, timestep_grid
+from conceptseg.prelim import (PrelimConfig, PrelimRunner, attention_maps, attention_maps_by_level, image_noise,
+                               timestep_grid)
 from conceptseg.tokenizer import concept_token_positions
 
 
-PARTS = ("localisation", "classify", "binding", "wrong_word", "random_init", "centre_prior")
+PARTS = ("localisation", "classify", "binding", "wrong_word", "random_init", "centre_prior", "per_level")
 
 
 @dataclass
@@ -70,6 +71,22 @@ def _localisation(model: DiffusionModel, images, keys, truths, words, cfg: ToyEv
 
 
 @torch.no_grad()
+def _per_level(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
+    """Mean per-image AUC of each UNet resolution's own map (same noise and prompt as stage 1):
+    which levels localise, which only add noise to the equal-weight average."""
+    aucs = defaultdict(list)
+    runners = {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
+    for im, key, truth, word in tqdm(list(zip(images, keys, truths, words)), desc="per level", disable=not progress, leave=False):
+        r = runners[word]
+        canvas = Canvas(im.width, im.height, model.resolution)
+        z0 = model.encode_images(canvas.place(to_rgb(im))[None])
+        noise = image_noise(cfg.seed, key, (len(r.timesteps), *z0.shape[1:]))[None]
+        levels = attention_maps_by_level(model, z0, r.cond, r.token_groups, r.timesteps, noise, cfg.batch_size)
+        for level, maps in levels.items():
+            aucs[level].append(auc_roc(canvas.restore(maps[0].sum(0).cpu().numpy()), truth))
+    return {level: float(np.nanmean(v)) for level, v in sorted(aucs.items(), key=lambda kv: -int(kv[0].split("x")[0]))}
+
+
 def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEvalConfig, progress: bool) -> float:
     """Accuracy of argmin over class prompts of the denoising error (same noise for every prompt)."""
     conds = model.encode_prompts([f"a photo of a {c}" for c in classes])
@@ -143,4 +160,6 @@ def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | No
         report["random_init"] = _localisation(_random_init(model, cfg.seed), images, keys, truths, labels, cfg, progress)
     if "centre_prior" in cfg.parts:
         report["centre_prior_auc"] = float(np.nanmean([auc_roc(_centre_prior(t.shape), t) for t in truths]))
+    if "per_level" in cfg.parts:
+        report["auc_per_level"] = _per_level(model, images, keys, truths, labels, cfg, progress)
     return report
