@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conceptseg.demo import demo_config
-from conceptseg.pipeline import ROW_NAMES, Run, load_config
+from conceptseg.pipeline import ROW_NAMES, Run, load_config, override_config
 
 
 def test_config_from_yaml_with_overrides(tmp_path):
@@ -20,6 +20,11 @@ def test_config_from_yaml_with_overrides(tmp_path):
         load_config(path, ["finetune.stepz=3"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(path, ["finetune.steps"])
+    again = override_config(cfg, ["synth.num=7", "refine.postprocess=true"])  # a built config (the demo's)
+    assert again.synth.num == 7 and again.refine.postprocess is True and again.finetune.steps == 20
+    assert override_config(cfg, []) is cfg
+    with pytest.raises(ValueError, match="unknown setting.*nmu"):
+        override_config(cfg, ["synth.nmu=7"])
 
 
 def test_every_shipped_config_loads():

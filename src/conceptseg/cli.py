@@ -89,9 +89,10 @@ def _cmd_eval_toy_model(args) -> None:
 
 def _cmd_demo(args) -> None:
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import Run, format_table
+    from conceptseg.pipeline import Run, format_table, override_config
 
-    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device)
+    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images)
+    cfg = override_config(cfg, args.set or [])
     metrics = Run(cfg).execute()
     print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
     print(f"\nrun folder: {args.out}   numbers: {args.out}/metrics.json   report: {args.out}/report.html")
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
     s.add_argument("--model", default=None, help="default: the embedded toy-world model")
     s.add_argument("--device", default=None)
+    s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 160, --full 2000)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")

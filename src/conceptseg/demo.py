@@ -33,10 +33,10 @@ FULL = dict(
 
 
 def demo_config(out: Path, concept: str = "fish", full: bool = False, model: str | None = None,
-                device: str | None = None, seed: int = 1234) -> RunConfig:
+                device: str | None = None, seed: int = 1234, num_images: int | None = None) -> RunConfig:
     settings = FULL if full else REDUCED
     data = Path(out) / "data"
-    generate(data, settings["num_images"], seed=seed, progress=False,
+    generate(data, num_images or settings["num_images"], seed=seed, progress=False,
              config=ToyWorldConfig(classes=(concept,), background_fraction=0.0, multi_object_fraction=0.0))
     return RunConfig(concept=[concept], images=f"imagefolder:{data}", split="train", test_images=f"imagefolder:{data}",
                      test_split="test", out=str(out), model=model, device=device,

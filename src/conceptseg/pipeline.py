@@ -143,6 +143,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.exists():
             raise FileNotFoundError(f"config {path} not found")
         data = yaml.safe_load(path.read_text()) or {}
+    return _build(RunConfig, _apply_overrides(data, overrides), str(path or "config"))
+
+
+def override_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` with `key.sub=value` overrides applied (checked as in `load_config`)."""
+    return _build(RunConfig, _apply_overrides(dataclasses.asdict(cfg), overrides), "config") if overrides else cfg
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -152,7 +161,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    return _build(RunConfig, data, str(path or "config"))
+    return data
 
 
 # ---------------------------------------------------------------- the run
