@@ -87,6 +87,7 @@ def _per_level(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalC
     return {level: float(np.nanmean(v)) for level, v in sorted(aucs.items(), key=lambda kv: -int(kv[0].split("x")[0]))}
 
 
+@torch.no_grad()
 def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEvalConfig, progress: bool) -> float:
     """Accuracy of argmin over class prompts of the denoising error (same noise for every prompt)."""
     conds = model.encode_prompts([f"a photo of a {c}" for c in classes])
