@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=40)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--parts", nargs="+", default=None, metavar="PART",
-                   help="measurements to make: localisation classify binding wrong_word random_init centre_prior (default: all)")
+                   help="measurements to make: localisation classify binding wrong_word random_init centre_prior per_level (default: all)")
     s.add_argument("--out", type=Path, help="JSON report")
     s.set_defaults(func=_cmd_eval_toy_model)
 
