@@ -124,13 +124,17 @@ class PrelimRunner:
         self.timesteps = timestep_grid(config.steps, offset=model.scheduler.config.get("steps_offset", 1) or 0)
         self.cond = model.encode_prompts([config.full_prompt])
 
+    def encode(self, images: Sequence[Image.Image], keys: Sequence[str]) -> tuple[list[Canvas], torch.Tensor, torch.Tensor]:
+        """Stage 1's inputs: each image's canvas, its latents (N, C, h, w) and its noise (N, T, C, h, w)."""
+        canvases = [Canvas(im.width, im.height, self.model.resolution) for im in images]
+        latents = self.model.encode_images(np.stack([c.place(to_rgb(im)) for c, im in zip(canvases, images)]))
+        noise = torch.stack([image_noise(self.config.seed, k, (len(self.timesteps), *latents.shape[1:])) for k in keys])
+        return canvases, latents, noise
+
     def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[PrelimResult]:
         m, cfg = self.model, self.config
-        size, lat = m.resolution, m.latent_resolution
-        canvases = [Canvas(im.width, im.height, size) for im in images]
-        pixels = np.stack([c.place(to_rgb(im)) for c, im in zip(canvases, images)])
-        latents = m.encode_images(pixels)
-        noise = torch.stack([image_noise(cfg.seed, k, (len(self.timesteps), *latents.shape[1:])) for k in keys])
+        lat = m.latent_resolution
+        canvases, latents, noise = self.encode(images, keys)
         maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size)
         maps = maps.sum(1).cpu().numpy().astype(np.float32)  # several words: their maps are summed
         results = []

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.data.toyworld import CLASSES, caption_for, render_scene
-from conceptseg.geometry import Canvas, load_mask_file, load_rgb, to_rgb
+from conceptseg.geometry import Canvas, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
 from conceptseg.models import DiffusionModel
 from conceptseg.prelim import (PrelimConfig, PrelimRunner, attention_maps, attention_maps_by_level, image_noise,
@@ -56,10 +56,15 @@ def _centre_prior(size: tuple[int, int]) -> np.ndarray:
     return -np.hypot((yy + 0.5) / h - 0.5, (xx + 0.5) / w - 0.5)
 
 
+def _prelim_runners(model: DiffusionModel, words, cfg: ToyEvalConfig) -> dict[str, PrelimRunner]:
+    """Stage 1 as `conceptseg prelim` runs it, one runner per word."""
+    return {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
+
+
 def _localisation(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
     """Mean per-image AUC of the raw map and pooled scores of M_pre, for each image's given word."""
     aucs, counts, per_class = [], PooledCounts(), defaultdict(list)
-    runners = {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
+    runners = _prelim_runners(model, words, cfg)
     for im, key, truth, word in tqdm(list(zip(images, keys, truths, words)), desc=f"stage 1 ({model.source[-30:]})", disable=not progress, leave=False):
         res = runners[word]([im], [key])[0]
         auc = auc_roc(res.canvas.restore(res.attention), truth)
@@ -75,12 +80,10 @@ def _per_level(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalC
     """Mean per-image AUC of each UNet resolution's own map (same noise and prompt as stage 1):
     which levels localise, which only add noise to the equal-weight average."""
     aucs = defaultdict(list)
-    runners = {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
+    runners = _prelim_runners(model, words, cfg)
     for im, key, truth, word in tqdm(list(zip(images, keys, truths, words)), desc="per level", disable=not progress, leave=False):
         r = runners[word]
-        canvas = Canvas(im.width, im.height, model.resolution)
-        z0 = model.encode_images(canvas.place(to_rgb(im))[None])
-        noise = image_noise(cfg.seed, key, (len(r.timesteps), *z0.shape[1:]))[None]
+        (canvas,), z0, noise = r.encode([im], [key])
         levels = attention_maps_by_level(model, z0, r.cond, r.token_groups, r.timesteps, noise, cfg.batch_size)
         for level, maps in levels.items():
             aucs[level].append(auc_roc(canvas.restore(maps[0].sum(0).cpu().numpy()), truth))
