@@ -10,7 +10,7 @@ CPU (default): the embedded model's architecture ("toy" preset, random weights: 
 depend on the weights), 64x64. GPU: the SD v1.5 architecture at 512x512 (`--preset sd15`).
 
     python benchmarks/finetune_speed.py                      # CPU
-    python benchmarks/finetune_speed.py --preset sd15 --device cuda --mixed-precision bf16
+    python benchmarks/finetune_speed.py --preset sd15 --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def run_variant(root: Path, name: str, extra: list[str], args) -> dict:
     t_a = next(r["time"] for r in steps if r["step"] == args.warmup)
     t_b = steps[-1]["time"]
     rate = args.batch_size * (steps[-1]["step"] - args.warmup) / (t_b - t_a)
+    shutil.rmtree(out)  # an SD-sized run's final checkpoint is ~20 GB: keep one on disk at a time
     return {"variant": name, "samples_per_s": rate, "wall_s": wall, "peak_rss_mb": end["peak_rss_mb"],
             "peak_cuda_mb": end.get("peak_cuda_mb")}
 
