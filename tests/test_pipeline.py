@@ -1,6 +1,7 @@
 """`conceptseg run`: typed YAML config with overrides, the whole pipeline on a tiny model, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -66,10 +67,31 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in mask.iterdir()} == stamps
     assert (tmp_path / "run" / "finetune" / "model" / "unet" / "config.json").stat().st_mtime_ns == model_stamp
 
-    cfg.finetune.steps = 3  # a changed stage is redone, its old trainer folder kept aside
+    def stamp(*parts):
+        return (tmp_path / "run" / "segmenter" / Path(*parts) / "model" / "model.safetensors").stat().st_mtime_ns
+
+    segmenters = {name: stamp(name) for name in ("unet_prelim", "supervised", "unet_real", "unet_real_synth")}
+    cfg.finetune.steps = 3  # a changed stage is redone, its old folder kept aside, and so is all downstream of it
     Run(cfg, progress=False).execute()
     assert (tmp_path / "run" / "finetune.old").exists()
     assert json.loads((tmp_path / "run" / "finetune" / "checkpoints" / "step-000003" / "state.json").read_text())["step"] == 3
+    assert (tmp_path / "run" / "refine.old").exists() and (tmp_path / "run" / "synth.old").exists()
+    assert stamp("unet_real") != segmenters["unet_real"] and stamp("unet_real_synth") != segmenters["unet_real_synth"]
+    # not downstream of fine-tuning: kept
+    assert stamp("unet_prelim") == segmenters["unet_prelim"] and stamp("supervised") == segmenters["supervised"]
+    assert not (tmp_path / "run" / "prelim.old").exists()
+
+
+def test_a_moved_run_folder_is_not_retrained(tiny_model_dir, tmp_path):
+    import shutil
+
+    Run(_tiny_demo(tmp_path / "run", tiny_model_dir), progress=False).execute()
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    log = tmp_path / "moved" / "finetune" / "train_log.jsonl"
+    before = log.stat().st_mtime_ns
+    Run(_tiny_demo(tmp_path / "moved", tiny_model_dir), progress=False).execute()
+    assert log.stat().st_mtime_ns == before
+    assert not list((tmp_path / "moved").glob("*.old")) and not list((tmp_path / "moved" / "segmenter").glob("*.old"))
 
 
 def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_image):

@@ -49,9 +49,12 @@ def test_guidance_variant_and_fast_sampler_run(tiny_model):
     region = torch.ones(1, 16, 16)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain = inpaint_background(tiny_model, z0, region, steps=3, generator=g())
-    guided = inpaint_background(tiny_model, z0, region, steps=3, guidance=3.0, concept_prompt="a photo of a bird", generator=g())
+    guided = inpaint_background(tiny_model, z0, region, steps=3, guidance=3.0, negative_prompt="a photo of a bird", generator=g())
     assert not torch.allclose(plain, guided)
     assert sample_latents(tiny_model, "a photo of a bird", 2, steps=3, sampler="dpm++", generator=g()).shape == (2, 4, 16, 16)
+    # plain sampling guides against the empty prompt: guidance must change the sample
+    unguided = sample_latents(tiny_model, "a photo of a bird", 1, steps=3, generator=g())
+    assert not torch.allclose(unguided, sample_latents(tiny_model, "a photo of a bird", 1, steps=3, guidance=3.0, generator=g()))
     with pytest.raises(ValueError, match="unknown sampler"):
         inpaint_background(tiny_model, z0, region, sampler="euler-x")
 

@@ -137,10 +137,12 @@ def _cmd_refine(args) -> None:
 
 def _cmd_synth(args) -> None:
     from conceptseg.models import load_model
+    from conceptseg.refine import RefineConfig
     from conceptseg.synth import SynthConfig, run_synth
 
     cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
-                      prelim_steps=args.prelim_steps, refine_steps=args.inpaint_steps, batch_size=args.batch_size, seed=args.seed)
+                      prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
+                      batch_size=args.batch_size, seed=args.seed)
     from conceptseg.synth import write_metadata
 
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=1.0)
     s.add_argument("--prelim-steps", type=int, default=40, help="T0 of stage 1 on the synthetic images")
     s.add_argument("--inpaint-steps", type=int, default=50)
+    s.add_argument("--postprocess", action="store_true", help="binary closing + fill holes on the masks")
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)

@@ -15,14 +15,15 @@ SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 @torch.no_grad()
 def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
-                       steps: int = 50, eta: float = 0.0, guidance: float = 1.0, concept_prompt: str | None = None,
+                       steps: int = 50, eta: float = 0.0, guidance: float = 1.0, negative_prompt: str | None = None,
                        sampler: str = "ddim", generator: torch.Generator | list[torch.Generator] | None = None,
                        trace: list | None = None) -> torch.Tensor:
     """Latents with `region` (1 = to inpaint, (B, 1, h, w) or (B, h, w)) regenerated, the rest kept.
 
-    guidance == 1 uses the background prompt alone (the paper's default). Otherwise, with
-    `concept_prompt`, eps = eps_concept + guidance * (eps_background - eps_concept): guidance away
-    from the concept. A list of generators, one per image, makes each image's noise independent
+    guidance == 1 uses `prompt` alone (the paper's default). Otherwise, with `negative_prompt`,
+    eps = eps_negative + guidance * (eps_prompt - eps_negative): classifier-free guidance towards
+    `prompt` and away from `negative_prompt` (the empty prompt for plain sampling, the concept
+    prompt for background inpainting). A list of generators, one per image, makes each image's noise independent
     of how images are batched. `trace`, if given, receives (t, latents after blending) at every step.
     """
     if sampler not in SAMPLERS:
@@ -33,8 +34,8 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
     m = region.to(model.device, torch.float32)
     m = m[:, None] if m.ndim == 3 else m
     b = z0.shape[0]
-    two = guidance != 1.0 and concept_prompt is not None
-    cond = model.encode_prompts([prompt] + ([concept_prompt] if two else []))
+    two = guidance != 1.0 and negative_prompt is not None
+    cond = model.encode_prompts([prompt] + ([negative_prompt] if two else []))
     def randn() -> torch.Tensor:
         if isinstance(generator, (list, tuple)):
             return torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generator]).to(model.device)
@@ -48,9 +49,9 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
             trace.append((int(t), z.clone()))
         zin = scheduler.scale_model_input(z, t)
         if two:
-            eps_b, eps_f = model.unet(torch.cat([zin, zin]).to(model.dtype), t,
-                                      cond.repeat_interleave(b, dim=0)).sample.float().chunk(2)
-            eps = eps_f + guidance * (eps_b - eps_f)
+            eps_pos, eps_neg = model.unet(torch.cat([zin, zin]).to(model.dtype), t,
+                                          cond.repeat_interleave(b, dim=0)).sample.float().chunk(2)
+            eps = eps_neg + guidance * (eps_pos - eps_neg)
         else:
             eps = model.unet(zin.to(model.dtype), t, cond[:1].expand(b, -1, -1)).sample.float()
         kwargs = {"eta": eta} if sampler == "ddim" else {}
@@ -60,7 +61,8 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
 
 def sample_latents(model: DiffusionModel, prompt: str, count: int, steps: int = 50, guidance: float = 1.0,
                    sampler: str = "ddim", generator=None) -> torch.Tensor:
-    """Plain text-to-image sampling: inpainting with nothing known."""
+    """Plain text-to-image sampling: inpainting with nothing known. guidance != 1 is classifier-free
+    guidance against the empty prompt."""
     shape = (count, model.unet.config.in_channels, model.latent_resolution, model.latent_resolution)
     return inpaint_background(model, torch.zeros(shape), torch.ones(count, 1, *shape[2:]), prompt=prompt, steps=steps,
-                              guidance=guidance, sampler=sampler, generator=generator)
+                              guidance=guidance, negative_prompt="", sampler=sampler, generator=generator)

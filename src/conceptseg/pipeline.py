@@ -8,13 +8,16 @@
     eval/       stage 6: each segmenter applied to the test images, every row scored; metrics.json
 
 A stage whose outputs are complete and whose settings are unchanged is skipped; per-image stages
-resume image by image; trainers resume from their last checkpoint. A stage whose settings changed
-is redone (a trainer's old folder is kept beside it as `<name>.old`).
+resume image by image; trainers resume from their last checkpoint. Each stage's fingerprint (its
+settings, its input images, and the fingerprints of the stages it reads) is kept in `stages.json`;
+a stage whose fingerprint changed is redone, its old folder kept beside it as `<name>.old`, and so
+is every stage downstream of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -75,6 +78,7 @@ class RefineSection:
 class SynthSection:
     num: int = 0  # 0: no synthetic set (and no D_s + D'_s row)
     steps: int = 50
+    guidance: float = 1.0  # the paper: 1; above 1, classifier-free guidance against the empty prompt
     batch_size: int = 8
     seed: int = 0
 
@@ -173,6 +177,8 @@ class Run:
         self.timings: dict[str, float] = {}
         self.counts: dict[str, Any] = {}
         self._model = None
+        ledger = self.out / "stages.json"
+        self.fingerprints: dict[str, str] = json.loads(ledger.read_text()) if ledger.exists() else {}
 
     @property
     def model(self):
@@ -182,9 +188,21 @@ class Run:
             self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
         return self._model
 
-    def _stage(self, name: str, fn):
+    def _stage(self, name: str, fn, folder: Path, settings: dict, upstream: tuple[str, ...] = ()):
+        """Run one stage into `folder`. If its fingerprint (settings + upstream stages' fingerprints)
+        differs from the last run's, the folder is moved aside first: the stage starts over."""
+        fingerprint = _digest({"settings": settings, "upstream": [self.fingerprints[u] for u in upstream]})
         if distributed.is_main():
             print(f"\n== {name}", flush=True)
+            old = self.fingerprints.get(name)
+            if old is not None and old != fingerprint and folder.exists():
+                print(f"{name}: settings or inputs changed, redoing it (the old outputs are in {folder.name}.old)")
+                shutil.rmtree(folder.with_name(folder.name + ".old"), ignore_errors=True)
+                folder.rename(folder.with_name(folder.name + ".old"))
+            self.fingerprints[name] = fingerprint  # recorded before running: an interrupted stage resumes
+            write_json(self.out / "stages.json", self.fingerprints)
+        distributed.barrier()
+        self.fingerprints[name] = fingerprint
         t0 = time.perf_counter()
         result = fn()
         distributed.barrier()
@@ -214,19 +232,9 @@ class Run:
         return result
 
     @staticmethod
-    def _trainer(out: Path, config_file: str, settings: dict, train):
-        """A trainer: skip when finished with these settings, resume when interrupted, else start over."""
-        saved = out / config_file
-        if saved.exists():
-            old = {k: v for k, v in json.loads(saved.read_text()).items() if k in settings}
-            if old == json.loads(json.dumps(settings, default=str)):
-                if (out / "model").exists():
-                    return out / "model"
-            elif distributed.is_main():
-                shutil.rmtree(out.with_name(out.name + ".old"), ignore_errors=True)
-                out.rename(out.with_name(out.name + ".old"))
-        distributed.barrier()
-        return train()
+    def _trainer(out: Path, train):
+        """A trainer: skip when finished, else train (resuming from its last checkpoint, if any)."""
+        return out / "model" if (out / "model").exists() else train()
 
     def execute(self) -> dict:
         from conceptseg.data.readers import Sample, read_dataset
@@ -247,52 +255,60 @@ class Run:
         self.counts["images"] = {"train": len(train_files), "test": len(test_files)}
 
         prelim_cfg = PrelimConfig(cfg.concept, prompt=cfg.prompt, **asdict(cfg.prelim))
+        base = {"model": cfg.model, "dtype": cfg.dtype, "images": _file_list(all_files)}
         self._stage("prelim", lambda: self._per_image(run_prelim, model=self.model, images=all_files, out=out / "prelim",
-                                                      config=prelim_cfg, progress=self.progress))
+                                                      config=prelim_cfg, progress=self.progress),
+                    out / "prelim", {**base, **_without(asdict(prelim_cfg), "batch_size")})
         ft = cfg.finetune
         ft_cfg = FinetuneConfig(cfg.concept, images=train_files, prelim=out / "prelim", out=out / "finetune", model=cfg.model,
                                 prompt=cfg.prompt, progress=self.progress, **asdict(ft))
-        ft_settings = {k: v for k, v in asdict(ft_cfg).items() if k not in ("images", "progress")}
-        tuned_dir = self._stage("finetune", lambda: self._trainer(out / "finetune", "finetune_config.json", ft_settings,
-                                                                   lambda: finetune(ft_cfg)))
+        tuned_dir = self._stage("finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)), out / "finetune",
+                                {**_without(asdict(ft_cfg), "images", "prelim", "out", "progress"),
+                                 "images": _file_list(train_files)}, upstream=("prelim",))
         tuned = load_model(tuned_dir, device=self.model.device, dtype=self.model.dtype)
         rf = cfg.refine
         refine_cfg = RefineConfig(**asdict(rf))
         self._stage("refine", lambda: self._per_image(run_refine, model=tuned, images=all_files, prelim_dir=out / "prelim",
-                                                      out=out / "refine", config=refine_cfg, progress=self.progress))
+                                                      out=out / "refine", config=refine_cfg, progress=self.progress),
+                    out / "refine", _without(asdict(refine_cfg), "batch_size"), upstream=("prelim", "finetune"))
         if cfg.baselines and test_files:
             crop_cfg = dataclasses.replace(refine_cfg, inpainter="crop")
             self._stage("crop", lambda: self._per_image(run_refine, model=None, images=test_files, prelim_dir=out / "prelim",
                                                         out=out / "crop", config=crop_cfg, progress=self.progress,
-                                                        resolution=tuned.resolution))
+                                                        resolution=tuned.resolution),
+                        out / "crop", _without(asdict(crop_cfg), "batch_size"), upstream=("prelim",))
         if cfg.synth.num > 0:
             sy = cfg.synth
-            synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, refine_steps=rf.steps,
-                                    prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
-            self._stage("synth", lambda: self._synth(tuned, synth_cfg))
+            synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, guidance=sy.guidance,
+                                    refine=refine_cfg, prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
+            # grows by index: a larger `num` keeps the images made so far
+            self._stage("synth", lambda: self._synth(tuned, synth_cfg), out / "synth",
+                        _without(asdict(synth_cfg), "num", "batch_size"), upstream=("finetune",))
 
         # stage 5: one U-Net per training set
         def pairs(mask_dir: Path) -> list[Sample]:
             return [Sample(key=p.stem, image=p, mask=mask_dir / f"{p.stem}.png", box=None, label=None) for p in train_files]
 
-        train_sets = {"unet_real": [pairs(out / "refine" / "masks")]}
+        # name: (training data, the stages whose masks it trains on, what else decides the data)
+        train_sets = {"unet_real": ([pairs(out / "refine" / "masks")], ("refine",), {})}
         if cfg.synth.num > 0:
-            train_sets["unet_real_synth"] = [pairs(out / "refine" / "masks"), str(out / "synth")]
+            train_sets["unet_real_synth"] = ([pairs(out / "refine" / "masks"), str(out / "synth")], ("refine", "synth"),
+                                             {"synth_num": cfg.synth.num})
         if cfg.segmenter.train_on_prelim:
-            train_sets["unet_prelim"] = [pairs(out / "prelim" / "masks")]
+            train_sets["unet_prelim"] = ([pairs(out / "prelim" / "masks")], ("prelim",), {})
         if cfg.segmenter.supervised and ":" in cfg.images:
             truth = [s for s in read_dataset(cfg.images, cfg.split) if s.mask is not None]
             if truth:
-                train_sets["supervised"] = [truth]
+                train_sets["supervised"] = ([truth], (), {"masks": _file_list([s.mask for s in truth])})
         sg = cfg.segmenter
         seg_dirs = {}
-        for name, data in train_sets.items():
+        for name, (data, upstream, data_settings) in train_sets.items():
             seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr,
                                      width=sg.width, input_size=sg.input_size, checkpoint_every=sg.checkpoint_every,
                                      mixed_precision=sg.mixed_precision, seed=sg.seed, progress=self.progress)
-            settings = {k: v for k, v in asdict(seg_cfg).items() if k not in ("data", "progress")}
-            seg_dirs[name] = self._stage(f"segmenter/{name}", lambda c=seg_cfg, s=settings: self._trainer(
-                c.out, "train_config.json", s, lambda: train_segmenter(c)))
+            settings = {**_without(asdict(seg_cfg), "data", "out", "progress"), **data_settings, "images": _file_list(train_files)}
+            seg_dirs[name] = self._stage(f"segmenter/{name}", lambda c=seg_cfg: self._trainer(c.out, lambda: train_segmenter(c)),
+                                         seg_cfg.out, settings, upstream=upstream)
 
         if not test_samples:
             return {}
@@ -300,7 +316,8 @@ class Run:
         for name, folder in seg_dirs.items():
             seg = load_segmenter(folder, device=self.model.device)
             self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
-                run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress))
+                run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress),
+                out / "eval" / name, {"images": _file_list(test_files)}, upstream=(f"segmenter/{name}",))
         metrics = {}
         if distributed.is_main():  # scoring and the report are one process's job
             from conceptseg.report import run_report
@@ -315,8 +332,7 @@ class Run:
         from conceptseg.synth import run_synth, write_metadata
 
         out = self.out / "synth"
-        run_synth(model, out, config, progress=self.progress, shard=distributed.shard())
-        distributed.finish_per_image_stage(out)
+        self._per_image(run_synth, model=model, out=out, config=config, progress=self.progress)
         if distributed.is_main():
             write_metadata(out, config)
         return str(out)
@@ -344,3 +360,16 @@ def format_table(metrics: dict) -> str:
             cells.append(f"{100 * m['box_iou']:.1f}" if "box_iou" in m else "-")
         lines.append(f"| {ROW_NAMES.get(key, key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _without(settings: dict, *keys: str) -> dict:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
+def _file_list(paths) -> list[tuple[str, int]]:
+    """Input files as (name, size): moving a run's folder keeps its fingerprints, new content changes them."""
+    return [(Path(p).name, Path(p).stat().st_size if Path(p).exists() else -1) for p in paths]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -136,7 +136,7 @@ class Refiner:
                 reference = self.model.decode_latents(z0)
             for k in range(cfg.samples):
                 z = inpaint_background(self.model, z0, torch.from_numpy(m_lat), cfg.prompt, steps=cfg.steps, eta=cfg.eta,
-                                       guidance=cfg.guidance, concept_prompt=cfg.concept_prompt, sampler=cfg.sampler,
+                                       guidance=cfg.guidance, negative_prompt=cfg.concept_prompt, sampler=cfg.sampler,
                                        generator=_generators(cfg.seed, keys, k))
                 backgrounds.append(self.model.decode_latents(z))
         diffs = np.mean([np.abs(reference.astype(np.float32) - b.astype(np.float32)).mean(-1) for b in backgrounds], axis=0)

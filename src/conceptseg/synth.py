@@ -1,14 +1,14 @@
 """Stage 4: the synthetic dataset D', D'_m (METHOD.md §4).
 
 N images sampled from the fine-tuned model with the concept prompt (DDIM 50, guidance 1), then
-stage 1 and stage 3 on them, written in the imagefolder layout (images/, masks/, metadata.jsonl)
+stage 1 and stage 3 on them (stage 3 with the run's own settings, post-processing included), written in the imagefolder layout (images/, masks/, metadata.jsonl)
 that `train-seg` reads. Image i depends only on (seed, i): a run resumes, or grows, by index.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptseg.inpaint import BACKGROUND_PROMPT, sample_latents
+from conceptseg.inpaint import sample_latents
 from conceptseg.io import Manifest, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
 from conceptseg.prelim import PrelimConfig, PrelimRunner
@@ -30,11 +30,10 @@ class SynthConfig:
     num: int
     prompt: str | None = None  # y_f; default "a photo of a {concept}"
     steps: int = 50
-    guidance: float = 1.0
+    guidance: float = 1.0  # the paper: 1 (no classifier-free guidance)
     sampler: str = "ddim"
     prelim_steps: int = 40  # T0 of stage 1 on the synthetic images
-    refine_steps: int = 50
-    background_prompt: str = BACKGROUND_PROMPT
+    refine: RefineConfig = field(default_factory=RefineConfig)  # stage 3 on the synthetic images
     batch_size: int = 4
     seed: int = 0
 
@@ -50,18 +49,21 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, 4, index]).integers(2**62)))
 
 
-def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> Path:
+def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: bool = True, shard: tuple[int, int] = (0, 1),
+              overwrite: bool = False) -> Path:
+    """Images 0..num-1 of D' (this process's share of them) into `out`; rows already there are kept
+    unless `overwrite`."""
     out = Path(out)
     settings = {**asdict(config), "model": model.source}
     settings.pop("batch_size")
     settings.pop("num")  # growing N keeps the first images
-    manifest = Manifest.open(out, "synth", settings, shard=shard)
+    manifest = Manifest.open(out, "synth", settings, overwrite=overwrite, shard=shard)
     prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
                                               batch_size=max(config.prelim_steps, 8), seed=config.seed))
-    refiner = Refiner(model, RefineConfig(prompt=config.background_prompt, steps=config.refine_steps, seed=config.seed))
+    refiner = Refiner(model, config.refine)
 
     indices = list(range(config.num))[shard[0] :: shard[1]]
-    todo = [i for i in indices if not (out / "masks" / f"{i:06d}.png").exists()]
+    todo = [i for i in indices if overwrite or not (out / "masks" / f"{i:06d}.png").exists()]
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc="synth", unit="img", disable=not progress)
     for start in range(0, len(todo), config.batch_size):
         chunk = todo[start : start + config.batch_size]
