@@ -87,3 +87,28 @@ def test_evaluate_pools_pixels_and_scores_boxes(tmp_path):
     assert s["iou"] == pytest.approx(24 / 32)  # pooled: (8 + 16) / (16 + 16), not the mean of 0.5 and 1.0
     assert s["acc"] == pytest.approx((200 - 8) / 200)
     assert report["per_image"]["a"]["iou"] == pytest.approx(0.5)
+
+
+def test_lr_schedule_constant_is_the_paper_and_cosine_decays(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from conceptseg.segmenter.train import LR_SCHEDULES, TrainSegConfig, train_segmenter
+
+    assert LR_SCHEDULES["constant"](7, 10) == 1.0
+    assert LR_SCHEDULES["cosine"](0, 10) == 1.0 and LR_SCHEDULES["cosine"](5, 10) == pytest.approx(0.5)
+    assert LR_SCHEDULES["cosine"](9, 10) < 0.03
+    data = trained[0]
+
+    def weights(schedule: str, steps: int) -> dict:
+        cfg = TrainSegConfig(data=[str(data)], out=tmp_path / f"{schedule}{steps}", steps=steps, batch_size=4, width=4,
+                             input_size=32, lr_schedule=schedule, progress=False)
+        return load_file(train_segmenter(cfg) / "model.safetensors")
+
+    # the first step runs at the base rate under both; later steps do not
+    one_constant, one_cosine = weights("constant", 1), weights("cosine", 1)
+    for name, tensor in one_constant.items():
+        torch.testing.assert_close(tensor, one_cosine[name])
+    constant, cosine = weights("constant", 3), weights("cosine", 3)
+    assert any(not torch.allclose(constant[k], cosine[k]) for k in constant)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainSegConfig(data=[], out=tmp_path, lr_schedule="step")

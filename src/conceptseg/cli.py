@@ -157,7 +157,7 @@ def _cmd_train_seg(args) -> None:
     from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
 
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
+                         lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
                          mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, seed=args.seed)
     print(f"segmenter: {train_segmenter(cfg)}")
 
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=12000)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant (the paper gives no schedule) or cosine decay to 0")
     s.add_argument("--width", type=int, default=64, help="first-level channels (64: the paper's 64..1024)")
     s.add_argument("--input-size", type=int, default=128)
     s.add_argument("--val-fraction", type=float, default=0.05)

@@ -88,6 +88,7 @@ class SegmenterSection:
     steps: int = 12000
     batch_size: int = 32
     lr: float = 2e-3
+    lr_schedule: str = "constant"  # the paper gives none; "cosine" decays to 0 (segmenter/train.py)
     width: int = 64
     input_size: int = 128
     checkpoint_every: int = 1000
@@ -303,7 +304,7 @@ class Run:
         sg = cfg.segmenter
         seg_dirs = {}
         for name, (data, upstream, data_settings) in train_sets.items():
-            seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr,
+            seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr, lr_schedule=sg.lr_schedule,
                                      width=sg.width, input_size=sg.input_size, checkpoint_every=sg.checkpoint_every,
                                      mixed_precision=sg.mixed_precision, seed=sg.seed, progress=self.progress)
             settings = {**_without(asdict(seg_cfg), "data", "out", "progress"), **data_settings, "images": _file_list(train_files)}
