@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
     s.add_argument("--model", default=None, help="default: the embedded toy-world model")
     s.add_argument("--device", default=None)
-    s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 160, --full 2000)")
+    s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
     s.set_defaults(func=_cmd_demo)
 
