@@ -23,8 +23,8 @@ def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Te
     guidance == 1 uses `prompt` alone (the paper's default). Otherwise, with `negative_prompt`,
     eps = eps_negative + guidance * (eps_prompt - eps_negative): classifier-free guidance towards
     `prompt` and away from `negative_prompt` (the empty prompt for plain sampling, the concept
-    prompt for background inpainting). A list of generators, one per image, makes each image's noise independent
-    of how images are batched. `trace`, if given, receives (t, latents after blending) at every step.
+    prompt for background inpainting). A list of generators, one per image, makes each image's
+    noise independent of how images are batched. `trace`, if given, receives (t, latents after blending) at every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")

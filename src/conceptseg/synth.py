@@ -1,8 +1,8 @@
 """Stage 4: the synthetic dataset D', D'_m (METHOD.md §4).
 
 N images sampled from the fine-tuned model with the concept prompt (DDIM 50, guidance 1), then
-stage 1 and stage 3 on them (stage 3 with the run's own settings, post-processing included), written in the imagefolder layout (images/, masks/, metadata.jsonl)
-that `train-seg` reads. Image i depends only on (seed, i): a run resumes, or grows, by index.
+stage 1 and stage 3 on them (stage 3 with the run's own settings, post-processing included),
+written in the imagefolder layout (images/, masks/, metadata.jsonl) that `train-seg` reads. Image i depends only on (seed, i): a run resumes, or grows, by index.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
     settings = {**asdict(config), "model": model.source}
     settings.pop("batch_size")
     settings.pop("num")  # growing N keeps the first images
+    settings["refine"].pop("batch_size")
     manifest = Manifest.open(out, "synth", settings, overwrite=overwrite, shard=shard)
     prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
                                               batch_size=max(config.prelim_steps, 8), seed=config.seed))

@@ -3,7 +3,8 @@
 Published recipe: image and mask resized jointly (short side to 128), random 128 crop, random
 flip; BCE on one logit per pixel; Adam lr 2e-3; batch 32; about 12k steps. The paper gives no
 learning-rate schedule: `lr_schedule="constant"` reads it literally; "cosine" decays the rate to 0
-over the run, so the weights it ends on are not one noisy step of a large constant rate. A small share of the
+over the run, so the weights it ends on are not one noisy step of a large constant rate (in short
+runs a constant rate sometimes ends on a collapsed model: docs/demo.md). A small share of the
 rows is held out for validation (pooled IoU at each checkpoint). accelerate for several
 processes/GPUs and mixed precision; checkpoints resume with the same data order.
 """
@@ -52,7 +53,8 @@ class TrainSegConfig:
             raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, not {self.lr_schedule!r}")
 
 
-# learning rate at `step` of `steps`, as a fraction of the base rate; a function of the step alone, so resuming needs no state
+# the learning rate at `step` of `steps`, as a fraction of the base rate: a function of the step
+# alone, so resuming needs no scheduler state
 LR_SCHEDULES = {
     "constant": lambda step, steps: 1.0,
     "cosine": lambda step, steps: 0.5 * (1 + math.cos(math.pi * step / steps)),
