@@ -193,17 +193,16 @@ class Run:
         """Run one stage into `folder`. If its fingerprint (settings + upstream stages' fingerprints)
         differs from the last run's, the folder is moved aside first: the stage starts over."""
         fingerprint = _digest({"settings": settings, "upstream": [self.fingerprints[u] for u in upstream]})
+        old = self.fingerprints.get(name)
+        self.fingerprints[name] = fingerprint
         if distributed.is_main():
             print(f"\n== {name}", flush=True)
-            old = self.fingerprints.get(name)
             if old is not None and old != fingerprint and folder.exists():
                 print(f"{name}: settings or inputs changed, redoing it (the old outputs are in {folder.name}.old)")
                 shutil.rmtree(folder.with_name(folder.name + ".old"), ignore_errors=True)
                 folder.rename(folder.with_name(folder.name + ".old"))
-            self.fingerprints[name] = fingerprint  # recorded before running: an interrupted stage resumes
-            write_json(self.out / "stages.json", self.fingerprints)
+            write_json(self.out / "stages.json", self.fingerprints)  # before running: an interrupted stage resumes
         distributed.barrier()
-        self.fingerprints[name] = fingerprint
         t0 = time.perf_counter()
         result = fn()
         distributed.barrier()
@@ -256,6 +255,7 @@ class Run:
         self.counts["images"] = {"train": len(train_files), "test": len(test_files)}
 
         prelim_cfg = PrelimConfig(cfg.concept, prompt=cfg.prompt, **asdict(cfg.prelim))
+        train_list, test_list = _file_list(train_files), _file_list(test_files)  # (name, size): inputs to fingerprints
         base = {"model": cfg.model, "dtype": cfg.dtype, "images": _file_list(all_files)}
         self._stage("prelim", lambda: self._per_image(run_prelim, model=self.model, images=all_files, out=out / "prelim",
                                                       config=prelim_cfg, progress=self.progress),
@@ -265,7 +265,7 @@ class Run:
                                 prompt=cfg.prompt, progress=self.progress, **asdict(ft))
         tuned_dir = self._stage("finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)), out / "finetune",
                                 {**_without(asdict(ft_cfg), "images", "prelim", "out", "progress"),
-                                 "images": _file_list(train_files)}, upstream=("prelim",))
+                                 "images": train_list}, upstream=("prelim",))
         tuned = load_model(tuned_dir, device=self.model.device, dtype=self.model.dtype)
         rf = cfg.refine
         refine_cfg = RefineConfig(**asdict(rf))
@@ -307,7 +307,7 @@ class Run:
             seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr, lr_schedule=sg.lr_schedule,
                                      width=sg.width, input_size=sg.input_size, checkpoint_every=sg.checkpoint_every,
                                      mixed_precision=sg.mixed_precision, seed=sg.seed, progress=self.progress)
-            settings = {**_without(asdict(seg_cfg), "data", "out", "progress"), **data_settings, "images": _file_list(train_files)}
+            settings = {**_without(asdict(seg_cfg), "data", "out", "progress"), **data_settings, "images": train_list}
             seg_dirs[name] = self._stage(f"segmenter/{name}", lambda c=seg_cfg: self._trainer(c.out, lambda: train_segmenter(c)),
                                          seg_cfg.out, settings, upstream=upstream)
 
@@ -318,7 +318,7 @@ class Run:
             seg = load_segmenter(folder, device=self.model.device)
             self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
                 run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress),
-                out / "eval" / name, {"images": _file_list(test_files)}, upstream=(f"segmenter/{name}",))
+                out / "eval" / name, {"images": test_list}, upstream=(f"segmenter/{name}",))
         metrics = {}
         if distributed.is_main():  # scoring and the report are one process's job
             from conceptseg.report import run_report
