@@ -118,7 +118,7 @@ def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_
         assert a == (tmp_path / "two" / "masks" / f"im{i}.png").read_bytes()
         assert (tmp_path / "one" / "attention" / f"im{i}.npy").read_bytes() == (tmp_path / "two" / "attention" / f"im{i}.npy").read_bytes()
     merged = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    assert len(merged["images"]) == 6 and merged["images"]["broken.png"]["status"] == "failed"
+    assert len(merged["images"]) == 6 and merged["images"]["broken"]["status"] == "failed"
     assert not list((tmp_path / "two").glob("manifest.shard-*"))
 
 

@@ -190,13 +190,14 @@ def test_run_prelim_skips_and_reports_corrupt_images(tiny_model, make_image, tmp
     assert "garbage.png" in printed and "truncated.jpg" in printed
     manifest = json.loads((out / "manifest.json").read_text())
     entries = manifest["images"]
-    assert set(entries) == {"good.png", "zgood.jpg", "garbage.png", "truncated.jpg"}
+    assert set(entries) == {"good", "zgood", "garbage", "truncated"}  # the samples' keys
     for bad in ("garbage.png", "truncated.jpg"):
-        assert entries[bad]["status"] == "failed" and bad in entries[bad]["error"]
-        assert not (out / "masks" / f"{bad.split('.')[0]}.png").exists()
+        stem = bad.split(".")[0]
+        assert entries[stem]["status"] == "failed" and bad in entries[stem]["error"]
+        assert not (out / "masks" / f"{stem}.png").exists()
     for name, size in (("good.png", (30, 20)), ("zgood.jpg", (20, 26))):
         stem = name.split(".")[0]
-        assert entries[name]["status"] == "done"
+        assert entries[stem]["status"] == "done"
         assert Image.open(out / "masks" / f"{stem}.png").size == size
         assert (out / "attention" / f"{stem}.npy").exists()
     assert manifest["counts"] == {"done": 2, "failed": 2}
@@ -257,7 +258,7 @@ def test_cli_prelim_end_to_end_and_resume(tiny_model_dir, image_folder, tmp_path
     assert settings["steps"] == 3 and settings["seed"] == 0 and settings["orphan_filter"] is True
     assert settings["model"] == str(tiny_model_dir.resolve()) and settings["dtype"] == "float32"
     assert "batch_size" not in settings
-    assert {k: v["status"] for k, v in manifest["images"].items()} == dict.fromkeys(NAMES, "done")
+    assert {k: v["status"] for k, v in manifest["images"].items()} == dict.fromkeys((n.split(".")[0] for n in NAMES), "done")
     assert manifest["counts"] == {"done": 6}
     assert "torch" in manifest["versions"]
 
@@ -323,9 +324,9 @@ def test_cli_prelim_reports_corrupt_images(tiny_model_dir, make_image, tmp_path,
     assert "1 done, 0 already done, 2 failed" in captured.out
     assert "garbage.png" in captured.out + captured.err
     entries = json.loads((out / "manifest.json").read_text())["images"]
-    assert entries["fine.png"]["status"] == "done"
-    assert entries["garbage.png"]["status"] == "failed" and "garbage.png" in entries["garbage.png"]["error"]
-    assert entries["truncated.jpg"]["status"] == "failed" and "truncated.jpg" in entries["truncated.jpg"]["error"]
+    assert entries["fine"]["status"] == "done"
+    assert entries["garbage"]["status"] == "failed" and "garbage.png" in entries["garbage"]["error"]
+    assert entries["truncated"]["status"] == "failed" and "truncated.jpg" in entries["truncated"]["error"]
     assert [p.name for p in _outputs(out)] == ["fine.npy", "fine.png"]
 
 

@@ -336,7 +336,7 @@ def test_folder_with_masks(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         read_dataset(f"folder:{tmp_path / 'nowhere'}")
-    with pytest.raises(FileNotFoundError, match="no images"):
+    with pytest.raises(FileNotFoundError, match="no image files"):
         read_dataset(f"folder:{tmp_path}")
     write_image(tmp_path / "imgs" / "a.png", 5, 3)
     write_image(tmp_path / "imgs" / "c.png", 5, 3)
@@ -346,7 +346,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="elsewhere"):
         read_dataset(f"folder:{tmp_path / 'imgs'},masks={tmp_path / 'elsewhere'}")
     write_image(tmp_path / "imgs" / "a.jpg", 5, 3)
-    with pytest.raises(ValueError, match="share the stem"):
+    with pytest.raises(ValueError, match="would both be named"):
         read_dataset(f"folder:{tmp_path / 'imgs'}")
 
 

@@ -123,7 +123,7 @@ def test_refine_cli_runs_resumes_and_reports_bad_images(tiny_model_dir, tmp_path
         assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
         assert Image.open(out / "background" / f"{stem}.png").size == size
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["images"]["bad.png"]["status"] == "failed" and "bad.png" in manifest["images"]["bad.png"]["error"]
+    assert manifest["images"]["bad"]["status"] == "failed" and "bad.png" in manifest["images"]["bad"]["error"]
     before = (out / "masks" / "a.png").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "masks" / "a.png").stat().st_mtime_ns == before

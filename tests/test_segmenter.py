@@ -37,10 +37,13 @@ def test_train_seg_checkpoints_validates_and_resumes(trained):
     data, out, args = trained
     state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
     assert [v["step"] for v in state["validation"]] == [2, 4]
-    before = (out / "checkpoints" / "step-000002" / "state.json").stat().st_mtime_ns
-    assert main(args[:6] + ["6"] + args[7:]) == 0  # --steps 6
+    before = (out / "checkpoints" / "step-000004" / "state.json").stat().st_mtime_ns
+    assert main(args[:6] + ["6"] + args[7:]) == 0  # --steps 6: resumes at step 4
     assert json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text())["step"] == 6
-    assert (out / "checkpoints" / "step-000002" / "state.json").stat().st_mtime_ns == before
+    assert (out / "checkpoints" / "step-000004" / "state.json").stat().st_mtime_ns == before
+    # checkpoints_total_limit (default 2): the oldest is pruned; the model is exported once, outside them
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    assert not any((c / "model").exists() for c in (out / "checkpoints").iterdir())
 
 
 def test_segment_keeps_sizes_writes_cutouts_and_skips_bad_files(trained, tmp_path, make_image):
@@ -57,7 +60,7 @@ def test_segment_keeps_sizes_writes_cutouts_and_skips_bad_files(trained, tmp_pat
     mask = np.asarray(Image.open(dest / "masks" / "grey.png")) > 127
     np.testing.assert_array_equal(np.asarray(cut)[..., 3] > 0, mask)
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert manifest["images"]["broken.jpg"]["status"] == "failed"
+    assert manifest["images"]["broken"]["status"] == "failed"
 
 
 def test_onnx_matches_torch(trained, tmp_path):
@@ -81,9 +84,9 @@ def test_evaluate_pools_pixels_and_scores_boxes(tmp_path):
         Image.fromarray(truth).save(masks / f"{name}.png")
     Image.fromarray(pred).save(preds / "a.png")
     Image.fromarray(truth).save(preds / "b.png")
-    report = evaluate_predictions(preds, f"folder:{images},masks={masks}", "all")
+    report = evaluate_predictions(preds, f"folder:{images},masks={masks}", "all", protocol="full")
     s = report["summary"]
-    assert s["evaluated"] == 2
+    assert s["evaluated"] == 2 and s["missing"] == 0 and "whole image" in s["protocol"]
     assert s["iou"] == pytest.approx(24 / 32)  # pooled: (8 + 16) / (16 + 16), not the mean of 0.5 and 1.0
     assert s["acc"] == pytest.approx((200 - 8) / 200)
     assert report["per_image"]["a"]["iou"] == pytest.approx(0.5)

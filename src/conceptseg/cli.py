@@ -116,7 +116,8 @@ def _cmd_finetune(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
         mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
-        checkpoint_every=args.checkpoint_every, report_to=args.report_to, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
+        nonfinite_loss=args.nonfinite_loss, report_to=args.report_to, seed=args.seed,
     )
     print(f"fine-tuned model: {finetune(cfg)}")
 
@@ -128,9 +129,10 @@ def _cmd_refine(args) -> None:
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
                        difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)  # crop needs only its resolution
-    summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
-                         overwrite=args.overwrite, resolution=model.resolution, split=args.split, shard=distributed.shard())
+    # the crop inpainter needs no model: it works on stage 1's canvas, read from its manifest
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype) if args.inpainter == "model" else None
+    summary = run_refine(model, args.images, args.prelim, args.out, cfg, overwrite=args.overwrite, split=args.split,
+                         shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     print(f"refine: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
@@ -156,7 +158,8 @@ def _cmd_train_seg(args) -> None:
 
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
-                         mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                         mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
+                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed)
     print(f"segmenter: {train_segmenter(cfg)}")
 
 
@@ -180,17 +183,22 @@ def _cmd_export_onnx(args) -> None:
 def _cmd_evaluate(args) -> None:
     from conceptseg.evaluate import format_summary, run_evaluate
 
-    report = run_evaluate(args.pred, args.dataset, args.split, args.out)
+    report = run_evaluate(args.pred, args.dataset, args.split, args.out, args.protocol, args.size)
     s = report["summary"]
-    print(f"{args.dataset} ({args.split}), pooled over all pixels (%); box IoU averaged over images:\n{format_summary(s)}")
+    print(f"{args.dataset} ({args.split}), pooled over all pixels (%); box IoU averaged over images; {s['protocol']}:\n"
+          f"{format_summary(s)}")
     if s["missing"]:
-        print(f"{s['missing']} images had no prediction (listed in the JSON)")
+        print(f"{s['missing']} images had no prediction and were scored as empty masks (listed in the JSON)")
 
 
 def _cmd_fid(args) -> None:
     from conceptseg.fid import fid
 
     print(f"FID {fid(args.real, args.fake, args.inception_weights, device=args.device or 'cpu'):.2f}")
+
+
+def _limit(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--concept", nargs="+", required=True, help="concept word(s); several words' maps are summed")
     s.add_argument("--prompt", help='default: "a photo of a {first concept word}"')
-    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -239,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
     s.add_argument("--concept", nargs="+", required=True)
     s.add_argument("--prompt", help='concept prompt y_f; default "a photo of a {first concept word}"')
-    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
     s.add_argument("--out", type=Path, required=True)
@@ -255,13 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
                    help="precompute this many augmented views per image and encode them once (0: encode every step)")
     s.add_argument("--checkpoint-every", type=int, default=250)
+    s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
+    s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
+                   help="a NaN/inf loss stops training with an error naming the step (stop) or skips that batch (skip)")
     s.add_argument("--report-to", help="accelerate tracker for the loss (tensorboard, wandb, ...); always: OUT/train_log.jsonl")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("refine", help="stage 3: refined masks from |image - inpainted background|")
     _add_model_args(s)
-    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
     s.add_argument("--out", type=Path, required=True)
@@ -309,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.05)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     s.add_argument("--checkpoint-every", type=int, default=1000)
+    s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
+    s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_train_seg)
 
     s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, optional cut-outs")
     s.add_argument("--segmenter", type=Path, required=True, help="folder made by train-seg (OUT/model)")
-    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs with a transparent background")
@@ -334,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, help="SPEC: cub:ROOT, dogs:ROOT, cars:ROOT, h36m:ROOT, folder:IMAGES,masks=MASKS, imagefolder:ROOT")
     s.add_argument("--split", default="test", choices=["train", "test", "all"])
     s.add_argument("--out", type=Path, help="JSON report (default: PRED/evaluation.json)")
+    s.add_argument("--protocol", choices=["paper", "full"], default="paper",
+                   help="paper: short side resized to --size, centre crop (METHOD.md §5); full: whole image at original size")
+    s.add_argument("--size", type=int, default=128, help="the paper protocol's size (128)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("fid", help="FID of generated images against real ones (standard InceptionV3 features)")

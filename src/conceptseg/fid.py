@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 
-from conceptseg.io import list_images
+from conceptseg.data.readers import list_samples
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -61,6 +61,6 @@ def inception_features(images: list[Path], weights: Path | None, batch_size: int
 
 
 def fid(real, fake, weights: Path | None, device: str = "cpu") -> float:
-    real_stats = statistics(inception_features(list_images(real), weights, device=device))
-    fake_stats = statistics(inception_features(list_images(fake), weights, device=device))
+    real_stats = statistics(inception_features([s.image for s in list_samples(real)], weights, device=device))
+    fake_stats = statistics(inception_features([s.image for s in list_samples(fake)], weights, device=device))
     return frechet_distance(*real_stats, *fake_stats)

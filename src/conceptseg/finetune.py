@@ -17,16 +17,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
-from conceptseg.io import list_images, save_png, write_json
+from conceptseg.data.readers import list_samples
+from conceptseg.io import save_png, write_json
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
-from conceptseg.training import TrainLog, last_checkpoint, publish, resume, save_checkpoint, step_rng
+from conceptseg.settings import execution_setting
+from conceptseg.training import (NONFINITE_LOSS, Precision, TrainLog, check_finite, diffusion_target, resume, save_checkpoint, step_rng,
+                                 trainer_accelerator, write_folder)
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -97,8 +99,9 @@ def training_targets(foreground: torch.Tensor, rng: np.random.Generator, backgro
     return background, loss_mask
 
 
-def masked_epsilon_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean over (c, h, w) of ((pred - target) * mask)^2, divided by ALL positions."""
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean over (c, h, w) of ((pred - target) * mask)^2, divided by ALL positions. The
+    target is the model's own (`training.diffusion_target`): epsilon for SD 1.x, v for SD 2.x 768."""
     return (((pred.float() - target.float()) * mask) ** 2).mean(dim=(1, 2, 3))
 
 
@@ -133,26 +136,26 @@ class TrainingPair:
 
 
 def collect_pairs(images, prelim_dir: Path, split: str = "all") -> tuple[list[TrainingPair], list[str]]:
-    """Images with a usable stage-1 mask; the problems of the rest, each naming the file."""
+    """Images with a usable stage-1 mask (found by the sample's key); the problems of the rest, each naming the file."""
     pairs, problems = [], []
-    for p in list_images(images, split):
-        mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
+    for s in list_samples(images, split):
+        mask_path = Path(prelim_dir) / "masks" / f"{s.key}.png"
         if not mask_path.exists():
-            problems.append(f"{p.name}: no preliminary mask ({mask_path} missing; run `conceptseg prelim` first)")
+            problems.append(f"{s.image}: no preliminary mask ({mask_path} missing; run `conceptseg prelim` first)")
             continue
         try:
-            size = image_size(p)  # upright, as stage 1 wrote its mask
+            size = image_size(s.image)  # upright, as stage 1 wrote its mask
             mask = load_mask_file(mask_path)
         except (OSError, SyntaxError, ValueError) as e:
-            problems.append(f"{p.name}: unreadable image or mask ({e})")
+            problems.append(f"{s.image}: unreadable image or mask ({e})")
             continue
         msize = (mask.shape[1], mask.shape[0])
         if msize != size:
-            problems.append(f"{p.name}: mask {mask_path.name} is {msize[0]}x{msize[1]}, image is {size[0]}x{size[1]}")
+            problems.append(f"{s.image}: mask {mask_path.name} is {msize[0]}x{msize[1]}, image is {size[0]}x{size[1]}")
         elif mask.all():
-            problems.append(f"{p.name}: the preliminary mask is all foreground (no background to learn from)")
+            problems.append(f"{s.image}: the preliminary mask is all foreground (no background to learn from)")
         else:
-            pairs.append(TrainingPair(p, mask_path))
+            pairs.append(TrainingPair(s.image, mask_path))
     return pairs, problems
 
 
@@ -177,18 +180,26 @@ class FinetuneConfig:
     lora_rank: int = 8
     mixed_precision: str = "no"
     gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = execution_setting(False)
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
-    latent_cache: int = 0  # >0: precompute this many augmented views per image, encode once
-    checkpoint_every: int = 250
-    report_to: str | None = None  # an accelerate tracker: "tensorboard", "wandb", ...
+    # >0: precompute this many augmented views per image, encode once: a speed setting, so a run
+    # may turn it on or off and resume (the views are the same augmentations of the same images)
+    latent_cache: int = execution_setting(0)
+    checkpoint_every: int = execution_setting(250)
+    checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
+    nonfinite_loss: str = "stop"  # "stop": a NaN/inf loss ends training with a named error; "skip": that batch is skipped
+    report_to: str | None = execution_setting(None)  # an accelerate tracker: "tensorboard", "wandb", ...
     seed: int = 0
-    progress: bool = True
+    progress: bool = execution_setting(True)
 
     def __post_init__(self):
         self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
         if self.method not in ("full", "lora"):
             raise ValueError(f"method must be 'full' or 'lora', not {self.method!r}")
+        if self.steps < 1:
+            raise ValueError(f"fine-tuning needs at least 1 step, got steps={self.steps}")
+        if self.nonfinite_loss not in NONFINITE_LOSS:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS}, not {self.nonfinite_loss!r}")
 
     @property
     def concept_prompt(self) -> str:
@@ -239,9 +250,12 @@ class _Batches:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference)."""
+    with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
+        return _finetune(cfg, accelerator)
+
+
+def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              log_with=cfg.report_to, project_dir=str(out))
     pairs, problems = collect_pairs(cfg.images, cfg.prelim, cfg.split)
     for msg in problems:
         accelerator.print(f"skipped {msg}")
@@ -262,6 +276,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg, accelerator.device)
     ema = EMAModel(params, decay=cfg.ema_decay)
+    precision = Precision(cfg.mixed_precision, accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {**asdict(cfg), "base_model": model.source, "pairs": len(pairs), "skipped": problems})
@@ -269,18 +284,21 @@ def finetune(cfg: FinetuneConfig) -> Path:
     cond = model.encode_prompts([cfg.concept_prompt, cfg.background_prompt])
     unet_p, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
-    start, _ = resume(accelerator, out, ema)
+    start, state = resume(accelerator, out, ema)
+    precision.load_state(state)
 
-    def export(dest: Path) -> None:
+    def with_ema_weights(fn) -> None:
         ema.store(params)
         ema.copy_to(params)
         try:
-            save_finetuned(accelerator.unwrap_model(unet_p), model, cfg, dest)
-            preview = inpainting_preview(model, batches, cfg.background_prompt)
-            save_png(dest.parent / "preview.png", preview)
-            log.image("inpainting preview", preview, int(dest.parent.name.split("-")[1]))
+            fn()
         finally:
             ema.restore(params)
+
+    def preview(step: int) -> None:
+        picture = inpainting_preview(model, batches, cfg.background_prompt)
+        save_png(out / "preview.png", picture)
+        log.image("inpainting preview", picture, step)
 
     batches = _Batches(pairs, model, cfg, accelerator.process_index)
     scheduler = model.scheduler
@@ -296,11 +314,15 @@ def finetune(cfg: FinetuneConfig) -> Path:
         latents, noise, t, loss_mask = (x.to(accelerator.device) for x in (latents, noise, t, loss_mask))
         text = cond[torch.from_numpy(background.astype(np.int64)).to(accelerator.device)]
         with accelerator.accumulate(unet_p):
-            with accelerator.autocast():
+            with precision.autocast():
                 pred = unet_p(scheduler.add_noise(latents, noise, t), t, text).sample
-            loss = masked_epsilon_loss(pred, noise, loss_mask).mean()
-            accelerator.backward(loss)
-            optimizer.step()
+            loss = masked_loss(pred, diffusion_target(scheduler, latents, noise, t), loss_mask).mean()
+            if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
+                optimizer.zero_grad()
+                continue
+            precision.backward(accelerator, loss)
+            if accelerator.sync_gradients:
+                precision.step(optimizer)
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             ema.step(params)
@@ -308,11 +330,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
         log.step(step + 1, loss=loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             log.flush()
-            save_checkpoint(accelerator, out, step + 1, export, ema)
+            save_checkpoint(accelerator, out, step + 1, ema, precision.state(), cfg.checkpoints_total_limit)
+            if accelerator.is_main_process:
+                with_ema_weights(lambda: preview(step + 1))
     log.end()
     final = out / "model"
-    if accelerator.is_main_process:
-        publish(last_checkpoint(out) / "model", final)
+    if accelerator.is_main_process:  # the EMA weights, exported once
+        with_ema_weights(lambda: write_folder(final, lambda tmp: save_finetuned(accelerator.unwrap_model(unet_p), model, cfg, tmp)))
     accelerator.wait_for_everyone()
     return final
 

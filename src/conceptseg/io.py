@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, is_dataclass
@@ -14,9 +15,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -34,6 +32,10 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -63,28 +65,6 @@ def _jsonable(obj):
     if isinstance(obj, (np.integer, np.floating)):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def list_images(source: str | Path | Sequence[Path], split: str = "all") -> list[Path]:
-    """The images a stage works on: the image files directly in a folder (by extension, sorted), a
-    dataset spec's images ("cub:/data/CUB_200_2011" with `split`), or a list of paths. Stems must be
-    unique: they name the outputs."""
-    if isinstance(source, (list, tuple)):
-        files = [Path(p) for p in source]
-    elif Path(source).is_dir():
-        files = sorted(p for p in Path(source).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    elif ":" in str(source) and not Path(source).exists():
-        from conceptseg.data.readers import read_dataset
-
-        files = [s.image for s in read_dataset(str(source), split)]
-    else:
-        raise FileNotFoundError(f"image folder {source} does not exist or is not a folder (nor a dataset spec like cub:/path)")
-    by_stem: dict[str, Path] = {}
-    for p in files:
-        if p.stem in by_stem:
-            raise ValueError(f"two images share the name {p.stem!r} ({by_stem[p.stem].name}, {p.name}); outputs are named by stem")
-        by_stem[p.stem] = p
-    return files
 
 
 def library_versions() -> dict[str, str]:
@@ -132,14 +112,27 @@ class Manifest:
         return None
 
     @classmethod
-    def open(cls, out: Path, stage: str, settings: dict, overwrite: bool = False, shard: tuple[int, int] = (0, 1)) -> "Manifest":
-        """The stage's manifest; refuses a folder holding outputs made with other settings."""
+    def open(cls, out: Path, stage: str, settings: dict, overwrite: bool = False, shard: tuple[int, int] = (0, 1),
+             outputs: Sequence[str] = ()) -> "Manifest":
+        """The stage's manifest; refuses a folder holding outputs made with other settings, unless
+        `overwrite`: then those outputs (the `outputs` subfolders) are removed first, so a redo that
+        is interrupted never leaves old files to be taken as done."""
         previous = cls.previous_settings(out)
-        if previous is not None and previous != settings and not overwrite:
-            changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
-            raise SettingsChanged(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
-                                  "pass --overwrite to redo them or choose another --out")
-        return cls(out, stage, settings, shard)
+        if previous is not None and previous != settings:
+            if not overwrite:
+                changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+                raise SettingsChanged(f"{out} holds {stage} outputs made with other settings ({', '.join(changed)}); "
+                                      "pass --overwrite to redo them or choose another --out")
+            if shard[0] == 0:
+                for name in outputs:
+                    shutil.rmtree(Path(out) / name, ignore_errors=True)
+                for path in [Path(out) / "manifest.json", *Path(out).glob("manifest.shard-*.json")]:
+                    path.unlink(missing_ok=True)
+        manifest = cls(out, stage, settings, shard)
+        if previous is not None and previous != settings:
+            manifest.data["images"] = {}
+        manifest.flush()  # the new settings are on disk before the first output is
+        return manifest
 
     def record(self, name: str, status: str, **info) -> None:
         self.data["images"][name] = {"status": status, **info}
@@ -174,33 +167,34 @@ def _count(images: dict) -> dict[str, int]:
     return counts
 
 
-def process_images(files: Sequence[Path], manifest: Manifest, batch_size: int, is_done: Callable[[Path], bool],
-                   load: Callable[[Path], Any], process: Callable[[list[Path], list[Any]], None],
+def process_images(samples: Sequence, manifest: Manifest, batch_size: int, is_done: Callable[[Any], bool],
+                   load: Callable[[Any], Any], process: Callable[[list, list[Any]], None],
                    overwrite: bool = False, progress: bool = True) -> dict:
-    """The loop of every per-image stage: skip images whose outputs exist, load the rest in batches,
-    report and record an unreadable one (`load` raises ImageReadError) and go on, hand each batch
-    to `process` (which writes the outputs and records them), and keep a progress bar."""
+    """The loop of every per-image stage over `Sample`s (their `key` names every output): skip
+    samples whose outputs exist, load the rest in batches, report and record an unreadable one
+    (`load` raises ImageReadError) and go on, hand each batch to `process` (which writes the
+    outputs and records them), and keep a progress bar."""
     from tqdm.auto import tqdm
 
     from conceptseg.geometry import ImageReadError
 
-    todo = [p for p in files if overwrite or not is_done(p)]
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc=manifest.data["stage"], unit="img", disable=not progress)
+    todo = [s for s in samples if overwrite or not is_done(s)]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=manifest.data["stage"], unit="img", disable=not progress)
     failed = 0
     for start in range(0, len(todo), batch_size):
-        names, loaded = [], []
-        for p in todo[start : start + batch_size]:
+        batch, loaded = [], []
+        for s in todo[start : start + batch_size]:
             try:
-                loaded.append(load(p))
-                names.append(p)
+                loaded.append(load(s))
+                batch.append(s)
             except ImageReadError as e:
                 failed += 1
                 tqdm.write(f"skipped {e}")
-                manifest.record(p.name, "failed", error=str(e))
+                manifest.record(s.key, "failed", error=str(e))
                 bar.update(1)
-        if names:
-            process(names, loaded)
-            bar.update(len(names))
+        if batch:
+            process(batch, loaded)
+            bar.update(len(batch))
     bar.close()
     manifest.flush()
-    return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+    return {"images": len(samples), "processed": len(todo) - failed, "skipped_done": len(samples) - len(todo), "failed": failed}

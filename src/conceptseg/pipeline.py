@@ -29,7 +29,14 @@ from typing import Any
 import yaml
 
 from conceptseg import distributed
-from conceptseg.io import SettingsChanged, library_versions, list_images, write_json
+from conceptseg.data.readers import Sample, list_samples
+from conceptseg.finetune import FinetuneConfig
+from conceptseg.io import SettingsChanged, library_versions, write_json
+from conceptseg.prelim import PrelimConfig
+from conceptseg.refine import RefineConfig
+from conceptseg.segmenter.train import TrainSegConfig
+from conceptseg.settings import output_settings
+from conceptseg.synth import SynthConfig
 
 ROW_NAMES = {
     "prelim": "preliminary masks M_pre",
@@ -42,60 +49,73 @@ ROW_NAMES = {
 }
 
 
+def _default(config_class, name: str):
+    """A stage config's own default: the one place a setting's default is written (the run's YAML
+    sections, the stage's Python API and its CLI all take it from there)."""
+    f = config_class.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass
 class PrelimSection:
-    steps: int = 40
-    batch_size: int = 40
-    seed: int = 0
+    steps: int = _default(PrelimConfig, "steps")
+    batch_size: int = _default(PrelimConfig, "batch_size")
+    seed: int = _default(PrelimConfig, "seed")
 
 
 @dataclass
 class FinetuneSection:
-    steps: int = 1000
-    batch_size: int = 4
-    lr: float = 1e-4
-    method: str = "full"
-    lora_rank: int = 8
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    latent_cache: int = 0
-    checkpoint_every: int = 250
-    seed: int = 0
+    steps: int = _default(FinetuneConfig, "steps")
+    batch_size: int = _default(FinetuneConfig, "batch_size")
+    lr: float = _default(FinetuneConfig, "lr")
+    method: str = _default(FinetuneConfig, "method")
+    lora_rank: int = _default(FinetuneConfig, "lora_rank")
+    mixed_precision: str = _default(FinetuneConfig, "mixed_precision")
+    gradient_accumulation: int = _default(FinetuneConfig, "gradient_accumulation")
+    gradient_checkpointing: bool = _default(FinetuneConfig, "gradient_checkpointing")
+    optimizer: str = _default(FinetuneConfig, "optimizer")
+    latent_cache: int = _default(FinetuneConfig, "latent_cache")
+    checkpoint_every: int = _default(FinetuneConfig, "checkpoint_every")
+    checkpoints_total_limit: int | None = _default(FinetuneConfig, "checkpoints_total_limit")
+    nonfinite_loss: str = _default(FinetuneConfig, "nonfinite_loss")
+    seed: int = _default(FinetuneConfig, "seed")
 
 
 @dataclass
 class RefineSection:
-    steps: int = 50
-    sampler: str = "ddim"
-    samples: int = 1
-    postprocess: bool = False
-    difference_to: str = "image"  # or "reconstruction" (see RefineConfig)
-    batch_size: int = 8
-    seed: int = 0
+    steps: int = _default(RefineConfig, "steps")
+    sampler: str = _default(RefineConfig, "sampler")
+    samples: int = _default(RefineConfig, "samples")
+    postprocess: bool = _default(RefineConfig, "postprocess")
+    difference_to: str = _default(RefineConfig, "difference_to")
+    batch_size: int = _default(RefineConfig, "batch_size")
+    seed: int = _default(RefineConfig, "seed")
 
 
 @dataclass
 class SynthSection:
     num: int = 0  # 0: no synthetic set (and no D_s + D'_s row)
-    steps: int = 50
-    guidance: float = 1.0  # the paper: 1; above 1, classifier-free guidance against the empty prompt
-    batch_size: int = 8
-    seed: int = 0
+    steps: int = _default(SynthConfig, "steps")
+    guidance: float = _default(SynthConfig, "guidance")
+    batch_size: int = _default(SynthConfig, "batch_size")
+    seed: int = _default(SynthConfig, "seed")
 
 
 @dataclass
 class SegmenterSection:
-    steps: int = 12000
-    batch_size: int = 32
-    lr: float = 2e-3
-    lr_schedule: str = "constant"  # the paper gives none; "cosine" decays to 0 (segmenter/train.py)
-    width: int = 64
-    input_size: int = 128
-    checkpoint_every: int = 1000
-    mixed_precision: str = "no"
+    steps: int = _default(TrainSegConfig, "steps")
+    batch_size: int = _default(TrainSegConfig, "batch_size")
+    lr: float = _default(TrainSegConfig, "lr")
+    lr_schedule: str = _default(TrainSegConfig, "lr_schedule")
+    width: int = _default(TrainSegConfig, "width")
+    input_size: int = _default(TrainSegConfig, "input_size")
+    checkpoint_every: int = _default(TrainSegConfig, "checkpoint_every")
+    checkpoints_total_limit: int | None = _default(TrainSegConfig, "checkpoints_total_limit")
+    mixed_precision: str = _default(TrainSegConfig, "mixed_precision")
+    nonfinite_loss: str = _default(TrainSegConfig, "nonfinite_loss")
     train_on_prelim: bool = True  # the "U-Net on (D, M_pre)" row
     supervised: bool = True  # the upper bound, when the images have true masks
-    seed: int = 0
+    seed: int = _default(TrainSegConfig, "seed")
 
 
 @dataclass
@@ -108,8 +128,9 @@ class RunConfig:
     model: str | None = None  # default: the embedded toy-world model
     device: str | None = None
     dtype: str = "auto"
-    test_images: str | None = None  # a folder or dataset spec segmented and scored at the end
+    test_images: str | None = None  # a folder or dataset spec segmented (and scored, where it has truth) at the end
     test_split: str = "test"
+    eval_protocol: str = "paper"  # "paper": short side to segmenter.input_size, centre crop (METHOD.md §5); "full": whole image
     baselines: bool = True  # the M_crop row
     prelim: PrelimSection = field(default_factory=PrelimSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
@@ -177,6 +198,7 @@ class Run:
         self.out = Path(cfg.out)
         self.timings: dict[str, float] = {}
         self.counts: dict[str, Any] = {}
+        self.folders: dict[str, Path] = {}
         self._model = None
         ledger = self.out / "stages.json"
         self.fingerprints: dict[str, str] = json.loads(ledger.read_text()) if ledger.exists() else {}
@@ -189,18 +211,21 @@ class Run:
             self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
         return self._model
 
-    def _stage(self, name: str, fn, folder: Path, settings: dict, upstream: tuple[str, ...] = ()):
-        """Run one stage into `folder`. If its fingerprint (settings + upstream stages' fingerprints)
-        differs from the last run's, the folder is moved aside first: the stage starts over."""
-        fingerprint = _digest({"settings": settings, "upstream": [self.fingerprints[u] for u in upstream]})
+    def _stage(self, name: str, fn, folder: Path, config, inputs: dict | None = None, upstream: tuple[str, ...] = ()):
+        """Run one stage into `folder`. Its fingerprint is the stage config's output settings (the
+        same definition its manifest records: `settings.output_settings`, paths relative to the run
+        folder), `inputs` (input files' names and sizes, ...) and the upstream stages' fingerprints.
+        If it differs from the last run's, the folder is moved aside first: the stage starts over."""
+        settings = output_settings(config, self.out) if config is not None else {}
+        fingerprint = _digest({"settings": settings, "inputs": inputs or {}, "upstream": [self.fingerprints[u] for u in upstream]})
         old = self.fingerprints.get(name)
         self.fingerprints[name] = fingerprint
+        self.folders[name] = folder
         if distributed.is_main():
             print(f"\n== {name}", flush=True)
             if old is not None and old != fingerprint and folder.exists():
                 print(f"{name}: settings or inputs changed, redoing it (the old outputs are in {folder.name}.old)")
-                shutil.rmtree(folder.with_name(folder.name + ".old"), ignore_errors=True)
-                folder.rename(folder.with_name(folder.name + ".old"))
+                _move_aside(folder)
             write_json(self.out / "stages.json", self.fingerprints)  # before running: an interrupted stage resumes
         distributed.barrier()
         t0 = time.perf_counter()
@@ -214,21 +239,27 @@ class Run:
         return result
 
     def _write_manifest(self) -> None:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         write_json(self.out / "manifest.json", {"config": asdict(self.cfg), "versions": library_versions(),
-                                                 "git_commit": commit.stdout.strip() or None,
-                                                 "timings_s": self.timings, "counts": self.counts})
+                                                 "git_commit": _git_commit(), "timings_s": self.timings, "counts": self.counts,
+                                                 "disk_bytes": {k: _disk_use(f) for k, f in self.folders.items()}})
 
     @staticmethod
     def _per_image(run_stage, **kwargs):
-        """A per-image stage, sharded over processes: resume; redo everything when its settings changed."""
+        """A per-image stage, sharded over processes. Its manifest's settings and the stage's
+        fingerprint are one definition, so a folder holding other settings means the ledger was
+        lost or edited: the folder is moved aside and the stage redone."""
         kwargs["shard"] = distributed.shard()
+        out = Path(kwargs["out"])
         try:
             result = run_stage(**kwargs)
         except SettingsChanged as e:
-            print(f"settings changed, redoing: {e}")
-            result = run_stage(**kwargs, overwrite=True)
-        distributed.finish_per_image_stage(kwargs["out"])
+            distributed.barrier()
+            if distributed.is_main():
+                print(f"{e}; redoing it (the old outputs are in {out.name}.old)")
+                _move_aside(out)
+            distributed.barrier()
+            result = run_stage(**kwargs)
+        distributed.finish_per_image_stage(out)
         return result
 
     @staticmethod
@@ -237,58 +268,54 @@ class Run:
         return out / "model" if (out / "model").exists() else train()
 
     def execute(self) -> dict:
-        from conceptseg.data.readers import Sample, read_dataset
-        from conceptseg.finetune import FinetuneConfig, finetune
+        from conceptseg.finetune import finetune
         from conceptseg.models import load_model
-        from conceptseg.prelim import PrelimConfig, run_prelim
-        from conceptseg.refine import RefineConfig, run_refine
+        from conceptseg.prelim import run_prelim
+        from conceptseg.refine import run_refine
         from conceptseg.segmenter.predict import load_segmenter, run_segment
-        from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
-        from conceptseg.synth import SynthConfig
+        from conceptseg.segmenter.train import train_segmenter
 
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
-        train_files = list_images(cfg.images, cfg.split)
-        test_samples = read_dataset(cfg.test_images, cfg.test_split) if cfg.test_images else []
-        test_files = [s.image for s in test_samples]
-        all_files = train_files + [p for p in test_files if p not in set(train_files)]
-        self.counts["images"] = {"train": len(train_files), "test": len(test_files)}
+        train = list_samples(cfg.images, cfg.split)
+        test = list_samples(cfg.test_images, cfg.test_split) if cfg.test_images else []
+        train_keys = {s.key for s in train}
+        clashing = [s.key for s in test if s.key in train_keys and s.image not in {t.image for t in train if t.key == s.key}]
+        if clashing:
+            raise ValueError(f"train and test images share keys but are different files (e.g. {clashing[:3]}): outputs are "
+                             "named by key; give the test images a dataset spec or folder whose names differ")
+        both = train + [s for s in test if s.key not in train_keys]
+        self.counts["images"] = {"train": len(train), "test": len(test)}
+        train_list, test_list = _file_list(train), _file_list(test)  # (key, size): inputs to fingerprints
 
         prelim_cfg = PrelimConfig(cfg.concept, prompt=cfg.prompt, **asdict(cfg.prelim))
-        train_list, test_list = _file_list(train_files), _file_list(test_files)  # (name, size): inputs to fingerprints
-        base = {"model": cfg.model, "dtype": cfg.dtype, "images": _file_list(all_files)}
-        self._stage("prelim", lambda: self._per_image(run_prelim, model=self.model, images=all_files, out=out / "prelim",
+        self._stage("prelim", lambda: self._per_image(run_prelim, model=self.model, images=both, out=out / "prelim",
                                                       config=prelim_cfg, progress=self.progress),
-                    out / "prelim", {**base, **_without(asdict(prelim_cfg), "batch_size")})
-        ft = cfg.finetune
-        ft_cfg = FinetuneConfig(cfg.concept, images=train_files, prelim=out / "prelim", out=out / "finetune", model=cfg.model,
-                                prompt=cfg.prompt, progress=self.progress, **asdict(ft))
+                    out / "prelim", prelim_cfg, {"model": cfg.model, "dtype": cfg.dtype, "images": _file_list(both)})
+        ft_cfg = FinetuneConfig(cfg.concept, images=train, prelim=out / "prelim", out=out / "finetune", model=cfg.model,
+                                prompt=cfg.prompt, progress=self.progress, **asdict(cfg.finetune))
         tuned_dir = self._stage("finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)), out / "finetune",
-                                {**_without(asdict(ft_cfg), "images", "prelim", "out", "progress"),
-                                 "images": train_list}, upstream=("prelim",))
+                                dataclasses.replace(ft_cfg, images=[]), {"images": train_list}, upstream=("prelim",))
         tuned = load_model(tuned_dir, device=self.model.device, dtype=self.model.dtype)
-        rf = cfg.refine
-        refine_cfg = RefineConfig(**asdict(rf))
-        self._stage("refine", lambda: self._per_image(run_refine, model=tuned, images=all_files, prelim_dir=out / "prelim",
+        refine_cfg = RefineConfig(**asdict(cfg.refine))
+        self._stage("refine", lambda: self._per_image(run_refine, model=tuned, images=both, prelim_dir=out / "prelim",
                                                       out=out / "refine", config=refine_cfg, progress=self.progress),
-                    out / "refine", _without(asdict(refine_cfg), "batch_size"), upstream=("prelim", "finetune"))
-        if cfg.baselines and test_files:
+                    out / "refine", refine_cfg, {"images": _file_list(both)}, upstream=("prelim", "finetune"))
+        if cfg.baselines and test:
             crop_cfg = dataclasses.replace(refine_cfg, inpainter="crop")
-            self._stage("crop", lambda: self._per_image(run_refine, model=None, images=test_files, prelim_dir=out / "prelim",
-                                                        out=out / "crop", config=crop_cfg, progress=self.progress,
-                                                        resolution=tuned.resolution),
-                        out / "crop", _without(asdict(crop_cfg), "batch_size"), upstream=("prelim",))
+            self._stage("crop", lambda: self._per_image(run_refine, model=None, images=test, prelim_dir=out / "prelim",
+                                                        out=out / "crop", config=crop_cfg, progress=self.progress),
+                        out / "crop", crop_cfg, {"images": test_list}, upstream=("prelim",))
         if cfg.synth.num > 0:
             sy = cfg.synth
             synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, guidance=sy.guidance,
                                     refine=refine_cfg, prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
-            # grows by index: a larger `num` keeps the images made so far
-            self._stage("synth", lambda: self._synth(tuned, synth_cfg), out / "synth",
-                        _without(asdict(synth_cfg), "num", "batch_size"), upstream=("finetune",))
+            # grows by index: a larger `num` keeps the images made so far (num is not an output setting)
+            self._stage("synth", lambda: self._synth(tuned, synth_cfg), out / "synth", synth_cfg, upstream=("finetune",))
 
         # stage 5: one U-Net per training set
         def pairs(mask_dir: Path) -> list[Sample]:
-            return [Sample(key=p.stem, image=p, mask=mask_dir / f"{p.stem}.png", box=None, label=None) for p in train_files]
+            return [dataclasses.replace(s, mask=mask_dir / f"{s.key}.png") for s in train]
 
         # name: (training data, the stages whose masks it trains on, what else decides the data)
         train_sets = {"unet_real": ([pairs(out / "refine" / "masks")], ("refine",), {})}
@@ -297,35 +324,36 @@ class Run:
                                              {"synth_num": cfg.synth.num})
         if cfg.segmenter.train_on_prelim:
             train_sets["unet_prelim"] = ([pairs(out / "prelim" / "masks")], ("prelim",), {})
-        if cfg.segmenter.supervised and ":" in cfg.images:
-            truth = [s for s in read_dataset(cfg.images, cfg.split) if s.mask is not None]
-            if truth:
-                train_sets["supervised"] = ([truth], (), {"masks": _file_list([s.mask for s in truth])})
-        sg = cfg.segmenter
+        truth = [s for s in train if s.mask is not None]
+        if cfg.segmenter.supervised and truth:
+            train_sets["supervised"] = ([truth], (), {"masks": _file_list([dataclasses.replace(s, image=s.mask) for s in truth])})
+        sg = {k: v for k, v in asdict(cfg.segmenter).items() if k not in ("train_on_prelim", "supervised")}
         seg_dirs = {}
-        for name, (data, upstream, data_settings) in train_sets.items():
-            seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, steps=sg.steps, batch_size=sg.batch_size, lr=sg.lr, lr_schedule=sg.lr_schedule,
-                                     width=sg.width, input_size=sg.input_size, checkpoint_every=sg.checkpoint_every,
-                                     mixed_precision=sg.mixed_precision, seed=sg.seed, progress=self.progress)
-            settings = {**_without(asdict(seg_cfg), "data", "out", "progress"), **data_settings, "images": train_list}
+        for name, (data, upstream, data_inputs) in train_sets.items():
+            seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, progress=self.progress, **sg)
             seg_dirs[name] = self._stage(f"segmenter/{name}", lambda c=seg_cfg: self._trainer(c.out, lambda: train_segmenter(c)),
-                                         seg_cfg.out, settings, upstream=upstream)
+                                         seg_cfg.out, dataclasses.replace(seg_cfg, data=[]), {**data_inputs, "images": train_list},
+                                         upstream=upstream)
 
-        if not test_samples:
+        if not test:
             return {}
-        # stage 6: segment the test images, score every row
+        # stage 6: segment the test images, score every row that has truth to score against
         for name, folder in seg_dirs.items():
             seg = load_segmenter(folder, device=self.model.device)
             self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
-                run_segment, segmenter=s, images=test_files, out=out / "eval" / n, progress=self.progress),
-                out / "eval" / name, {"images": test_list}, upstream=(f"segmenter/{name}",))
+                run_segment, segmenter=s, images=test, out=out / "eval" / n, progress=self.progress),
+                out / "eval" / name, None, {"images": test_list}, upstream=(f"segmenter/{name}",))
         metrics = {}
-        if distributed.is_main():  # scoring and the report are one process's job
+        scorable = [s for s in test if s.mask is not None or s.box is not None]
+        if distributed.is_main() and scorable:  # scoring and the report are one process's job
             from conceptseg.report import run_report
 
-            metrics = self.evaluate(test_samples, seg_dirs)
+            metrics = self.evaluate(scorable, seg_dirs)
             best = "unet_real_synth" if "unet_real_synth" in seg_dirs else "unet_real"
-            run_report(out, test_samples, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution)
+            run_report(out, scorable, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution,
+                       protocol=self._protocol())
+        elif distributed.is_main():
+            print(f"the test images ({cfg.test_images}) have no masks or boxes: segmented into {out / 'eval'}, not scored")
         distributed.barrier()
         return metrics
 
@@ -338,7 +366,14 @@ class Run:
             write_metadata(out, config)
         return str(out)
 
+    def _protocol(self) -> str:
+        from conceptseg.evaluate import describe_protocol
+
+        return describe_protocol(self.cfg.eval_protocol, self.cfg.segmenter.input_size)
+
     def evaluate(self, samples, seg_dirs: dict) -> dict:
+        """Every row on the same test images (a missing prediction counts as an empty mask), by the
+        run's protocol; metrics.json holds the rows, what each was scored on, and the protocol."""
         from conceptseg.evaluate import evaluate_samples
 
         rows = {"prelim": self.out / "prelim", "crop": self.out / "crop", "refined": self.out / "refine"}
@@ -346,30 +381,46 @@ class Run:
         metrics = {}
         for key in ROW_NAMES:
             if key in rows and rows[key].exists():
-                metrics[key] = evaluate_samples(rows[key], samples)["summary"]
-        write_json(self.out / "metrics.json", {k: {m: v[m] for m in ("acc", "iou", "miou", "box_iou") if m in v}
-                                               for k, v in metrics.items()})
+                summary = evaluate_samples(rows[key], samples, self.cfg.eval_protocol, self.cfg.segmenter.input_size)["summary"]
+                metrics[key] = {m: summary[m] for m in ("acc", "iou", "miou", "box_iou", "evaluated", "missing") if m in summary}
+        write_json(self.out / "metrics.json", {"protocol": self._protocol(), **metrics})
         return metrics
 
 
 def format_table(metrics: dict) -> str:
+    """The rows as a markdown table; `evaluated` / `missing` say what each row was scored on."""
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, dict)}
     has_box = any("box_iou" in m for m in metrics.values())
-    lines = ["| method | ACC | IoU | mIoU |" + (" box IoU |" if has_box else ""), "|---|---|---|---|" + ("---|" if has_box else "")]
+    head = ["method", "ACC", "IoU", "mIoU"] + (["box IoU"] if has_box else []) + ["evaluated", "missing"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, m in metrics.items():
-        cells = [f"{100 * m[k]:.1f}" if k in m else "-" for k in ("acc", "iou", "miou")]
-        if has_box:
-            cells.append(f"{100 * m['box_iou']:.1f}" if "box_iou" in m else "-")
-        lines.append(f"| {ROW_NAMES.get(key, key)} | " + " | ".join(cells) + " |")
+        cells = [f"{100 * m[k]:.1f}" if k in m else "-" for k in ("acc", "iou", "miou") + (("box_iou",) if has_box else ())]
+        lines.append(f"| {ROW_NAMES.get(key, key)} | " + " | ".join(cells + [str(m.get("evaluated", "-")), str(m.get("missing", "-"))]) + " |")
     return "\n".join(lines)
 
 
-def _without(settings: dict, *keys: str) -> dict:
-    return {k: v for k, v in settings.items() if k not in keys}
+def _file_list(samples: list[Sample]) -> list[tuple[str, int]]:
+    """Input files as (key, size): moving a run's folder keeps its fingerprints, new content changes them."""
+    return [(s.key, s.image.stat().st_size if s.image.exists() else -1) for s in samples]
 
 
-def _file_list(paths) -> list[tuple[str, int]]:
-    """Input files as (name, size): moving a run's folder keeps its fingerprints, new content changes them."""
-    return [(Path(p).name, Path(p).stat().st_size if Path(p).exists() else -1) for p in paths]
+def _move_aside(folder: Path) -> None:
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    folder.rename(old)
+
+
+def _disk_use(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else 0
+
+
+def _git_commit() -> str | None:
+    """The commit of the installed code, where it is a git checkout and git is installed."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
 
 
 def _digest(value) -> str:

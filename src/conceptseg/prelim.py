@@ -11,7 +11,7 @@ orphan filter. The (image, timestep) rows of several images share UNet batches.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,8 +21,10 @@ from PIL import Image
 
 from conceptseg.attention import capture_cross_attention
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
-from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_npy
+from conceptseg.data.readers import Sample, list_samples
+from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
 from conceptseg.models import DiffusionModel
+from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import binarize
 from conceptseg.tokenizer import concept_token_positions
 
@@ -41,7 +43,7 @@ class PrelimConfig:
     concept: Sequence[str]  # word(s) whose maps are summed, e.g. ("human", "arms", "legs")
     prompt: str | None = None  # default "a photo of a {first word}"
     steps: int = 40  # T0
-    batch_size: int = 40  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
+    batch_size: int = execution_setting(40)  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
     seed: int = 0
     orphan_filter: bool = True
 
@@ -161,28 +163,30 @@ def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.n
     return [r for s in range(0, len(pil), per_batch) for r in runner(pil[s : s + per_batch], keys[s : s + per_batch])]
 
 
-def run_prelim(model: DiffusionModel, images: str | Path | Sequence[Path], out: Path, config: PrelimConfig,
+def run_prelim(model: DiffusionModel, images: str | Path | Sequence, out: Path, config: PrelimConfig,
                overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1), split: str = "all") -> dict:
-    """The `prelim` command: OUT/attention/<stem>.npy, OUT/masks/<stem>.png, OUT/manifest.json.
+    """The `prelim` command: OUT/attention/<key>.npy, OUT/masks/<key>.png, OUT/manifest.json.
 
-    Images whose outputs exist are skipped (unless `overwrite`); unreadable images are reported
-    by name, recorded in the manifest and skipped. `shard=(k, n)` takes every n-th image from k.
+    `images`: anything `list_samples` takes; each output is named by the sample's key. Images
+    whose outputs exist are skipped (unless `overwrite`); unreadable images are reported by name,
+    recorded in the manifest and skipped. `shard=(k, n)` takes every n-th image from k. The
+    manifest's "geometry" tells later stages the canvas stage 1 used.
     """
     out = Path(out)
-    files = list_images(images, split)[shard[0] :: shard[1]]
-    settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
-    settings.pop("batch_size")  # does not change the outputs
-    manifest = Manifest.open(out, "prelim", settings, overwrite, shard)
+    samples = list_samples(images, split)[shard[0] :: shard[1]]
+    settings = stage_settings(config, out, prompt=config.full_prompt, model=model.source, dtype=str(model.dtype).replace("torch.", ""))
+    manifest = Manifest.open(out, "prelim", settings, overwrite, shard, outputs=("masks", "attention"))
+    manifest.data["geometry"] = {"resolution": model.resolution, "vae_scale_factor": model.vae_scale_factor}
     runner = PrelimRunner(model, config)
 
-    def is_done(p: Path) -> bool:
-        return (out / "masks" / f"{p.stem}.png").exists() and (out / "attention" / f"{p.stem}.npy").exists()
+    def is_done(s: Sample) -> bool:
+        return (out / "masks" / f"{s.key}.png").exists() and (out / "attention" / f"{s.key}.npy").exists()
 
-    def process(names: list[Path], images: list[Image.Image]) -> None:
-        for p, res in zip(names, runner(images, [p.stem for p in names])):
-            save_npy(out / "attention" / f"{p.stem}.npy", res.attention)
-            save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
-            manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4))
+    def process(batch: list[Sample], images: list[Image.Image]) -> None:
+        for s, res in zip(batch, runner(images, [s.key for s in batch])):
+            save_npy(out / "attention" / f"{s.key}.npy", res.attention)
+            save_mask_png(out / "masks" / f"{s.key}.png", res.mask)
+            manifest.record(s.key, "done", foreground=round(float(res.mask.mean()), 4))
 
     per_batch = max(1, config.batch_size // len(runner.timesteps))
-    return process_images(files, manifest, per_batch, is_done, load_rgb, process, overwrite, progress)
+    return process_images(samples, manifest, per_batch, is_done, lambda s: load_rgb(s.image), process, overwrite, progress)

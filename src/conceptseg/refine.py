@@ -10,7 +10,8 @@ is nearest upsampling of M_pre from the latent grid. Everything is mapped back t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,8 +22,10 @@ from scipy import ndimage
 
 from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
-from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png
+from conceptseg.data.readers import Sample, list_samples
+from conceptseg.io import Manifest, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
+from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import binarize
 
 INPAINTERS = ("model", "crop")
@@ -42,7 +45,7 @@ class RefineConfig:
     # |x - x_bg| with x the image (the paper), or "reconstruction": the VAE's decoding of x, so the
     # VAE's own reconstruction error (large for small VAEs) does not count as foreground
     difference_to: str = "image"
-    batch_size: int = 4  # images per inpainting batch
+    batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +53,9 @@ class RefineConfig:
             raise ValueError(f"inpainter must be one of {INPAINTERS}, not {self.inpainter!r}")
         if self.samples < 1:
             raise ValueError("samples must be at least 1")
+        if self.guidance != 1.0 and self.concept_prompt is None and self.inpainter == "model":
+            raise ValueError(f"guidance {self.guidance} needs concept_prompt (--concept-prompt): the prompt to guide away "
+                             "from; guidance 1 (the paper) needs none")
         if self.difference_to not in ("image", "reconstruction"):
             raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
 
@@ -153,37 +159,49 @@ class Refiner:
         return results
 
 
-def run_refine(model: DiffusionModel | None, images: str | Path | Sequence[Path], prelim_dir: Path, out: Path, config: RefineConfig,
-               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1),
-               resolution: int | None = None, split: str = "all") -> dict:
-    """The `refine` command: OUT/masks/<stem>.png, OUT/background/<stem>.png, OUT/manifest.json; resumable."""
+def prelim_geometry(prelim_dir: Path) -> tuple[int, int]:
+    """(canvas resolution, latent factor) that stage 1 wrote its masks with, from its manifest."""
+    path = Path(prelim_dir) / "manifest.json"
+    geometry = json.loads(path.read_text()).get("geometry") if path.exists() else None
+    if not geometry:
+        raise FileNotFoundError(f"{path} is missing or records no geometry: run `conceptseg prelim` into {prelim_dir} first")
+    return geometry["resolution"], geometry["vae_scale_factor"]
+
+
+def run_refine(model: DiffusionModel | None, images: str | Path | Sequence, prelim_dir: Path, out: Path, config: RefineConfig,
+               overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1), split: str = "all") -> dict:
+    """The `refine` command: OUT/masks/<key>.png, OUT/background/<key>.png, OUT/manifest.json; resumable.
+
+    The crop inpainter (M_crop) needs no model: it works on stage 1's canvas, read from its manifest."""
     out = Path(out)
-    files = list_images(images, split)[shard[0] :: shard[1]]
-    settings = {**asdict(config), "model": model.source if model is not None else None, "prelim": str(Path(prelim_dir).resolve())}
-    settings.pop("batch_size")
-    manifest = Manifest.open(out, "refine", settings, overwrite, shard)
-    refiner = Refiner(model, config, resolution=resolution or (model.resolution if model else None),
-                      factor=model.vae_scale_factor if model else 8)
+    samples = list_samples(images, split)[shard[0] :: shard[1]]
+    settings = stage_settings(config, out, model=model.source if model is not None else None, prelim=Path(prelim_dir))
+    manifest = Manifest.open(out, "refine", settings, overwrite, shard, outputs=("masks", "background"))
+    if model is None:
+        resolution, factor = prelim_geometry(prelim_dir)
+        refiner = Refiner(None, config, resolution=resolution, factor=factor)
+    else:
+        refiner = Refiner(model, config)
 
-    def is_done(p: Path) -> bool:
-        return (out / "masks" / f"{p.stem}.png").exists() and (out / "background" / f"{p.stem}.png").exists()
+    def is_done(s: Sample) -> bool:
+        return (out / "masks" / f"{s.key}.png").exists() and (out / "background" / f"{s.key}.png").exists()
 
-    def load(p: Path) -> tuple[Image.Image, np.ndarray]:
-        image = load_rgb(p)
-        mask_path = Path(prelim_dir) / "masks" / f"{p.stem}.png"
+    def load(s: Sample) -> tuple[Image.Image, np.ndarray]:
+        image = load_rgb(s.image)
+        mask_path = Path(prelim_dir) / "masks" / f"{s.key}.png"
         if not mask_path.exists():
-            raise ImageReadError(f"{p}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
+            raise ImageReadError(f"{s.image}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
         mask = load_mask_file(mask_path)
         if mask.shape != (image.height, image.width):
-            raise ImageReadError(f"{p}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
+            raise ImageReadError(f"{s.image}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
         return image, mask
 
-    def process(names: list[Path], loaded: list[tuple[Image.Image, np.ndarray]]) -> None:
+    def process(batch: list[Sample], loaded: list[tuple[Image.Image, np.ndarray]]) -> None:
         images, masks = [im for im, _ in loaded], [m for _, m in loaded]
-        for p, prelim_mask, res in zip(names, masks, refiner(images, masks, [p.stem for p in names])):
-            save_png(out / "background" / f"{p.stem}.png", res.background)
-            save_mask_png(out / "masks" / f"{p.stem}.png", res.mask)
-            manifest.record(p.name, "done", foreground=round(float(res.mask.mean()), 4),
+        for s, prelim_mask, res in zip(batch, masks, refiner(images, masks, [s.key for s in batch])):
+            save_png(out / "background" / f"{s.key}.png", res.background)
+            save_mask_png(out / "masks" / f"{s.key}.png", res.mask)
+            manifest.record(s.key, "done", foreground=round(float(res.mask.mean()), 4),
                             kept_of_prelim=round(float(res.mask.sum() / max(prelim_mask.sum(), 1)), 4))
 
-    return process_images(files, manifest, config.batch_size, is_done, load, process, overwrite, progress)
+    return process_images(samples, manifest, config.batch_size, is_done, load, process, overwrite, progress)

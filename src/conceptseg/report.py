@@ -49,7 +49,7 @@ def _load_mask(path) -> np.ndarray | None:
 
 
 def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, segmenter: str | None = None,
-               model_resolution: int | None = None, count: int = 6) -> None:
+               model_resolution: int | None = None, count: int = 6, protocol: str = "") -> None:
     """report.html (self-contained: pictures embedded) and the same grids as PNG, in the run folder.
 
     Grids: image | attention | M_pre | inpainted background | M | segmenter | truth, for the best
@@ -62,12 +62,12 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
 
     from conceptseg.data.readers import load_mask
     from conceptseg.geometry import Canvas, load_rgb
-    from conceptseg.io import save_png
+    from conceptseg.io import save_png, write_text
 
     run = Path(run_dir)
     scored = []
     for s in samples:
-        refined = _load_mask(run / "refine" / "masks" / f"{s.image.stem}.png")
+        refined = _load_mask(run / "refine" / "masks" / f"{s.key}.png")
         if refined is None or s.mask is None:
             continue
         truth = load_mask(s)
@@ -80,7 +80,7 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
         rows = []
         for _, s, truth in items:
             image = load_rgb(s.image)
-            stem = s.image.stem
+            stem = s.key
             attn_path = run / "prelim" / "attention" / f"{stem}.npy"
             attention = np.load(attn_path) if attn_path.exists() else np.zeros((8, 8), np.float32)
             if model_resolution:
@@ -110,7 +110,8 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
 
     rows = "".join(
         f"<tr><td>{html.escape(row_names.get(k, k))}</td>" + "".join(
-            f"<td>{100 * m[c]:.1f}</td>" if c in m else "<td>-</td>" for c in ("acc", "iou", "miou", "box_iou")) + "</tr>"
+            f"<td>{100 * m[c]:.1f}</td>" if c in m else "<td>-</td>" for c in ("acc", "iou", "miou", "box_iou"))
+        + f"<td>{m.get('evaluated', '-')}</td><td>{m.get('missing', '-')}</td></tr>"
         for k, m in metrics.items())
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
     grids = "".join(f"<h2>{name} test images by IoU of M</h2><img src='{embed(a)}'>" for name, a in pictures.items())
@@ -119,10 +120,11 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
 td:first-child{{text-align:left}}img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
 <h1>conceptseg run: {html.escape(str(run))}</h1>
 <h2>Results on the test images (%; pooled over all pixels; box IoU averaged over images)</h2>
-<table><tr><th>method</th><th>ACC</th><th>IoU</th><th>mIoU</th><th>box IoU</th></tr>{rows}</table>
+<p>{html.escape(protocol)}</p>
+<table><tr><th>method</th><th>ACC</th><th>IoU</th><th>mIoU</th><th>box IoU</th><th>evaluated</th><th>missing</th></tr>{rows}</table>
 {grids}
 <h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""
-    (run / "report.html").write_text(page)
+    write_text(run / "report.html", page)
 
 
 def line_plot(xs: list[float], series: dict[str, list[float]], title: str, width: int = 480, height: int = 300,

@@ -8,7 +8,7 @@ written in the imagefolder layout (images/, masks/, metadata.jsonl) that `train-
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from conceptseg.inpaint import sample_latents
 from conceptseg.io import Manifest, save_mask_png, save_png
 from conceptseg.models import DiffusionModel
+from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.prelim import PrelimConfig, PrelimRunner
 from conceptseg.refine import RefineConfig, Refiner
 
@@ -27,14 +28,14 @@ from conceptseg.refine import RefineConfig, Refiner
 @dataclass
 class SynthConfig:
     concept: Sequence[str] | str
-    num: int
+    num: int = execution_setting()  # growing N keeps the images made so far: image i depends only on (seed, i)
     prompt: str | None = None  # y_f; default "a photo of a {concept}"
     steps: int = 50
     guidance: float = 1.0  # the paper: 1 (no classifier-free guidance)
     sampler: str = "ddim"
     prelim_steps: int = 40  # T0 of stage 1 on the synthetic images
     refine: RefineConfig = field(default_factory=RefineConfig)  # stage 3 on the synthetic images
-    batch_size: int = 4
+    batch_size: int = execution_setting(4)
     seed: int = 0
 
     def __post_init__(self):
@@ -54,11 +55,8 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
     """Images 0..num-1 of D' (this process's share of them) into `out`; rows already there are kept
     unless `overwrite`."""
     out = Path(out)
-    settings = {**asdict(config), "model": model.source}
-    settings.pop("batch_size")
-    settings.pop("num")  # growing N keeps the first images
-    settings["refine"].pop("batch_size")
-    manifest = Manifest.open(out, "synth", settings, overwrite=overwrite, shard=shard)
+    manifest = Manifest.open(out, "synth", stage_settings(config, out, model=model.source), overwrite=overwrite, shard=shard,
+                             outputs=("images", "masks"))
     prelim = PrelimRunner(model, PrelimConfig(config.concept, prompt=config.prompt, steps=config.prelim_steps,
                                               batch_size=max(config.prelim_steps, 8), seed=config.seed))
     refiner = Refiner(model, config.refine)

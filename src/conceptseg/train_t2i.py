@@ -30,7 +30,9 @@ from conceptseg.geometry import Canvas, load_rgb, to_model_input
 from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
-from conceptseg.training import last_checkpoint, publish, resume, save_checkpoint, step_rng
+from conceptseg.settings import execution_setting
+from conceptseg.training import (Precision, check_finite, diffusion_target, last_checkpoint, min_snr_weight, publish, resume,
+                                 save_checkpoint, step_rng, trainer_accelerator, write_folder)
 
 
 @dataclass
@@ -50,14 +52,15 @@ class TrainT2IConfig:
     min_snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     train_text_encoder: bool | None = None  # default: from scratch yes, fine-tuning no
-    checkpoint_every: int = 250
+    checkpoint_every: int = execution_setting(250)
+    checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
     gradient_accumulation: int = 1
     seed: int = 0
     sample_prompts: list[str] = field(default_factory=list)  # default: the dataset's single-class captions
     samples_per_prompt: int = 4
     sample_guidance: float = 1.0
-    progress: bool = True
+    progress: bool = execution_setting(True)
 
 
 def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[str]]:
@@ -86,11 +89,10 @@ class _VAEObjective(torch.nn.Module):
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean()
 
 
-def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, decoder_only: bool = False) -> None:
+def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, accelerator, decoder_only: bool = False) -> None:
     """The VAE from scratch, or (`decoder_only`) its decoder with the encoder frozen: sharper
     reconstructions without moving the latent space a UNet has already learned (as SD's ft-MSE VAE)."""
-    # An accelerator of its own, so the UNet phase's checkpoints hold only the UNet phase's objects.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    precision = Precision(cfg.mixed_precision, accelerator.device)
     vae.train().requires_grad_(not decoder_only)
     if decoder_only:
         vae.encoder.eval()
@@ -104,13 +106,14 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, decoder_only: bool =
     for step in bar:
         rng = step_rng(cfg.seed, stream, step, accelerator.process_index)
         x = to_model_input(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
-        with accelerator.autocast():
+        with precision.autocast():
             loss = objective(x)
-        accelerator.backward(loss)
-        opt.step()
+        precision.backward(accelerator, loss)
+        precision.step(opt)
         opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
+    accelerator.free_memory()  # the UNet phase's checkpoints hold only the UNet phase's objects
 
 
 @torch.no_grad()
@@ -121,13 +124,6 @@ def _latent_moments(vae, images: np.ndarray, device, chunk: int = 64) -> tuple[t
         means.append(d.mean.float().cpu())
         stds.append(d.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
-
-
-def _min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    if gamma is None:
-        return torch.ones_like(t, dtype=torch.float32)
-    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return torch.clamp(snr, max=gamma) / snr  # epsilon-prediction form of min-SNR weighting
 
 
 def _add_missing_ema_file(out: Path, train_te: bool, accelerator: Accelerator) -> None:
@@ -149,8 +145,13 @@ def _add_missing_ema_file(out: Path, train_te: bool, accelerator: Accelerator) -
 
 
 def train_t2i(cfg: TrainT2IConfig) -> Path:
+    with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
+        return _train_t2i(cfg, accelerator)
+
+
+def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation)
+    precision = Precision(cfg.mixed_precision, accelerator.device)
     from_scratch = cfg.base_model is None
     lr = cfg.lr if cfg.lr is not None else (1e-3 if from_scratch else 1e-5)
     train_te = cfg.train_text_encoder if cfg.train_text_encoder is not None else from_scratch
@@ -173,7 +174,7 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
         if (vae_dir / "config.json").exists():
             vae = type(vae).from_pretrained(vae_dir)
         else:
-            train_vae(vae, images, cfg)
+            train_vae(vae, images, cfg, accelerator)
             mean, _ = _latent_moments(vae, images[:512], accelerator.device)
             vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
             if accelerator.is_main_process:
@@ -199,17 +200,18 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
     unet_p, te_p, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     ema.to(accelerator.device)
     _add_missing_ema_file(out, train_te, accelerator)
-    start, _ = resume(accelerator, out, ema)
+    start, state = resume(accelerator, out, ema)
+    precision.load_state(state)
 
     alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
 
     def export(dest: Path) -> None:
-        """The EMA weights as a diffusers folder."""
+        """The EMA weights as a diffusers folder, written once at the end."""
         u, te = accelerator.unwrap_model(unet_p), accelerator.unwrap_model(te_p)
         ema.store(params)
         ema.copy_to(params)
         try:
-            save_model(dict(vae=vae, unet=u, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler), dest)
+            write_folder(dest, lambda tmp: save_model(dict(vae=vae, unet=u, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler), tmp))
         finally:
             ema.restore(params)
 
@@ -227,29 +229,33 @@ def train_t2i(cfg: TrainT2IConfig) -> Path:
         z0, noise, t, ids = (x.to(accelerator.device) for x in (z0, noise, t, ids))
         zt = scheduler.add_noise(z0, noise, t)
         with accelerator.accumulate(unet_p, te_p):
-            with accelerator.autocast():
+            with precision.autocast():
                 cond = te_p(ids)[0]
                 pred = unet_p(zt, t, cond).sample
-            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_sample * _min_snr_weight(alphas_cumprod, t, cfg.min_snr_gamma)).mean()
-            accelerator.backward(loss)
-            optimizer.step()
+            target = diffusion_target(scheduler, z0, noise, t)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weight(alphas_cumprod, t, cfg.min_snr_gamma, scheduler.config.prediction_type)).mean()
+            if not check_finite(loss, step + 1, out, "stop", accelerator):
+                continue
+            precision.backward(accelerator, loss)
+            if accelerator.sync_gradients:
+                precision.step(optimizer)
             lr_sched.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(accelerator, out, step + 1, export, ema)
+            save_checkpoint(accelerator, out, step + 1, ema, precision.state(), cfg.checkpoints_total_limit)
 
     final = out / "model"
     decoder_dir = out / "vae_decoder"
     if from_scratch and cfg.decoder_steps > 0 and not (decoder_dir / "config.json").exists():
-        train_vae(vae, images, cfg, decoder_only=True)
+        train_vae(vae, images, cfg, accelerator, decoder_only=True)
         if accelerator.is_main_process:
             vae.save_pretrained(decoder_dir, safe_serialization=True)
     if accelerator.is_main_process:
-        publish(last_checkpoint(out) / "model", final)
+        export(final)
         if (decoder_dir / "config.json").exists():
             publish(decoder_dir, final / "vae")
         prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})

@@ -12,9 +12,11 @@ them (their 0/1-based convention is undocumented; one pixel moves box IoU by < 1
 from __future__ import annotations
 
 import csv
+import glob
 import re
+import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.geometry import image_size, load_rgb
 
 SPLITS = ("train", "test", "all")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# every extension Pillow can open (.jpg, .png, .tif, .webp, .bmp, ...)
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 H36M_SUBSET = 6000  # the paper's Human3.6M evaluation size; drawn with np.random.default_rng(0)
 
 Box = tuple[int, int, int, int]
@@ -56,7 +59,9 @@ def _need(path: Path, layout: str) -> Path:
 
 
 def _safe_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".") or "_"
+    """Filesystem-safe text: letters of any script, digits, '.', '_' and '-' are kept (so 'café' and
+    'cafè' stay distinct), in Unicode NFC (macOS stores names decomposed); the rest becomes '_'."""
+    return re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text)).strip(".") or "_"
 
 
 def _path_key(rel: str) -> str:
@@ -251,46 +256,50 @@ def read_h36m(root: Path, split: str = "test") -> list[Sample]:
 
 
 def _images_in(folder: Path) -> dict[str, Path]:
-    """Images directly in `folder`, by stem (an error if two share one)."""
+    """Images in `folder` and its subfolders (hidden ones skipped), by key: the relative path without
+    its extension ('a.jpg' -> 'a', '001.Albatross/x.jpg' -> '001.Albatross__x'); an error if two share one."""
     found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-            if p.stem in found:
-                raise ValueError(f"{found[p.stem]} and {p} share the stem {p.stem!r}: rename one")
-            found[p.stem] = p
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts):
+            key = _path_key(str(rel))
+            if key in found:
+                raise ValueError(f"{found[key]} and {p} would both be named {key!r}: rename one")
+            found[key] = p
     return found
 
 
 def read_folder(root: Path, split: str = "all", masks: str | Path | None = None) -> list[Sample]:
-    """Every image directly in `root`; with `masks`, the mask of the same stem (any extension)."""
+    """Every image in `root`, subfolders included (CUB's images/<class>/...); with `masks`, the mask
+    at the same relative path (any extension)."""
     root, _ = Path(root), _check_split(split)  # a plain folder has no splits
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found or not a folder. Expected layout: <root>/<name>.<image ext>")
     images = _images_in(root)
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        raise FileNotFoundError(f"no image files (any format Pillow opens) in {root} or its subfolders")
     mask_files = None
     if masks is not None:
         masks = Path(masks).expanduser()
         if not masks.is_dir():
             raise FileNotFoundError(f"mask folder {masks} not found. Expected <masks>/<image stem>.<image ext>")
         mask_files = _images_in(masks)
-        lacking = [s for s in images if s not in mask_files]
+        lacking = [k for k in images if k not in mask_files]
         if lacking:
             raise FileNotFoundError(f"no mask in {masks} for {len(lacking)} image(s), e.g. {lacking[:5]}")
-    return [Sample(key=_safe_key(stem), image=p, mask=mask_files[stem] if mask_files else None,
-                   box=None, label=None) for stem, p in images.items()]
+    return [Sample(key=key, image=p, mask=mask_files[key] if mask_files else None, box=None, label=None)
+            for key, p in images.items()]
 
 
 def read_imagefolder_samples(root: Path, split: str = "test") -> list[Sample]:
     """This project's own imagefolder layout (metadata.jsonl); keys are image stems, or relative
     paths where stems repeat."""
     root, split = Path(root), _check_split(split)
-    rows = read_imagefolder(root, None if split == "all" else split)
+    rows = read_imagefolder(root)  # keys are decided over every split: a key names one file whatever the split
     by_stem = len({r.image.stem for r in rows}) == len(rows)
     return [Sample(key=_safe_key(r.image.stem) if by_stem else _path_key(str(r.image.relative_to(root))),
                    image=r.image, mask=r.mask, box=None,
-                   label=r.classes[0] if len(r.classes) == 1 else None) for r in rows]
+                   label=r.classes[0] if len(r.classes) == 1 else None) for r in rows if split == "all" or r.split == split]
 
 
 READERS: dict[str, Callable[..., list[Sample]]] = {
@@ -318,12 +327,52 @@ def read_dataset(spec: str, split: str = "test") -> list[Sample]:
                              f"(accepts {sorted(_OPTIONS.get(name, ())) or 'none'})")
         options[key] = value
     samples = READERS[name](Path(root).expanduser(), _check_split(split), **options)
+    _check_unique(samples, repr(spec))
+    return samples
+
+
+def list_samples(source: str | Path | Sequence[Path | Sample], split: str = "all") -> list[Sample]:
+    """The images a per-image stage works on, each with its key: the one name of its outputs.
+
+    `source`: a dataset spec ("cub:/data/CUB_200_2011", with `split`), a folder (subfolders
+    included; one with metadata.jsonl is read as the imagefolder layout, with `split`), one image file, a glob pattern ("photos/*.jpg"), or a list of paths or Samples.
+    A path's key is its stem; a folder's are relative paths. Keys are unique or this raises."""
+    if isinstance(source, (list, tuple)):
+        samples = [s if isinstance(s, Sample) else Sample(_safe_key(Path(s).stem), Path(s), None, None, None) for s in source]
+        where = "the image list"
+    else:
+        text, path = str(source), Path(source).expanduser()
+        if (path / "metadata.jsonl").is_file():  # this project's imagefolder layout (e.g. a synthetic set)
+            return read_imagefolder_samples(path, split)
+        if path.is_dir():
+            samples = read_folder(path)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{path}: not an image file by its extension ({path.suffix or 'none'}); give images Pillow opens")
+            samples = [Sample(_safe_key(path.stem), path, None, None, None)]
+        elif glob.has_magic(text):
+            matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS]
+            if not matches:
+                raise FileNotFoundError(f"no image matches {text!r}")
+            samples = [Sample(_safe_key(p.stem), p, None, None, None) for p in matches]
+        elif ":" in text.split("/")[0]:
+            return read_dataset(text, split)
+        else:
+            raise FileNotFoundError(f"{text} does not exist: --images takes a folder, an image file, a glob "
+                                    "('photos/*.jpg') or a dataset spec (cub:/path/to/CUB_200_2011)")
+        where = text
+    _check_unique(samples, where)
+    return samples
+
+
+def _check_unique(samples: list[Sample], where: str) -> None:
     keys: dict[str, Sample] = {}
     for s in samples:
         if s.key in keys:
-            raise ValueError(f"{spec!r}: {keys[s.key].image} and {s.image} share the key {s.key!r}")
+            raise ValueError(f"{where}: {keys[s.key].image} and {s.image} share the key {s.key!r} (outputs are named "
+                             "by key): rename one")
         keys[s.key] = s
-    return samples
 
 
 # ---------------------------------------------------------------- masks and boxes

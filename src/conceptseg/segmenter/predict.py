@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conceptseg.geometry import Canvas, load_rgb, to_model_input
-from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png, write_json
+from conceptseg.data.readers import Sample, list_samples
+from conceptseg.io import Manifest, process_images, save_mask_png, save_png, write_json
 from conceptseg.modeling.segmenter import UNet
 
 WEIGHTS_FILE = "model.safetensors"
@@ -65,22 +66,23 @@ def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
 
 def run_segment(segmenter: Segmenter, images, out: Path, cutouts: bool = False, batch_size: int = 16,
                 overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
-    """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
+    """OUT/masks/<key>.png (0/255, original size), optionally OUT/cutouts/<key>.png (RGBA)."""
     out = Path(out)
-    files = list_images(images, split)[shard[0] :: shard[1]]
-    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite, shard)
+    samples = list_samples(images, split)[shard[0] :: shard[1]]
+    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite, shard,
+                             outputs=("masks", "cutouts"))
 
-    def is_done(p: Path) -> bool:
-        return (out / "masks" / f"{p.stem}.png").exists() and (not cutouts or (out / "cutouts" / f"{p.stem}.png").exists())
+    def is_done(s: Sample) -> bool:
+        return (out / "masks" / f"{s.key}.png").exists() and (not cutouts or (out / "cutouts" / f"{s.key}.png").exists())
 
-    def process(names: list[Path], images: list[Image.Image]) -> None:
-        for p, image, mask in zip(names, images, segmenter.masks(images)):
+    def process(batch: list[Sample], images: list[Image.Image]) -> None:
+        for s, image, mask in zip(batch, images, segmenter.masks(images)):
             if cutouts:
-                save_png(out / "cutouts" / f"{p.stem}.png", cutout(image, mask))
-            save_mask_png(out / "masks" / f"{p.stem}.png", mask)
-            manifest.record(p.name, "done", foreground=round(float(mask.mean()), 4))
+                save_png(out / "cutouts" / f"{s.key}.png", cutout(image, mask))
+            save_mask_png(out / "masks" / f"{s.key}.png", mask)
+            manifest.record(s.key, "done", foreground=round(float(mask.mean()), 4))
 
-    return process_images(files, manifest, batch_size, is_done, load_rgb, process, overwrite, progress)
+    return process_images(samples, manifest, batch_size, is_done, lambda s: load_rgb(s.image), process, overwrite, progress)
 
 
 def export_onnx(segmenter: Segmenter, path: Path, check: bool = True) -> float | None:

@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from conceptseg.data.readers import load_mask, read_dataset
+from conceptseg.data.readers import list_samples, load_mask
 from conceptseg.geometry import ImageReadError, load_rgb, to_model_input
 from conceptseg.io import write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
 from conceptseg.segmenter.predict import save_segmenter
-from conceptseg.training import last_checkpoint, publish, resume, save_checkpoint, step_rng
+from conceptseg.settings import execution_setting
+from conceptseg.training import (NONFINITE_LOSS, Precision, check_finite, resume, save_checkpoint, step_rng,
+                                 trainer_accelerator, write_folder)
 
 
 @dataclass
@@ -43,14 +44,20 @@ class TrainSegConfig:
     input_size: int = 128
     val_fraction: float = 0.05
     mixed_precision: str = "no"
-    checkpoint_every: int = 1000
+    checkpoint_every: int = execution_setting(1000)
+    checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
+    nonfinite_loss: str = "stop"  # or "skip" the batch (training.check_finite)
     seed: int = 0
-    progress: bool = True
+    progress: bool = execution_setting(True)
     split: str = "train"
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, not {self.lr_schedule!r}")
+        if self.steps < 1:
+            raise ValueError(f"training needs at least 1 step, got steps={self.steps}")
+        if self.nonfinite_loss not in NONFINITE_LOSS:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS}, not {self.nonfinite_loss!r}")
 
 
 # the learning rate at `step` of `steps`, as a fraction of the base rate: a function of the step
@@ -71,7 +78,7 @@ def load_pairs(sources: list, size: int, split: str = "train", progress: bool = 
 
     A source is a dataset spec, or a list of `Sample`s (what the pipeline passes)."""
     pairs, problems = [], []
-    samples = [s for src in sources for s in (src if isinstance(src, list) else read_dataset(_spec(src), split))]
+    samples = [s for src in sources for s in (src if isinstance(src, list) else list_samples(src, split))]
     for s in tqdm(samples, desc="loading masks", disable=not progress, leave=False):
         if s.mask is None:
             problems.append(f"{s.image}: no mask")
@@ -89,13 +96,6 @@ def load_pairs(sources: list, size: int, split: str = "train", progress: bool = 
         m = np.asarray(_short_side(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)) > 127
         pairs.append((im, m))
     return pairs, problems
-
-
-def _spec(spec: str) -> str:
-    """A bare folder with metadata.jsonl is this project's imagefolder layout."""
-    if ":" not in spec.split("/")[0] and (Path(spec) / "metadata.jsonl").exists():
-        return f"imagefolder:{spec}"
-    return spec
 
 
 def random_crop_batch(pairs: list, idx, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +133,12 @@ def validate(net: UNet, pairs: list, size: int, device) -> dict:
 
 
 def train_segmenter(cfg: TrainSegConfig) -> Path:
+    with trainer_accelerator() as accelerator:
+        return _train_segmenter(cfg, accelerator)
+
+
+def _train_segmenter(cfg: TrainSegConfig, accelerator) -> Path:
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     pairs, problems = load_pairs(cfg.data, cfg.input_size, cfg.split, cfg.progress and accelerator.is_main_process)
     for p in problems:
         accelerator.print(f"skipped {p}")
@@ -148,11 +152,13 @@ def train_segmenter(cfg: TrainSegConfig) -> Path:
     torch.manual_seed(cfg.seed)
     net = UNet(width=cfg.width)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    precision = Precision(cfg.mixed_precision, accelerator.device)
     net_p, optimizer = accelerator.prepare(net, optimizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {**asdict(cfg), "train_pairs": len(train), "val_pairs": len(val), "skipped": problems})
     start, state = resume(accelerator, out)
+    precision.load_state(state)
     history = state.get("validation", [])
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-seg",
@@ -162,20 +168,22 @@ def train_segmenter(cfg: TrainSegConfig) -> Path:
         x, y = random_crop_batch(train, rng.integers(0, len(train), cfg.batch_size), cfg.input_size, rng)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * LR_SCHEDULES[cfg.lr_schedule](step, cfg.steps)
-        with accelerator.autocast():
+        with precision.autocast():
             logits = net_p(x.to(accelerator.device))
         loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(accelerator.device))
-        accelerator.backward(loss)
-        optimizer.step()
+        if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
+            optimizer.zero_grad()
+            continue
+        precision.backward(accelerator, loss)
+        precision.step(optimizer)
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            unwrapped = accelerator.unwrap_model(net_p)
             if val and accelerator.is_main_process:
-                history.append({"step": step + 1, **validate(unwrapped, val, cfg.input_size, accelerator.device)})
-            save_checkpoint(accelerator, out, step + 1, lambda d: save_segmenter(unwrapped, d, cfg.input_size),
-                            extra={"validation": history})
+                history.append({"step": step + 1, **validate(accelerator.unwrap_model(net_p), val, cfg.input_size, accelerator.device)})
+            save_checkpoint(accelerator, out, step + 1, extra={"validation": history, **precision.state()},
+                            total_limit=cfg.checkpoints_total_limit)
     if accelerator.is_main_process:
-        publish(last_checkpoint(out) / "model", out / "model")
+        write_folder(out / "model", lambda tmp: save_segmenter(accelerator.unwrap_model(net_p), tmp, cfg.input_size))
     accelerator.wait_for_everyone()
     return out / "model"
