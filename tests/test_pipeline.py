@@ -38,7 +38,7 @@ def test_every_shipped_config_loads():
 
 
 def _tiny_demo(out, model_dir):
-    cfg = demo_config(out, model=str(model_dir), device="cpu")
+    cfg = demo_config(out, model=str(model_dir), device="cpu", num_images=30)  # 24 train, 6 test: every stage, seconds
     cfg.prelim.steps = 2
     cfg.finetune.steps = 2
     cfg.refine.steps = 2
@@ -52,10 +52,13 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     metrics = Run(cfg, progress=False).execute()
     assert list(metrics) == list(ROW_NAMES)  # every row of the paper's table
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(saved) == set(ROW_NAMES)
+    assert set(saved) == set(ROW_NAMES) | {"protocol"} and "centre crop 32x32" in saved["protocol"]
     assert (tmp_path / "run" / "report.html").read_text().count("<img src='data:image/png;base64,") == 2
-    for row in saved.values():
-        assert all(0.0 <= row[k] <= 1.0 for k in ("acc", "iou", "miou"))
+    for key in ROW_NAMES:
+        assert all(0.0 <= saved[key][k] <= 1.0 for k in ("acc", "iou", "miou"))
+        assert saved[key]["evaluated"] + saved[key]["missing"] == 6  # every row on the same 6 test images
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["disk_bytes"]["finetune"] > manifest["disk_bytes"]["prelim"] > 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["finetune"]["steps"] == 2 and "torch" in manifest["versions"]
     mask = tmp_path / "run" / "refine" / "masks"
@@ -82,16 +85,40 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run" / "prelim.old").exists()
 
 
-def test_a_moved_run_folder_is_not_retrained(tiny_model_dir, tmp_path):
+def _outputs(run: Path) -> dict:
+    """Every output file of a run but its run-level records, with its modification time."""
+    return {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")
+            if p.is_file() and p.name not in ("manifest.json", "stages.json", "metrics.json", "report.html")
+            and not p.name.startswith("grid_") and "data" not in p.relative_to(run).parts[:1]}
+
+
+def test_a_moved_run_redoes_nothing_nor_do_execution_settings(tiny_model_dir, tmp_path):
+    """Manifests held absolute paths, so a moved run redid stages 3 and 4; batch sizes, checkpoint
+    cadence, gradient checkpointing and the latent cache were part of the fingerprints."""
     import shutil
 
     Run(_tiny_demo(tmp_path / "run", tiny_model_dir), progress=False).execute()
-    shutil.copytree(tmp_path / "run", tmp_path / "moved")
-    log = tmp_path / "moved" / "finetune" / "train_log.jsonl"
-    before = log.stat().st_mtime_ns
-    Run(_tiny_demo(tmp_path / "moved", tiny_model_dir), progress=False).execute()
-    assert log.stat().st_mtime_ns == before
-    assert not list((tmp_path / "moved").glob("*.old")) and not list((tmp_path / "moved" / "segmenter").glob("*.old"))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    before = _outputs(tmp_path / "moved")
+    metrics = json.loads((tmp_path / "moved" / "metrics.json").read_text())
+    cfg = override_config(_tiny_demo(tmp_path / "moved", tiny_model_dir),
+                          ["refine.batch_size=3", "prelim.batch_size=7", "synth.batch_size=2", "finetune.checkpoint_every=1",
+                           "finetune.gradient_checkpointing=true", "finetune.latent_cache=2", "segmenter.checkpoint_every=1",
+                           "finetune.checkpoints_total_limit=5"])
+    Run(cfg, progress=False).execute()
+    assert _outputs(tmp_path / "moved") == before  # not one file rewritten
+    assert json.loads((tmp_path / "moved" / "metrics.json").read_text()) == metrics
+    assert not list((tmp_path / "moved").rglob("*.old"))
+
+
+def test_a_plain_folder_of_test_images_is_segmented(tiny_model_dir, tmp_path, make_image):
+    cfg = _tiny_demo(tmp_path / "run", tiny_model_dir)
+    for i in range(2):
+        make_image(tmp_path / "new" / f"photo{i}.jpg", 40, 30, seed=i)
+    cfg = override_config(cfg, [f"test_images={tmp_path / 'new'}", "synth.num=0", "segmenter.supervised=false",
+                                "segmenter.train_on_prelim=false", "baselines=false"])
+    assert Run(cfg, progress=False).execute() == {}  # nothing to score against
+    assert sorted(p.name for p in (tmp_path / "run" / "eval" / "unet_real" / "masks").iterdir()) == ["photo0.png", "photo1.png"]
 
 
 def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_image):

@@ -76,7 +76,7 @@ def resumed(dataset, scratch, tmp_path_factory) -> SimpleNamespace:
     """A copy of the 4-step run, continued to 6 steps; the old files aged so a rewrite shows."""
     out = tmp_path_factory.mktemp("resumed") / "run"
     shutil.copytree(scratch.out, out)
-    kept = [p for d in ("checkpoints/step-000002", "checkpoints/step-000004", "vae") for p in _files(out / d)]
+    kept = [p for d in ("checkpoints/step-000004", "vae") for p in _files(out / d)]
     for p in kept:
         os.utime(p, ns=(OLD_NS, OLD_NS))
     contents = {p: p.read_bytes() for p in kept}
@@ -93,11 +93,16 @@ def test_scratch_layout(scratch, dataset) -> None:
     for step in (2, 4):
         ckpt = out / "checkpoints" / f"step-{step:06d}"
         assert json.loads((ckpt / "state.json").read_text()) == {"step": step, "ema_optimization_step": step}
-        assert (ckpt / "accelerate").is_dir() and (ckpt / "model" / "model_index.json").exists()
+        assert (ckpt / "accelerate").is_dir() and (ckpt / "ema.safetensors").exists()
+        assert not (ckpt / "model").exists()  # the model is exported once, at the end (an SD export is GBs)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    # the final model is the last checkpoint's (EMA) model
-    for comp in ("unet", "text_encoder", "vae"):
-        assert _same(_weights(out / "model", comp), _weights(out / "checkpoints" / "step-000004" / "model", comp)), comp
+    # the final model holds the EMA weights of the last step
+    ema = load_file(out / "checkpoints" / "step-000004" / "ema.safetensors")
+    unet = _weights(out / "model", "unet")
+    from diffusers import UNet2DConditionModel
+
+    order = [n for n, _ in UNet2DConditionModel.from_pretrained(out / "model" / "unet").named_parameters()]
+    assert all(torch.equal(unet[name], ema[str(i)]) for i, name in enumerate(order))
     cfg = json.loads((out / "train_config.json").read_text())
     n_train = sum(r.split != "test" for r in read_imagefolder(dataset))
     assert cfg["num_images"] == n_train and 0 < n_train < 16
@@ -131,7 +136,8 @@ def test_scratch_weights_changed_from_initialisation(scratch) -> None:
     assert _fraction_changed(_weights(model, "text_encoder"), init["text_encoder"].state_dict()) > 0.9
     assert _fraction_changed(_weights(model, "vae"), init["vae"].state_dict()) > 0.9
     # the first checkpoint differs from the second: training went on between them
-    assert not _same(_weights(scratch.out / "checkpoints/step-000002/model", "unet"), _weights(model, "unet"))
+    assert not _same(load_file(scratch.out / "checkpoints/step-000002/ema.safetensors"),
+                     load_file(scratch.out / "checkpoints/step-000004/ema.safetensors"))
 
 
 def test_scratch_vae_scaling_factor(scratch, dataset) -> None:
@@ -152,24 +158,24 @@ def test_scratch_vae_scaling_factor(scratch, dataset) -> None:
 # ------------------------------------------------------------------ resumed
 
 
-def test_resume_continues_from_the_last_checkpoint(resumed) -> None:
+def test_resume_continues_from_the_last_checkpoint(resumed, scratch) -> None:
     out = resumed.out
     assert "resumed from" in resumed.log and "step-000004" in resumed.log and "at step 4" in resumed.log
     assert json.loads((out / "checkpoints/step-000006/state.json").read_text()) == {"step": 6, "ema_optimization_step": 6}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
-    # earlier checkpoints and the trained VAE were neither rewritten nor changed
+    # checkpoints_total_limit 2: the oldest is gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    # the kept checkpoint and the trained VAE were neither rewritten nor changed
     for p, data in resumed.kept.items():
         assert p.stat().st_mtime_ns == OLD_NS, p
         assert p.read_bytes() == data, p
-    assert _same(_weights(out / "model", "unet"), _weights(out / "checkpoints/step-000006/model", "unet"))
-    assert not _same(_weights(out / "model", "unet"), _weights(out / "checkpoints/step-000004/model", "unet"))
+    assert not _same(_weights(out / "model", "unet"), _weights(scratch.final, "unet"))  # 2 more steps
     assert json.loads((out / "train_config.json").read_text())["steps"] == 6
 
 
 def test_resume_equals_an_uninterrupted_run(resumed, dataset, tmp_path_factory) -> None:
     out = tmp_path_factory.mktemp("straight") / "run"
     _run(_cfg(dataset, out, steps=6))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     for comp in ("unet", "text_encoder", "vae"):
         a, b = _weights(out / "model", comp), _weights(resumed.out / "model", comp)
         assert a.keys() == b.keys()
@@ -182,9 +188,10 @@ def test_rerun_after_the_last_step_changes_nothing(resumed, dataset) -> None:
     files = _files(ckpt)
     for p in files:
         os.utime(p, ns=(OLD_NS, OLD_NS))
+    before = _weights(resumed.out / "model", "unet")
     _run(_cfg(dataset, resumed.out, steps=6))
     assert all(p.stat().st_mtime_ns == OLD_NS for p in files)
-    assert _same(_weights(resumed.out / "model", "unet"), _weights(ckpt / "model", "unet"))
+    assert _same(_weights(resumed.out / "model", "unet"), before)
 
 
 # ------------------------------------------------------------------ fine-tuning
@@ -219,13 +226,14 @@ def test_cli_unknown_preset_is_a_clean_error(dataset, tmp_path, capsys) -> None:
 
 
 def test_a_checkpoint_without_its_ema_file_still_resumes(scratch, dataset, tmp_path_factory) -> None:
-    """Checkpoints written before ema.safetensors existed: the EMA is rebuilt from the model export,
-    so continuing gives the same weights as continuing a checkpoint that has the file."""
+    """Checkpoints written before ema.safetensors existed kept the EMA only in a model export: the
+    EMA is rebuilt from it, so continuing gives the same weights as continuing one that has the file."""
     with_file = tmp_path_factory.mktemp("with_ema") / "run"
     without = tmp_path_factory.mktemp("without_ema") / "run"
     shutil.copytree(scratch.out, with_file)
     shutil.copytree(scratch.out, without)
     (without / "checkpoints/step-000004/ema.safetensors").unlink()
+    shutil.copytree(scratch.out / "model", without / "checkpoints/step-000004/model")  # that run's layout: the final = step 4 EMA
     _run(_cfg(dataset, with_file, steps=6))
     _run(_cfg(dataset, without, steps=6))
     for comp in ("unet", "text_encoder"):

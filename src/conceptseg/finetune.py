@@ -105,6 +105,14 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return (((pred.float() - target.float()) * mask) ** 2).mean(dim=(1, 2, 3))
 
 
+def denoising_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                   loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: `masked_loss` of the UNet's prediction on the noised latents against the target
+    its scheduler's `prediction_type` asks for."""
+    pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
+    return masked_loss(pred, diffusion_target(scheduler, latents, noise, t), loss_mask)
+
+
 # ---------------------------------------------------------------- data
 
 @dataclass
@@ -315,8 +323,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         text = cond[torch.from_numpy(background.astype(np.int64)).to(accelerator.device)]
         with accelerator.accumulate(unet_p):
             with precision.autocast():
-                pred = unet_p(scheduler.add_noise(latents, noise, t), t, text).sample
-            loss = masked_loss(pred, diffusion_target(scheduler, latents, noise, t), loss_mask).mean()
+                loss = denoising_loss(unet_p, scheduler, latents, noise, t, text, loss_mask).mean()
             if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
                 optimizer.zero_grad()
                 continue

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptseg.inpaint import sample_latents
-from conceptseg.io import Manifest, save_mask_png, save_png
+from conceptseg.io import Manifest, save_mask_png, save_png, write_text
 from conceptseg.models import DiffusionModel
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.prelim import PrelimConfig, PrelimRunner
@@ -92,6 +92,6 @@ def write_metadata(out: Path, config: SynthConfig) -> None:
             rows.append({"file_name": f"images/{i:06d}.png", "mask_file_name": f"masks/{i:06d}.png",
                          "caption": config.concept_prompt, "class": config.concept[0], "classes": config.concept[:1],
                          "split": "train", "synthetic": True})
-    tmp = out / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out / "metadata.jsonl")
+    text, path = "".join(json.dumps(r) + "\n" for r in rows), out / "metadata.jsonl"
+    if not path.exists() or path.read_text() != text:  # unchanged: left alone, so a complete run rewrites nothing
+        write_text(path, text)

@@ -130,7 +130,7 @@ def _add_missing_ema_file(out: Path, train_te: bool, accelerator: Accelerator) -
     """Checkpoints from before ema.safetensors existed kept the EMA weights only in their model
     export; rebuild the file from it so such a run resumes."""
     ckpt = last_checkpoint(out)
-    if ckpt is None or (ckpt / "ema.safetensors").exists() or not accelerator.is_main_process:
+    if ckpt is None or (ckpt / "ema.safetensors").exists() or not (ckpt / "model").exists() or not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
     from safetensors.torch import save_file

@@ -2,7 +2,7 @@
 
 A registry of named presets over one private builder (the segment-anything pattern). Used by the
 tests (`tiny`), by `train-t2i` from scratch (`toy`, the embedded default's architecture) and by
-the benchmarks (`sd15`, the published SD v1.5 architecture).
+the benchmarks (`sd15` and `sd21-768`, the published SD v1.5 and v2.1-768 architectures).
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ class DiffusionArch:
     text_layers: int
     text_heads: int
     norm_groups: int = 32
+    prediction_type: str = "epsilon"  # SD 2.x 768 models predict v
+    linear_projection: bool = False  # SD 2.x: linear instead of 1x1-conv projections in its transformers
+    text_act: str = "quick_gelu"  # OpenAI CLIP; SD 2.x's OpenCLIP ViT-H uses "gelu"
 
 
-def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SD_SCHEDULER_CONFIG)
+def build_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
 def _build(arch: DiffusionArch, seed: int = 0) -> dict:
@@ -73,6 +76,7 @@ def _build(arch: DiffusionArch, seed: int = 0) -> dict:
         layers_per_block=arch.unet_layers_per_block,
         cross_attention_dim=arch.text_width,
         attention_head_dim=arch.unet_heads,  # diffusers' SD-1 naming: this is the number of heads
+        use_linear_projection=arch.linear_projection,
         norm_num_groups=min(arch.norm_groups, arch.unet_channels[0]),
     )
     text_encoder = CLIPTextModel(
@@ -83,11 +87,11 @@ def _build(arch: DiffusionArch, seed: int = 0) -> dict:
             num_hidden_layers=arch.text_layers,
             num_attention_heads=arch.text_heads,
             max_position_embeddings=77,
-            hidden_act="quick_gelu",
+            hidden_act=arch.text_act,
             projection_dim=arch.text_width,
         )
     )
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=build_scheduler())
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=build_scheduler(arch.prediction_type))
 
 
 PRESETS: dict[str, DiffusionArch] = {
@@ -96,6 +100,12 @@ PRESETS: dict[str, DiffusionArch] = {
         image_size=32, vae_channels=(32, 64), latent_channels=4, unet_channels=(32, 64),
         unet_cross_attention=(True, True), unet_layers_per_block=1, unet_heads=2,
         text_width=32, text_layers=2, text_heads=2,
+    ),
+    # `tiny` predicting v (as SD 2.x 768 does), for the v-prediction paths.
+    "tiny-v": DiffusionArch(
+        image_size=32, vae_channels=(32, 64), latent_channels=4, unet_channels=(32, 64),
+        unet_cross_attention=(True, True), unet_layers_per_block=1, unet_heads=2,
+        text_width=32, text_layers=2, text_heads=2, prediction_type="v_prediction", linear_projection=True,
     ),
     # The embedded default's architecture: 64x64 images, 32x32x4 latents, cross-attention at
     # 32, 16 and 8. The text encoder has ZERO transformer layers so each word keeps its own token
@@ -110,6 +120,13 @@ PRESETS: dict[str, DiffusionArch] = {
         image_size=512, vae_channels=(128, 256, 512, 512), latent_channels=4,
         unet_channels=(320, 640, 1280, 1280), unet_cross_attention=(True, True, True, False),
         unet_layers_per_block=2, unet_heads=8, text_width=768, text_layers=12, text_heads=12,
+    ),
+    # Stable Diffusion 2.1 (768 px, v-prediction, OpenCLIP ViT-H text encoder; random weights).
+    "sd21-768": DiffusionArch(
+        image_size=768, vae_channels=(128, 256, 512, 512), latent_channels=4,
+        unet_channels=(320, 640, 1280, 1280), unet_cross_attention=(True, True, True, False),
+        unet_layers_per_block=2, unet_heads=(5, 10, 20, 20), text_width=1024, text_layers=23, text_heads=16,
+        prediction_type="v_prediction", linear_projection=True, text_act="gelu",
     ),
 }
 
