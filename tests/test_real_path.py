@@ -249,3 +249,31 @@ def test_the_run_manifest_survives_a_machine_without_git(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert pipeline._git_commit() is None
+
+
+def test_the_real_path_benchmark_runs_in_its_cpu_form(tmp_path):
+    """benchmarks/real_path.py in its CPU form on Stanford Cars' layout (file names repeated across
+    splits) with a v-prediction model: `conceptseg run` with configs/cars.yaml's settings scaled down,
+    the fine-tune in bf16 autocast and the segmenters in fp32 in one process, every stage, box IoU."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "real_path.py"
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--device", "cpu", "--models", "sd21-768-like",
+                           "--datasets", "cars", "--work", str(tmp_path / "work"), "--json", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert result["dataset"] == "cars" and result["images"] == {"train": 4, "test": 4}
+    assert {"prelim", "finetune", "refine", "crop", "synth", "segmenter/unet_real", "segment/unet_real"} <= set(result["stages"])
+    assert all(s["items_per_s"] and s["items_per_s"] > 0 for s in result["stages"].values())
+    rows = {k: v for k, v in result["metrics"].items() if isinstance(v, dict)}
+    assert {"prelim", "refined", "unet_real", "unet_real_synth"} <= set(rows)
+    assert all("box_iou" in r and r["evaluated"] + r["missing"] == 4 for r in rows.values())
+    masks = tmp_path / "work" / "cars-sd21-768-like" / "run" / "prelim" / "masks"
+    assert sorted(p.stem for p in masks.iterdir()) == ["test_00001", "test_00002", "test_00003", "test_00004",
+                                                      "train_00001", "train_00002", "train_00003", "train_00004"]
+    config = json.loads((tmp_path / "work" / "cars-sd21-768-like" / "run" / "manifest.json").read_text())["config"]
+    assert config["finetune"]["mixed_precision"] == "bf16" and config["segmenter"]["mixed_precision"] == "no"

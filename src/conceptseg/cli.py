@@ -203,6 +203,7 @@ def _limit(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo", help="run the pipeline on held-out toy-world images with the embedded model and score it")
@@ -396,14 +397,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the project raises name the file and the problem in one line; anything else is a bug
+    or an input nobody foresaw: one line naming it, and the traceback with --debug (or
+    CONCEPTSEG_DEBUG=1)."""
+    import os
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CONCEPTSEG_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Errors we raise name the file and the problem; no traceback from deep inside a library.
+    except KeyboardInterrupt:
+        print(f"conceptseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as e:  # ours, and the libraries' that name their file
+        if debug:
+            raise
         print(f"conceptseg {args.command}: error: {e}", file=sys.stderr)
+        if _out_of_memory(e):
+            print(_MEMORY_HINT, file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"conceptseg {args.command}: unexpected {type(e).__name__}: {e}\n"
+              "rerun with --debug (or CONCEPTSEG_DEBUG=1) for the traceback, and report it if the input looks fine",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+_MEMORY_HINT = ("out of memory: lower --batch-size, raise --gradient-accumulation to keep the effective batch, use "
+                "--gradient-checkpointing, --method lora, --optimizer adamw-8bit or --mixed-precision bf16; a rerun "
+                "resumes from the last checkpoint")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 if __name__ == "__main__":

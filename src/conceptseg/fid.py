@@ -43,7 +43,7 @@ def inception_features(images: list[Path], weights: Path | None, batch_size: int
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:
-        raise RuntimeError(f"FID needs torch-fidelity (pip install torch-fidelity): {e}") from None
+        raise RuntimeError(f"FID needs torch-fidelity (pip install 'conceptseg[fid]'): {e}") from None
     if weights is None or not Path(weights).exists():
         raise RuntimeError(f"FID needs the InceptionV3 weights file {INCEPTION_WEIGHTS} (torch-fidelity's "
                            "'inception-v3-compat'); this machine cannot download it: pass --inception-weights PATH")

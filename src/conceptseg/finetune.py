@@ -219,7 +219,7 @@ def _optimizer(params, cfg: FinetuneConfig, device: torch.device):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("--optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes)") from None
+            raise ValueError("--optimizer adamw-8bit needs bitsandbytes (pip install 'conceptseg[adam8bit]')") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr)
     if cfg.optimizer == "adamw-fused":
         return torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")

@@ -13,8 +13,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 PAD_VALUE = 127
 
 
-class ImageReadError(ValueError):
+class SampleError(ValueError):
+    """One sample cannot be processed: per-image stages name it, record it as failed and go on."""
+
+
+class ImageReadError(SampleError):
     """An input image that cannot be read; the message names the file and the problem."""
+
+
+class NonFiniteError(SampleError):
+    """A map, latent or decoded image holds NaN or infinite values."""
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -35,7 +43,10 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: unreadable or truncated image ({e})") from None
     if im.width < 1 or im.height < 1:
         raise ImageReadError(f"{path}: empty image ({im.width}x{im.height})")
-    return to_rgb(im)
+    try:
+        return to_rgb(im)
+    except (OSError, ValueError) as e:
+        raise ImageReadError(f"{path}: {im.mode} image that cannot be converted to RGB ({e})") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -53,8 +64,34 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def load_mask_file(path: str | Path) -> np.ndarray:
-    """A mask image as bool HxW: grey value > 127 is foreground (what `io.save_mask_png` writes)."""
-    return np.asarray(load_rgb(path).convert("L")) > 127
+    """A mask image as bool HxW, however it is stored: 0/255 grey (what `io.save_mask_png` writes;
+    soft masks such as CUB's are cut at half range), 0/1 values, a 1-bit image, 16-bit or float
+    grey, or the alpha channel of a cut-out (RGBA / LA / palette transparency, when the alpha varies)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a mask image Pillow can read ({e})") from None
+    if im.mode == "1":
+        return np.asarray(im, dtype=bool)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "L")
+    if im.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() != alpha.max():  # a cut-out: its alpha is the mask
+            return alpha >= 128
+        im = im.convert("L")
+    values = np.asarray(im if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F") else im.convert("L"))
+    if values.dtype.kind == "f":
+        return values >= 0.5
+    top = int(values.max()) if values.size else 0
+    if top <= 1:  # stored as 0/1
+        return values > 0
+    return values >= (128 if top <= 255 else 32768)  # 8-bit, or 16-bit stored in a wider mode
 
 
 def to_model_input(images, device=None, dtype=None):
@@ -73,6 +110,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(a.round().astype(np.uint8), mode="L")
     if im.mode == "P":
         im = im.convert("RGBA")
+    if im.mode == "LAB":  # Pillow has no direct LAB -> RGB conversion; littleCMS does it
+        from PIL import ImageCms
+
+        im = ImageCms.applyTransform(im, ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                                                  "LAB", "RGB"))
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA")
         canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class DiskFullError(OSError):
+    """A write found the disk full (ENOSPC); the message names the file."""
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,8 +34,11 @@ def _atomic(path: Path, write) -> None:
             write(f)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing {path}; nothing partial was "
+                                "left: free some space and rerun, the run resumes where it stopped") from None
         raise
 
 
@@ -171,30 +179,71 @@ def process_images(samples: Sequence, manifest: Manifest, batch_size: int, is_do
                    load: Callable[[Any], Any], process: Callable[[list, list[Any]], None],
                    overwrite: bool = False, progress: bool = True) -> dict:
     """The loop of every per-image stage over `Sample`s (their `key` names every output): skip
-    samples whose outputs exist, load the rest in batches, report and record an unreadable one
-    (`load` raises ImageReadError) and go on, hand each batch to `process` (which writes the
-    outputs and records them), and keep a progress bar."""
+    samples whose outputs exist, load the rest in batches and hand each batch to `process` (which
+    writes the outputs and records them), with a progress bar.
+
+    A sample that cannot be read, or whose map or decoded image is not finite (`SampleError`), is
+    named, recorded as failed and skipped; its batch is redone one sample at a time so the others
+    are kept. Out of memory, the batch size is halved and the stage goes on, saying so."""
+    import torch
     from tqdm.auto import tqdm
 
-    from conceptseg.geometry import ImageReadError
+    from conceptseg.geometry import SampleError
 
     todo = [s for s in samples if overwrite or not is_done(s)]
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=manifest.data["stage"], unit="img", disable=not progress)
     failed = 0
-    for start in range(0, len(todo), batch_size):
+
+    def fail(s, e: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        message = str(e) if str(s.image) in str(e) else f"{s.image}: {e}"
+        tqdm.write(f"skipped {message}")
+        manifest.record(s.key, "failed", error=message)
+        bar.update(1)
+
+    def run(batch: list, loaded: list) -> None:
+        try:
+            process(batch, loaded)
+        except SampleError as e:
+            if len(batch) == 1:
+                return fail(batch[0], e)
+            for one, item in zip(batch, loaded):  # find the sample at fault, keep the rest
+                run([one], [item])
+            return
+        bar.update(len(batch))
+
+    start = 0
+    while start < len(todo):
+        chunk = todo[start : start + batch_size]
         batch, loaded = [], []
-        for s in todo[start : start + batch_size]:
+        for s in chunk:
             try:
                 loaded.append(load(s))
                 batch.append(s)
-            except ImageReadError as e:
-                failed += 1
-                tqdm.write(f"skipped {e}")
-                manifest.record(s.key, "failed", error=str(e))
-                bar.update(1)
-        if batch:
-            process(batch, loaded)
-            bar.update(len(batch))
+            except SampleError as e:
+                fail(s, e)
+        try:
+            if batch:
+                run(batch, loaded)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise RuntimeError(f"{manifest.data['stage']}: out of memory with one image per batch ({batch[0].image}); "
+                                   "use a smaller model resolution, bf16 (--dtype bf16), or a device with more memory") from None
+            batch_size = max(1, batch_size // 2)
+            tqdm.write(f"{manifest.data['stage']}: out of memory; batch size halved to {batch_size}, going on")
+            _empty_cache()
+            bar.update(-(len(chunk) - len(batch)))  # those read failures are recounted on the retry
+            failed -= len(chunk) - len(batch)
+            continue
+        start += len(chunk)
     bar.close()
     manifest.flush()
     return {"images": len(samples), "processed": len(todo) - failed, "skipped_done": len(samples) - len(todo), "failed": failed}
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

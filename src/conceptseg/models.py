@@ -13,7 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from conceptseg.geometry import to_model_input
+from conceptseg.geometry import NonFiniteError, to_model_input
+from conceptseg.tokenizer import check_prompt_length
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
@@ -79,6 +80,8 @@ class DiffusionModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in prompts:
+            check_prompt_length(self.tokenizer, prompt)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
@@ -93,6 +96,8 @@ class DiffusionModel:
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> uint8 images (N, H, W, 3)."""
         x = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        if not torch.isfinite(x).all():  # NaN would become black pixels, and black would become foreground
+            raise NonFiniteError("the decoded image holds NaN or infinite values")
         return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from conceptseg import distributed
@@ -199,6 +200,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.counts: dict[str, Any] = {}
         self.folders: dict[str, Path] = {}
+        self.peak_cuda_mb: dict[str, float] = {}
         self._model = None
         ledger = self.out / "stages.json"
         self.fingerprints: dict[str, str] = json.loads(ledger.read_text()) if ledger.exists() else {}
@@ -228,10 +230,15 @@ class Run:
                 _move_aside(folder)
             write_json(self.out / "stages.json", self.fingerprints)  # before running: an interrupted stage resumes
         distributed.barrier()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         result = fn()
         distributed.barrier()
         self.timings[name] = round(time.perf_counter() - t0, 2)
+        if cuda:
+            self.peak_cuda_mb[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if result is not None:
             self.counts[name] = result
         if distributed.is_main():
@@ -241,7 +248,8 @@ class Run:
     def _write_manifest(self) -> None:
         write_json(self.out / "manifest.json", {"config": asdict(self.cfg), "versions": library_versions(),
                                                  "git_commit": _git_commit(), "timings_s": self.timings, "counts": self.counts,
-                                                 "disk_bytes": {k: _disk_use(f) for k, f in self.folders.items()}})
+                                                 "disk_bytes": {k: _disk_use(f) for k, f in self.folders.items()},
+                                                 "peak_cuda_mb": self.peak_cuda_mb})
 
     @staticmethod
     def _per_image(run_stage, **kwargs):

@@ -28,5 +28,9 @@ def binarize(values: np.ndarray, valid: np.ndarray | None = None, orphan: bool =
     """Foreground = above the GMM threshold (fitted on the `valid` cells only); then the orphan filter."""
     values = np.asarray(values)
     valid = np.ones(values.shape, dtype=bool) if valid is None else valid
+    if not np.isfinite(values[valid]).all():
+        from conceptseg.geometry import NonFiniteError
+
+        raise NonFiniteError(f"the map holds {int((~np.isfinite(values[valid])).sum())} NaN or infinite values")
     mask = (values > gmm_threshold(values[valid], seed)) & valid
     return orphan_filter(mask) & valid if orphan else mask

@@ -62,3 +62,12 @@ def concept_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> lis
             raise ValueError(f"concept word {word!r} does not occur in the prompt {prompt!r} (after tokenization)")
         found.append(list(range(starts[0], starts[0] + n)))
     return found
+
+
+def check_prompt_length(tokenizer, prompt: str) -> None:
+    """Refuse a prompt the text encoder would silently truncate, saying by how much."""
+    n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    limit = tokenizer.model_max_length
+    if n > limit:
+        raise ValueError(f"the prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {n} tokens long (start and end "
+                         f"tokens included); the text encoder reads {limit}: shorten it by {n - limit} tokens")

@@ -25,7 +25,7 @@ from PIL import Image
 from scipy.io import loadmat
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.geometry import image_size, load_rgb
+from conceptseg.geometry import image_size, load_mask_file
 
 SPLITS = ("train", "test", "all")
 # every extension Pillow can open (.jpg, .png, .tif, .webp, .bmp, ...)
@@ -378,19 +378,20 @@ def _check_unique(samples: list[Sample], where: str) -> None:
 # ---------------------------------------------------------------- masks and boxes
 
 def load_mask(sample: Sample) -> np.ndarray:
-    """The ground-truth mask as bool HxW at the image's size: grey value >= 128 is foreground (CUB's
-    soft masks rounded). A mask of another size but the same aspect ratio is resized (bilinear)."""
+    """The ground-truth mask as bool HxW at the image's size, read by `geometry.load_mask_file` (grey
+    >= half range, CUB's soft masks rounded; 0/1 values; an alpha matte). A mask of another size but
+    the same aspect ratio is resized (bilinear, >= 0.5)."""
     if sample.mask is None:
         raise ValueError(f"{sample.key}: no ground-truth mask for {sample.image} (for CUB, put the "
                          "segmentations download at <root>/segmentations or <root>/../segmentations)")
-    grey = load_rgb(sample.mask).convert("L")
+    mask = load_mask_file(sample.mask)
     w, h = image_size(sample.image)
-    if grey.size != (w, h):
-        if abs(grey.width * h - grey.height * w) > 0.02 * grey.width * h:
-            raise ValueError(f"mask {sample.mask} is {grey.width}x{grey.height} but image {sample.image} "
-                             f"is {w}x{h}: not the same picture")
-        grey = grey.resize((w, h), Image.Resampling.BILINEAR)
-    return np.asarray(grey) >= 128
+    if mask.shape != (h, w):
+        mh, mw = mask.shape
+        if abs(mw * h - mh * w) > 0.02 * mw * h:
+            raise ValueError(f"mask {sample.mask} is {mw}x{mh} but image {sample.image} is {w}x{h}: not the same picture")
+        mask = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)) >= 0.5
+    return mask
 
 
 def mask_to_box(mask: np.ndarray) -> Box | None:
