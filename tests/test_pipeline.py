@@ -189,3 +189,58 @@ def test_two_process_run_equals_one_process(tiny_model_dir, tmp_path):
     assert (run / "finetune" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == trained
     for d in ("prelim", "refine", "synth"):
         assert not list((run / d).glob("manifest.shard-*"))  # the shards' manifests were merged
+
+
+def test_killed_anywhere_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """SIGKILL `conceptseg run` at several points (inside stage 1, inside a trainer's checkpoint
+    write, inside refinement, inside a segmenter, inside the report), rerun each time: the same
+    metrics.json and mask files as a run never interrupted, and no temporary file left."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def config(run: Path) -> Path:
+        cfg = _tiny_demo(run, tiny_model_dir)
+        cfg = override_config(cfg, ["synth.num=2", "segmenter.train_on_prelim=false"])
+        path = tmp_path / f"{run.name}.yaml"
+        path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+        return path
+
+    def start(path: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "conceptseg", "run", str(path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    straight = tmp_path / "straight"
+    one = start(config(straight))
+    assert one.wait(timeout=900) == 0, one.stderr.read()[-3000:]
+
+    run = tmp_path / "killed"
+    path = config(run)
+    triggers = [
+        lambda: len(list((run / "prelim" / "masks").glob("*.png"))) >= 5,
+        lambda: any((run / "finetune" / "checkpoints").glob("step-*")),
+        lambda: len(list((run / "refine" / "masks").glob("*.png"))) >= 3,
+        lambda: any((run / "segmenter" / "unet_real" / "checkpoints").glob("step-*")),
+        lambda: (run / "grid_best.png").exists() or any(run.glob(".report.html.*")),
+    ]
+    killed = 0
+    for fired in triggers:
+        proc = start(path)
+        while proc.poll() is None and not fired():
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+    assert killed >= 3  # the run was really cut short, several times
+    last = start(path)
+    assert last.wait(timeout=900) == 0, last.stderr.read()[-3000:]
+
+    assert (run / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+    masks = {p.relative_to(straight) for p in straight.rglob("*.png") if "masks" in p.parts}
+    assert len(masks) > 50 and masks == {p.relative_to(run) for p in run.rglob("*.png") if "masks" in p.parts}
+    assert [m for m in masks if (run / m).read_bytes() != (straight / m).read_bytes()] == []
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]

@@ -285,6 +285,9 @@ class Run:
 
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            _remove_temporaries(out)
+        distributed.barrier()
         train = list_samples(cfg.images, cfg.split)
         test = list_samples(cfg.test_images, cfg.test_split) if cfg.test_images else []
         train_keys = {s.key for s in train}
@@ -416,6 +419,13 @@ def _move_aside(folder: Path) -> None:
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     folder.rename(old)
+
+
+def _remove_temporaries(run: Path) -> None:
+    """What a killed run left half-written (io's `.name.*.tmp` files, `.folder.tmp` exports): never
+    read, and removed before the run goes on."""
+    for p in sorted(run.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _disk_use(folder: Path) -> int:
