@@ -1,5 +1,6 @@
-"""One image geometry for every stage: resize the long edge to the model's resolution, pad to a
-square canvas, and map every mask back to the ORIGINAL image size (METHOD.md §8)."""
+"""Image geometry. The diffusion stages resize the long edge to the model's resolution, pad to a
+square canvas, and map every mask back to the ORIGINAL image size (METHOD.md §8). The segmenter
+(stage 5) resizes the SHORT side to its input size, as it was trained, and runs on the whole image."""
 
 from __future__ import annotations
 
@@ -78,6 +79,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(canvas, im)
     return im.convert("RGB")
+
+
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side at `size` and the aspect ratio kept (the segmenter's geometry)."""
+    s = size / min(width, height)
+    return max(size, round(width * s)), max(size, round(height * s))
+
+
+def resize_short_side(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """The image with its short side at `size`: what the segmenter trains and predicts on."""
+    return image.resize(short_side_size(image.width, image.height, size), resample)
 
 
 @dataclass(frozen=True)

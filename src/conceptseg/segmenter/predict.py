@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conceptseg.geometry import Canvas, load_rgb, to_model_input
+from conceptseg.geometry import load_rgb, resize_short_side, to_model_input
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png, write_json
 from conceptseg.modeling.segmenter import UNet
 
@@ -26,20 +26,41 @@ def save_segmenter(net: UNet, folder: Path, input_size: int) -> None:
     write_json(folder / CONFIG_FILE, {**net.config, "input_size": input_size, "architecture": "milesial-unet"})
 
 
+# The U-Net halves the resolution four times: inputs are padded to a multiple of 2**4.
+UNET_MULTIPLE = 16
+
+
 class Segmenter:
-    """A trained U-Net with its input size; images are resized (long edge) and padded, as everywhere."""
+    """A trained U-Net applied in its training geometry: the short side resized to `input_size` (as
+    in train-seg), the whole image run at once (the network is fully convolutional), padded to a
+    multiple of 16 by repeating edge pixels (no grey bars the network never saw), cropped back, and
+    the probabilities resized to the image's ORIGINAL size."""
 
     def __init__(self, net: UNet, input_size: int, device: str | torch.device = "cpu", threshold: float = 0.5):
         self.net = net.to(device).eval()
         self.input_size, self.device, self.threshold = input_size, torch.device(device), threshold
 
     @torch.no_grad()
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 in [-1, 1] -> (N, 1, H, W) logits."""
+        return self.net(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
     def probabilities(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """Foreground probability at each image's ORIGINAL size."""
-        canvases = [Canvas(im.width, im.height, self.input_size) for im in images]
-        x = np.stack([c.place(im.convert("RGB")) for c, im in zip(canvases, images)])
-        probs = torch.sigmoid(self.net(to_model_input(x, self.device)))[:, 0].float().cpu().numpy()
-        return [c.restore(p, resample=Image.Resampling.BILINEAR) for c, p in zip(canvases, probs)]
+        """Foreground probability (float32) at each image's ORIGINAL size."""
+        resized = [np.asarray(resize_short_side(im.convert("RGB"), self.input_size)) for im in images]
+        by_shape: dict[tuple[int, int], list[int]] = {}  # images of one resized size share a batch
+        for i, a in enumerate(resized):
+            by_shape.setdefault(a.shape[:2], []).append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for (h, w), idx in by_shape.items():
+            ph, pw = -h % UNET_MULTIPLE, -w % UNET_MULTIPLE
+            batch = np.stack([np.pad(resized[i], ((0, ph), (0, pw), (0, 0)), mode="edge") for i in idx])
+            x = to_model_input(batch).numpy()
+            probs = 1 / (1 + np.exp(-self.logits(x)[:, 0, :h, :w].astype(np.float64)))
+            for i, p in zip(idx, probs):
+                size = (images[i].width, images[i].height)
+                out[i] = np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        return out
 
     def masks(self, images: list[Image.Image]) -> list[np.ndarray]:
         return [p > self.threshold for p in self.probabilities(images)]
