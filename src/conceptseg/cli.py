@@ -161,12 +161,15 @@ def _cmd_train_seg(args) -> None:
 
 
 def _cmd_segment(args) -> None:
-    from conceptseg.segmenter.predict import load_segmenter, run_segment
+    from conceptseg.segmenter.predict import collect_rle, load_segmenter, run_segment
 
-    seg = load_segmenter(args.segmenter, device=args.device or distributed.device())
-    summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite,
+    seg = load_segmenter(args.segmenter, device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
+    summary = run_segment(seg, args.images, args.out, outputs=args.output, cutouts=args.cutout, color=args.color,
+                          background=args.background, rle=args.rle, batch_size=args.batch_size, overwrite=args.overwrite,
                           split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
+    if args.rle and distributed.is_main():
+        print(f"COCO RLE: {collect_rle(args.out)}")
     print(f"segment: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 
@@ -312,12 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_train_seg)
 
-    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, optional cut-outs")
-    s.add_argument("--segmenter", type=Path, required=True, help="folder made by train-seg (OUT/model)")
-    s.add_argument("--images", required=True, help="image folder, or a dataset spec (cub:/data/CUB_200_2011) with --split")
+    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, cut-outs, new backgrounds")
+    s.add_argument("--segmenter", required=True,
+                   help="folder made by train-seg (OUT/model), a saved or hub segmenter, or an .onnx file from export-onnx")
+    s.add_argument("--images", required=True,
+                   help="an image file, a folder, a quoted glob ('shots/*.jpg'), or a dataset spec (cub:ROOT) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs with a transparent background")
+    s.add_argument("--output", nargs="+", default=["mask"], choices=["mask", "rgba", "color", "background"],
+                   help="what to write, one sub-folder each: mask (0/255 PNG, masks/), rgba (cut-out, cutouts/), "
+                        "color (over --color, on_color/), background (over --background, on_background/)")
+    s.add_argument("--cutout", action="store_true", help="same as adding rgba to --output")
+    s.add_argument("--color", default="white", help="background colour for --output color (name, #rrggbb)")
+    s.add_argument("--background", type=Path, help="background picture for --output background (scaled to cover, centred)")
+    s.add_argument("--threshold", type=float, default=0.5, help="foreground where the probability exceeds this")
+    s.add_argument("--rle", action="store_true", help="also COCO RLE: rle/<stem>.json and OUT/masks_coco_rle.json (needs pycocotools)")
+    s.add_argument("--provider", default="auto",
+                   help="onnxruntime provider for an .onnx segmenter: auto (best available), cpu, cuda, tensorrt, coreml, ...")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default=None)
     s.add_argument("--overwrite", action="store_true")

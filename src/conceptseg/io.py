@@ -204,3 +204,26 @@ def process_images(files: Sequence[Path], manifest: Manifest, batch_size: int, i
     bar.close()
     manifest.flush()
     return {"images": len(files), "processed": len(todo) - failed, "skipped_done": len(files) - len(todo), "failed": failed}
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def image_arguments(source: str | Path | Sequence[Path]) -> str | Path | list[Path]:
+    """A command's image argument with single files and globs expanded: "photo.jpg" -> [photo.jpg],
+    "shots/*.png" -> the matching files (sorted); a folder, a dataset spec or a list pass through
+    unchanged to `list_images`."""
+    import glob
+
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if not path.exists() and glob.has_magic(str(source)):
+        matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"no files match {source}")
+        return matches
+    return source

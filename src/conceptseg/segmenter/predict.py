@@ -1,9 +1,11 @@
-"""Applying a trained segmenter: masks at each image's original size, RGBA cut-outs, ONNX export."""
+"""Applying a trained segmenter: masks at each image's original size, cut-outs and new backgrounds,
+COCO RLE, ONNX export and onnxruntime inference."""
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conceptseg import coco_rle
+from conceptseg.cutout import OUTPUT_FOLDERS, cutout, load_background, over, parse_color
 from conceptseg.geometry import load_rgb, resize_short_side, to_model_input
-from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png, write_json
+from conceptseg.io import Manifest, image_arguments, list_images, process_images, save_mask_png, save_png, write_bytes, write_json
 from conceptseg.modeling.segmenter import UNet
 
 WEIGHTS_FILE = "model.safetensors"
@@ -66,56 +70,151 @@ class Segmenter:
         return [p > self.threshold for p in self.probabilities(images)]
 
 
-def load_segmenter(folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+def load_segmenter(folder: str | Path, device: str | torch.device = "cpu", threshold: float = 0.5,
+                   provider: str = "auto") -> Segmenter:
+    """A segmenter folder (train-seg's OUT/model), or an exported .onnx file run by onnxruntime on
+    `provider` ("auto": the best available)."""
     folder = Path(folder)
+    if folder.suffix == ".onnx":
+        if not folder.is_file():
+            raise FileNotFoundError(f"{folder} not found")
+        return OnnxSegmenter(folder, provider=provider, threshold=threshold)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name} not found: {folder} is not a segmenter folder (made by `conceptseg train-seg`)")
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     net = UNet(cfg["in_channels"], cfg["out_channels"], cfg["width"])
     net.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    return Segmenter(net, cfg["input_size"], device)
+    return Segmenter(net, cfg["input_size"], device, threshold)
 
 
-def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
-    """RGBA with the background transparent."""
-    rgba = image.convert("RGBA")
-    rgba.putalpha(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
-    return rgba
-
-
-def run_segment(segmenter: Segmenter, images, out: Path, cutouts: bool = False, batch_size: int = 16,
+def run_segment(segmenter: Segmenter, images, out: Path, outputs: Sequence[str] = ("mask",), cutouts: bool = False,
+                color: str = "white", background: str | Path | None = None, rle: bool = False, batch_size: int = 16,
                 overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
-    """OUT/masks/<stem>.png (0/255, original size), optionally OUT/cutouts/<stem>.png (RGBA)."""
+    """OUT/<folder>/<stem>.png for each kind in `outputs`: masks/ (0/255, original size), cutouts/
+    (RGBA, `cutouts=True` adds it), on_color/ (the object over `color`), on_background/ (over the
+    picture `background`, fitted to each image); with `rle`, rle/<stem>.json (COCO RLE, joined by
+    `collect_rle`). `images`: a file, a folder, a glob or a dataset spec."""
     out = Path(out)
-    files = list_images(images, split)[shard[0] :: shard[1]]
-    manifest = Manifest.open(out, "segment", {"input_size": segmenter.input_size, "threshold": segmenter.threshold}, overwrite, shard)
+    kinds = list(dict.fromkeys([*outputs, *(["rgba"] if cutouts else [])]))
+    unknown = [k for k in kinds if k not in OUTPUT_FOLDERS]
+    if unknown:
+        raise ValueError(f"unknown output {', '.join(unknown)}; choose from {', '.join(OUTPUT_FOLDERS)}")
+    parse_color(color)
+    back = None
+    if "background" in kinds:
+        if background is None:
+            raise ValueError("output 'background' needs a background image (--background FILE)")
+        back = load_background(background)
+    if rle:
+        coco_rle.encode(np.zeros((1, 1), bool))  # fails now, not after the first batch, without pycocotools
+    files = list_images(image_arguments(images), split)[shard[0] :: shard[1]]
+    settings = {"input_size": segmenter.input_size, "threshold": segmenter.threshold, "geometry": "short-side",
+                "color": color, "background": str(Path(background).resolve()) if background is not None else None}
+    manifest = Manifest.open(out, "segment", settings, overwrite, shard)
+    targets = [out / OUTPUT_FOLDERS[k] for k in kinds]
 
     def is_done(p: Path) -> bool:
-        return (out / "masks" / f"{p.stem}.png").exists() and (not cutouts or (out / "cutouts" / f"{p.stem}.png").exists())
+        return all((d / f"{p.stem}.png").exists() for d in targets) and (not rle or (out / "rle" / f"{p.stem}.json").exists())
 
     def process(names: list[Path], images: list[Image.Image]) -> None:
         for p, image, mask in zip(names, images, segmenter.masks(images)):
-            if cutouts:
+            if "rgba" in kinds:
                 save_png(out / "cutouts" / f"{p.stem}.png", cutout(image, mask))
-            save_mask_png(out / "masks" / f"{p.stem}.png", mask)
+            if "color" in kinds:
+                save_png(out / "on_color" / f"{p.stem}.png", over(image, mask, color))
+            if "background" in kinds:
+                save_png(out / "on_background" / f"{p.stem}.png", over(image, mask, back))
+            if rle:
+                write_json(out / "rle" / f"{p.stem}.json", {"file_name": p.name, "segmentation": coco_rle.encode(mask)})
+            if "mask" in kinds:
+                save_mask_png(out / "masks" / f"{p.stem}.png", mask)
             manifest.record(p.name, "done", foreground=round(float(mask.mean()), 4))
 
     return process_images(files, manifest, batch_size, is_done, load_rgb, process, overwrite, progress)
 
 
+def collect_rle(out: Path, name: str = "masks_coco_rle.json") -> Path:
+    """OUT/rle/*.json joined into one COCO results-style list: [{"image_id": <stem>, "file_name",
+    "category_id": 1, "segmentation": {"size", "counts"}}] (image ids are file stems, not integers)."""
+    out = Path(out)
+    rows = []
+    for path in sorted((out / "rle").glob("*.json")):
+        entry = json.loads(path.read_text())
+        rows.append({"image_id": path.stem, "file_name": entry["file_name"], "category_id": 1, "segmentation": entry["segmentation"]})
+    write_json(out / name, rows)
+    return out / name
+
+
+# The providers `auto` tries, fastest first; onnxruntime falls back along the list.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "CoreMLExecutionProvider",
+                       "DmlExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                    "rocm": "ROCMExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider",
+                    "openvino": "OpenVINOExecutionProvider"}
+INPUT_SIZE_KEY = "conceptseg.input_size"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError("running an ONNX segmenter needs onnxruntime (pip install 'conceptseg[onnx]')") from None
+    return onnxruntime
+
+
+def onnx_providers(choice: str = "auto") -> list[str]:
+    """onnxruntime execution providers for `choice`: "auto" (the best available: CUDA, ROCm, CoreML,
+    DirectML, OpenVINO, then CPU), or one provider by name or alias (cpu, cuda, tensorrt, ...)."""
+    available = _onnxruntime().get_available_providers()
+    if choice == "auto":
+        return [p for p in PREFERRED_PROVIDERS if p in available] or available
+    name = PROVIDER_ALIASES.get(choice.lower(), choice)
+    if name not in available:
+        raise ValueError(f"onnxruntime provider {choice!r} is not available here; available: {', '.join(available)}")
+    return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+
+
+class OnnxSegmenter(Segmenter):
+    """The exported segmenter run by onnxruntime, with the same geometry as the torch one."""
+
+    def __init__(self, path: str | Path, input_size: int | None = None, provider: str = "auto", threshold: float = 0.5):
+        ort = _onnxruntime()
+        try:
+            self.session = ort.InferenceSession(str(path), providers=onnx_providers(provider))
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+        stored = self.session.get_modelmeta().custom_metadata_map.get(INPUT_SIZE_KEY)
+        if input_size is None and stored is None:
+            raise ValueError(f"{path} does not record its input size (not made by `conceptseg export-onnx`); pass --input-size")
+        self.net, self.device = None, torch.device("cpu")
+        self.input_size, self.threshold = int(input_size or stored), threshold
+        self.provider = self.session.get_providers()[0]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"image": x.astype(np.float32)})[0]
+
+
 def export_onnx(segmenter: Segmenter, path: Path, check: bool = True) -> float | None:
-    """ONNX with dynamic batch and size (input "image" in [-1, 1], output "logits"); with `check`,
-    the max abs difference to torch on a random batch (needs onnxruntime)."""
+    """ONNX with dynamic batch and size (input "image" in [-1, 1], output "logits"), its input size
+    kept in the model's metadata; with `check`, the max abs difference to torch on a random batch
+    (needs onnxruntime)."""
+    import io
+
+    import onnx
+
     net = segmenter.net.cpu().eval()
     x = torch.rand(2, 3, segmenter.input_size, segmenter.input_size) * 2 - 1
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, x, str(path), input_names=["image"], output_names=["logits"], opset_version=17,
+        torch.onnx.export(net, x, buffer, input_names=["image"], output_names=["logits"], opset_version=17,
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
                           dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(model, {INPUT_SIZE_KEY: str(segmenter.input_size)})
+    write_bytes(path, model.SerializeToString())
     if not check:
         return None
     try:
