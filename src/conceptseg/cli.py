@@ -180,6 +180,18 @@ def _cmd_export_onnx(args) -> None:
     print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
 
 
+def _cmd_share(args) -> None:
+    from conceptseg.segmenter.card import best_row, model_card
+    from conceptseg.segmenter.predict import load_segmenter
+
+    row = args.row or best_row(args.run)
+    seg = load_segmenter(Path(args.run) / "segmenter" / row / "model")
+    card = model_card(args.run, row)
+    print(f"saved {row} with its model card: {seg.save_pretrained(args.out, card)}")
+    if args.push_to_hub:
+        print(f"pushed: {seg.push_to_hub(args.push_to_hub, card, private=args.private)}")
+
+
 def _cmd_evaluate(args) -> None:
     from conceptseg.evaluate import format_summary, run_evaluate
 
@@ -342,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=_cmd_export_onnx)
+
+    s = sub.add_parser("share", help="a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed")
+    s.add_argument("--run", type=Path, required=True, help="run folder of `conceptseg run` or `demo`")
+    s.add_argument("--row", choices=["unet_real", "unet_real_synth", "unet_prelim", "supervised"],
+                   help="which segmenter (default: unet_real_synth if trained, else unet_real)")
+    s.add_argument("--out", type=Path, required=True, help="folder to write (config.json, model.safetensors, README.md)")
+    s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face Hub (needs a login: hf auth login)")
+    s.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    s.set_defaults(func=_cmd_share)
 
     s = sub.add_parser("evaluate", help="stage 6: score predicted masks against a dataset's ground truth")
     s.add_argument("--pred", type=Path, required=True, help="folder of <key>.png masks (or with a masks/ subfolder)")

@@ -11,23 +11,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from conceptseg import coco_rle
 from conceptseg.cutout import OUTPUT_FOLDERS, cutout, load_background, over, parse_color
 from conceptseg.geometry import load_rgb, resize_short_side, to_model_input
 from conceptseg.io import Manifest, image_arguments, list_images, process_images, save_mask_png, save_png, write_bytes, write_json
-from conceptseg.modeling.segmenter import UNet
+from conceptseg.modeling.segmenter import SegmenterNet, UNet
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
 def save_segmenter(net: UNet, folder: Path, input_size: int) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / WEIGHTS_FILE)
-    write_json(folder / CONFIG_FILE, {**net.config, "input_size": input_size, "architecture": "milesial-unet"})
+    """config.json + model.safetensors (+ a README.md model card stub): `SegmenterNet.save_pretrained`."""
+    _hub_net(net, input_size).save_pretrained(Path(folder))
+
+
+def _hub_net(net: UNet, input_size: int) -> SegmenterNet:
+    if isinstance(net, SegmenterNet) and net.input_size == input_size:
+        return net
+    hub = SegmenterNet(**net.config, input_size=input_size)
+    hub.load_state_dict(net.state_dict())
+    return hub
 
 
 # The U-Net halves the resolution four times: inputs are padded to a multiple of 2**4.
@@ -69,23 +74,60 @@ class Segmenter:
     def masks(self, images: list[Image.Image]) -> list[np.ndarray]:
         return [p > self.threshold for p in self.probabilities(images)]
 
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", threshold: float = 0.5,
+                        **hub_kwargs) -> "Segmenter":
+        """A segmenter folder or a Hugging Face Hub id (`hub_kwargs`: revision, token, ...)."""
+        net = SegmenterNet.from_pretrained(str(source), **hub_kwargs)
+        return cls(net, net.input_size, device, threshold)
+
+    def save_pretrained(self, folder: str | Path, model_card: str | None = None) -> Path:
+        """config.json + model.safetensors, and README.md: `model_card` (e.g. `card.model_card(run)`)
+        if given, else the mixin's stub (an existing README.md is kept)."""
+        folder = Path(folder)
+        if model_card is not None:
+            write_bytes(folder / "README.md", model_card.encode())
+        _hub_net(self.net, self.input_size).save_pretrained(folder)
+        return folder
+
+    def push_to_hub(self, repo_id: str, model_card: str | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "conceptseg segmenter") -> str:
+        """Create the repo if needed and upload the saved folder; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, model_card)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message)
+
 
 def load_segmenter(folder: str | Path, device: str | torch.device = "cpu", threshold: float = 0.5,
                    provider: str = "auto") -> Segmenter:
-    """A segmenter folder (train-seg's OUT/model), or an exported .onnx file run by onnxruntime on
-    `provider` ("auto": the best available)."""
-    folder = Path(folder)
-    if folder.suffix == ".onnx":
-        if not folder.is_file():
-            raise FileNotFoundError(f"{folder} not found")
-        return OnnxSegmenter(folder, provider=provider, threshold=threshold)
+    """A segmenter folder (train-seg's OUT/model or `save_pretrained`'s), a Hugging Face Hub id
+    ("user/name"), or an exported .onnx file run by onnxruntime on `provider` ("auto": the best available)."""
+    path = Path(folder)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        return OnnxSegmenter(path, provider=provider, threshold=threshold)
+    if not path.exists() and _looks_like_hub_id(str(folder)):
+        try:
+            return Segmenter.from_pretrained(str(folder), device, threshold)
+        except Exception as e:  # offline, unknown repo, missing file: one line naming the id
+            raise FileNotFoundError(f"{folder} is not a local folder and could not be loaded from the Hugging Face Hub "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} not found: {folder} is not a segmenter folder (made by `conceptseg train-seg`)")
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    net = UNet(cfg["in_channels"], cfg["out_channels"], cfg["width"])
-    net.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    return Segmenter(net, cfg["input_size"], device, threshold)
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path / name} not found: {path} is not a segmenter folder (made by `conceptseg train-seg`)")
+    return Segmenter.from_pretrained(path, device, threshold)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 def run_segment(segmenter: Segmenter, images, out: Path, outputs: Sequence[str] = ("mask",), cutouts: bool = False,
