@@ -180,6 +180,30 @@ def _cmd_export_onnx(args) -> None:
     print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
 
 
+def _cmd_serve(args) -> None:
+    from conceptseg.serve import App, make_server
+    from conceptseg.segmenter.predict import load_segmenter
+
+    device = args.device or distributed.device()
+    seg = load_segmenter(args.segmenter, device=device, threshold=args.threshold, provider=args.provider)
+    model = None
+    if args.model is not None:
+        from conceptseg.models import load_model
+
+        model = load_model(args.model, device=device, dtype=args.dtype)
+    if args.example is not None and not Path(args.example).is_file():
+        raise FileNotFoundError(f"example image {args.example} not found")
+    server = make_server(App(seg, model, args.example, str(args.segmenter)), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"conceptseg serving {args.segmenter} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _cmd_share(args) -> None:
     from conceptseg.segmenter.card import best_row, model_card
     from conceptseg.segmenter.predict import load_segmenter
@@ -354,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=_cmd_export_onnx)
+
+    s = sub.add_parser("serve", help="an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /")
+    s.add_argument("--segmenter", required=True, help="segmenter folder, hub id or .onnx file (as for segment)")
+    s.add_argument("--model", default=None, help="diffusers folder or hub id: also serve stage 1 (the attention map and M_pre of a word)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--example", type=Path, help="an image the page offers as an example (/?example loads it at once)")
+    s.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    s.add_argument("--port", type=int, default=7860, help="0: any free port")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--provider", default="auto", help="onnxruntime provider for an .onnx segmenter")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("share", help="a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed")
     s.add_argument("--run", type=Path, required=True, help="run folder of `conceptseg run` or `demo`")

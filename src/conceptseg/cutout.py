@@ -55,3 +55,10 @@ def load_background(path: str | Path) -> Image.Image:
     from conceptseg.geometry import load_rgb
 
     return load_rgb(path)
+
+
+def overlay(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 255), opacity: float = 0.5) -> Image.Image:
+    """The image with the foreground tinted: how a mask is shown over its image."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    a = opacity * (alpha_of(mask).astype(np.float32)[..., None] / 255)
+    return Image.fromarray(np.round((1 - a) * rgb + a * np.asarray(color, np.float32)).astype(np.uint8))
