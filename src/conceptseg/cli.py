@@ -180,6 +180,60 @@ def _cmd_export_onnx(args) -> None:
     print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
 
 
+def _edit_inputs(args):
+    from conceptseg.edit import EditConfig, MaskSource
+
+    segmenter = None
+    if args.segmenter is not None:
+        from conceptseg.segmenter.predict import load_segmenter
+
+        segmenter = load_segmenter(args.segmenter, device=args.device or distributed.device())
+    cfg = EditConfig(prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                     **({"grow": args.grow, "concept_prompt": args.concept_prompt} if args.command == "remove" else {"feather": args.feather}))
+    return MaskSource(args.masks, segmenter), cfg
+
+
+def _cmd_remove(args) -> None:
+    from conceptseg.edit import run_remove
+    from conceptseg.models import load_model
+
+    masks, cfg = _edit_inputs(args)
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    summary = run_remove(model, args.images, masks, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
+    print(f"remove: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/removed")
+
+
+def _cmd_composite(args) -> None:
+    from conceptseg.edit import run_composite
+
+    masks, cfg = _edit_inputs(args)
+    model = None
+    if args.background is None:
+        from conceptseg.models import load_model
+
+        model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    summary = run_composite(args.images, masks, args.out, cfg, background=args.background, model=model, overwrite=args.overwrite,
+                            split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
+    print(f"composite: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/composites")
+
+
+def _add_edit_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--images", required=True, help="an image file, a folder, a quoted glob, or a dataset spec with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--masks", type=Path, help="folder of <stem>.png masks (refine's OUT/masks, segment's OUT/masks)")
+    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, hub id or .onnx)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--prompt", default="a photo of a background", help="what the model inpaints or generates")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps")
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--overwrite", action="store_true")
+
+
 def _cmd_serve(args) -> None:
     from conceptseg.serve import App, make_server
     from conceptseg.segmenter.predict import load_segmenter
@@ -378,6 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=_cmd_export_onnx)
+
+    s = sub.add_parser("remove", help="the concept removed: the fine-tuned model inpaints the masked object, original size")
+    _add_model_args(s)
+    _add_edit_args(s)
+    s.add_argument("--grow", type=int, default=3, help="grow the mask by this many pixels first (covers the object's fringe)")
+    s.add_argument("--concept-prompt", help="with --guidance > 1: steer the inpainting away from this prompt")
+    s.set_defaults(func=_cmd_remove)
+
+    s = sub.add_parser("composite", help="the cut-out over a new background: a given picture, or one the model generates")
+    _add_model_args(s)
+    _add_edit_args(s)
+    s.add_argument("--background", type=Path, help="background picture (scaled to cover, centred); default: generate one per image")
+    s.add_argument("--feather", type=float, default=0.0, help="soften the alpha edge (Gaussian blur radius, pixels)")
+    s.set_defaults(func=_cmd_composite)
 
     s = sub.add_parser("serve", help="an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /")
     s.add_argument("--segmenter", required=True, help="segmenter folder, hub id or .onnx file (as for segment)")

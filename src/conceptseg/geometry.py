@@ -132,6 +132,13 @@ class Canvas:
         cols = (centres >= left) & (centres < left + w)
         return rows[:, None] & cols[None, :]
 
+    def restore_image(self, canvas_image: np.ndarray, resample=Image.Resampling.BICUBIC) -> np.ndarray:
+        """An RGB uint8 image over the whole canvas (e.g. a decoded inpainting), cropped to the
+        image's place and resized to the ORIGINAL size."""
+        left, top, w, h = self.inner
+        im = Image.fromarray(np.asarray(canvas_image)).resize((self.size, self.size), resample)
+        return np.asarray(im.crop((left, top, left + w, top + h)).resize((self.width, self.height), resample))
+
     def restore(self, grid: np.ndarray, resample=Image.Resampling.NEAREST) -> np.ndarray:
         """A map over the canvas at any square resolution, cropped and resized to the ORIGINAL size."""
         grid = np.asarray(grid)

@@ -146,10 +146,7 @@ class Refiner:
             mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed)
             if cfg.postprocess:
                 mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask))
-            bg = backgrounds[0][i]
-            left, top, w, h = canvas.inner
-            bg_full = np.asarray(Image.fromarray(bg).crop((left, top, left + w, top + h)).resize((canvas.width, canvas.height), Image.Resampling.BICUBIC))
-            results.append(RefineResult(canvas.restore(mask), bg_full, diffs[i].astype(np.float32), canvas))
+            results.append(RefineResult(canvas.restore(mask), canvas.restore_image(backgrounds[0][i]), diffs[i].astype(np.float32), canvas))
         return results
 
 

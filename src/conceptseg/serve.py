@@ -79,10 +79,10 @@ class App:
             raise BadRequest(f"output must be map or mask, not {output!r}")
         from conceptseg.geometry import Canvas
 
-        a = Canvas(image.width, image.height, self.model.resolution).restore(result.attention, Image.Resampling.BILINEAR)
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-        heat = np.stack([np.clip(3 * a, 0, 1), np.clip(3 * a - 1, 0, 1), np.clip(3 * a - 2, 0, 1)], -1)  # black-red-yellow-white
-        return Image.fromarray(np.round(heat * 255).astype(np.uint8))
+        from conceptseg.report import heatmap
+
+        return Image.fromarray(heatmap(Canvas(image.width, image.height, self.model.resolution).restore(
+            result.attention, Image.Resampling.BILINEAR)))
 
     def info(self) -> dict:
         return {"segmenter": self.source, "input_size": self.segmenter.input_size, "threshold": self.segmenter.threshold,
