@@ -28,6 +28,7 @@ from conceptseg.cutout import alpha_of, fit, load_background, over
 from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background, sample_latents
 from conceptseg.io import Manifest, image_arguments, list_images, process_images, save_png
+from conceptseg.models import warn_if_not_toy_world
 
 
 @dataclass
@@ -62,6 +63,7 @@ def covering_latent_mask(mask: np.ndarray, canvas: Canvas, factor: int) -> np.nd
 def remove(model, images: Sequence[Image.Image], masks: Sequence[np.ndarray], keys: Sequence[str],
            config: EditConfig = EditConfig()) -> list[np.ndarray]:
     """Each image (uint8 RGB, original size) with the masked object replaced by inpainted background."""
+    warn_if_not_toy_world(model, [im.size for im in images])
     f, res = model.vae_scale_factor, model.resolution
     canvases = [Canvas(im.width, im.height, res) for im in images]
     regions = [grown(np.asarray(m, bool), config.grow) for m in masks]

@@ -22,7 +22,7 @@ from PIL import Image
 from conceptseg.attention import capture_cross_attention
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_npy
-from conceptseg.models import DiffusionModel
+from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.thresholding import binarize
 from conceptseg.tokenizer import concept_token_positions
 
@@ -133,6 +133,7 @@ class PrelimRunner:
 
     def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[PrelimResult]:
         m, cfg = self.model, self.config
+        warn_if_not_toy_world(m, [im.size for im in images])
         lat = m.latent_resolution
         canvases, latents, noise = self.encode(images, keys)
         maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size)

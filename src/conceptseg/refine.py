@@ -22,7 +22,7 @@ from scipy import ndimage
 from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_png
-from conceptseg.models import DiffusionModel
+from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.thresholding import binarize
 
 INPAINTERS = ("model", "crop")
@@ -122,6 +122,8 @@ class Refiner:
 
     def __call__(self, images: list[Image.Image], prelim_masks: list[np.ndarray], keys: list[str]) -> list[RefineResult]:
         cfg, f = self.config, self.factor
+        if self.model is not None:
+            warn_if_not_toy_world(self.model, [im.size for im in images])
         canvases = [Canvas(im.width, im.height, self.resolution) for im in images]
         pixels = np.stack([c.place(im) for c, im in zip(canvases, images)])
         m_lat = np.stack([latent_mask(m, c, f) for m, c in zip(prelim_masks, canvases)])
