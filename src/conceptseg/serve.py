@@ -9,8 +9,9 @@
     GET  /example.png              the --example image (the page's "try the example" button)
 
 Built on the standard library's ThreadingHTTPServer: the tool needs one upload form and a few PNG
-answers on localhost, so it adds no dependency (Gradio would bring a web stack of its own, about a
-hundred packages, for the same page). Requests share one model under a lock.
+answers on localhost, so it adds no dependency (Gradio, the field's convention, would bring a web
+stack of its own, FastAPI and uvicorn among it, for the same page). Requests share one model under
+a lock, so they run one at a time.
 """
 
 from __future__ import annotations
