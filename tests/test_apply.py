@@ -42,6 +42,7 @@ def test_segment_takes_a_file_a_folder_or_a_glob(segmenter_dir, photos, tmp_path
     assert main(seg + ["--images", str(photos / "*.png"), "--out", str(tmp_path / "glob")]) == 0
     assert _masks(tmp_path / "glob") == ["a.png", "b.png"]
     assert main(seg + ["--images", str(photos / "*.gif"), "--out", str(tmp_path / "none")]) == 2
+    assert main(seg + ["--images", str(photos / "missing.png"), "--out", str(tmp_path / "none")]) == 2
 
 
 def test_each_output_kind(segmenter_dir, photos, tmp_path):
