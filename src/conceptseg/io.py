@@ -221,11 +221,11 @@ def image_arguments(source: str | Path | Sequence[Path]) -> str | Path | list[Pa
     path = Path(source)
     if path.is_file():
         return [path]
-    if not path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise FileNotFoundError(f"{path}: file not found")
     if not path.exists() and glob.has_magic(str(source)):
         matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
         if not matches:
             raise FileNotFoundError(f"no files match {source}")
         return matches
+    if not path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise FileNotFoundError(f"{path}: file not found")
     return source
