@@ -115,3 +115,28 @@ def test_lr_schedule_constant_is_the_paper_and_cosine_decays(trained, tmp_path):
     assert any(not torch.allclose(constant[k], cosine[k]) for k in constant)
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainSegConfig(data=[], out=tmp_path, lr_schedule="step")
+
+
+def test_segment_runs_the_net_on_the_short_side_resized_image_without_grey_bars():
+    """Prediction uses train-seg's geometry: short side to input_size, whole image, edge padding to a
+    multiple of 16, no letterbox. A 160x32 image at input size 32 is the network's input as it is."""
+    from conceptseg.segmenter.predict import Segmenter
+
+    torch.manual_seed(0)
+    net = UNet(width=4).eval()
+    seg = Segmenter(net, input_size=32)
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (32, 160, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(wide).permute(2, 0, 1)[None].float() / 127.5 - 1))[0, 0].numpy()
+    np.testing.assert_allclose(seg.probabilities([Image.fromarray(wide)])[0], expected, atol=1e-5)
+    # a width that is no multiple of 16: edge-replicated padding, cropped back; the result has the original size
+    odd = wide[:, :150]
+    padded = np.pad(odd, ((0, 0), (0, 10), (0, 0)), mode="edge")
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 127.5 - 1))[0, 0, :, :150].numpy()
+    np.testing.assert_allclose(seg.probabilities([Image.fromarray(odd)])[0], expected, atol=1e-5)
+    # twice the size: the short side is resized to 32 and the probabilities come back at 320x64
+    big = Image.fromarray(wide).resize((320, 64), Image.Resampling.BICUBIC)
+    p = seg.probabilities([big, Image.fromarray(odd)])
+    assert p[0].shape == (64, 320) and p[1].shape == (32, 150)

@@ -164,12 +164,15 @@ def _cmd_train_seg(args) -> None:
 
 
 def _cmd_segment(args) -> None:
-    from conceptseg.segmenter.predict import load_segmenter, run_segment
+    from conceptseg.segmenter.predict import collect_rle, load_segmenter, run_segment
 
-    seg = load_segmenter(args.segmenter, device=args.device or distributed.device())
-    summary = run_segment(seg, args.images, args.out, cutouts=args.cutout, batch_size=args.batch_size, overwrite=args.overwrite,
+    seg = load_segmenter(args.segmenter, device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
+    summary = run_segment(seg, args.images, args.out, outputs=args.output, cutouts=args.cutout, color=args.color,
+                          background=args.background, rle=args.rle, batch_size=args.batch_size, overwrite=args.overwrite,
                           split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
+    if args.rle and distributed.is_main():
+        print(f"COCO RLE: {collect_rle(args.out)}")
     print(f"segment: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}")
 
 
@@ -178,6 +181,96 @@ def _cmd_export_onnx(args) -> None:
 
     diff = export_onnx(load_segmenter(args.segmenter), args.out, check=not args.no_check)
     print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
+
+
+def _edit_inputs(args):
+    from conceptseg.edit import EditConfig, MaskSource
+
+    segmenter = None
+    if args.segmenter is not None:
+        from conceptseg.segmenter.predict import load_segmenter
+
+        segmenter = load_segmenter(args.segmenter, device=args.device or distributed.device())
+    cfg = EditConfig(prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                     **({"grow": args.grow, "concept_prompt": args.concept_prompt} if args.command == "remove" else {"feather": args.feather}))
+    return MaskSource(args.masks, segmenter), cfg
+
+
+def _cmd_remove(args) -> None:
+    from conceptseg.edit import run_remove
+    from conceptseg.models import load_model
+
+    masks, cfg = _edit_inputs(args)
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    summary = run_remove(model, args.images, masks, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
+    print(f"remove: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/removed")
+
+
+def _cmd_composite(args) -> None:
+    from conceptseg.edit import run_composite
+
+    masks, cfg = _edit_inputs(args)
+    model = None
+    if args.background is None:
+        from conceptseg.models import load_model
+
+        model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    summary = run_composite(args.images, masks, args.out, cfg, background=args.background, model=model, overwrite=args.overwrite,
+                            split=args.split, shard=distributed.shard())
+    distributed.finish_per_image_stage(args.out)
+    print(f"composite: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/composites")
+
+
+def _add_edit_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--images", required=True, help="an image file, a folder, a quoted glob, or a dataset spec with --split")
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--masks", type=Path, help="folder of <stem>.png masks (refine's OUT/masks, segment's OUT/masks)")
+    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, hub id or .onnx)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--prompt", default="a photo of a background", help="what the model inpaints or generates")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps")
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--overwrite", action="store_true")
+
+
+def _cmd_serve(args) -> None:
+    from conceptseg.serve import App, make_server
+    from conceptseg.segmenter.predict import load_segmenter
+
+    device = args.device or distributed.device()
+    seg = load_segmenter(args.segmenter, device=device, threshold=args.threshold, provider=args.provider)
+    model = None
+    if args.model is not None:
+        from conceptseg.models import load_model
+
+        model = load_model(args.model, device=device, dtype=args.dtype)
+    if args.example is not None and not Path(args.example).is_file():
+        raise FileNotFoundError(f"example image {args.example} not found")
+    server = make_server(App(seg, model, args.example, str(args.segmenter)), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"conceptseg serving {args.segmenter} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _cmd_share(args) -> None:
+    from conceptseg.segmenter.card import best_row, model_card
+    from conceptseg.segmenter.predict import load_segmenter
+
+    row = args.row or best_row(args.run)
+    seg = load_segmenter(Path(args.run) / "segmenter" / row / "model")
+    card = model_card(args.run, row)
+    print(f"saved {row} with its model card: {seg.save_pretrained(args.out, card)}")
+    if args.push_to_hub:
+        print(f"pushed: {seg.push_to_hub(args.push_to_hub, card, private=args.private)}")
 
 
 def _cmd_evaluate(args) -> None:
@@ -326,12 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_train_seg)
 
-    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, optional cut-outs")
-    s.add_argument("--segmenter", type=Path, required=True, help="folder made by train-seg (OUT/model)")
-    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
+    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, cut-outs, new backgrounds")
+    s.add_argument("--segmenter", required=True,
+                   help="folder made by train-seg (OUT/model), a saved or hub segmenter, or an .onnx file from export-onnx")
+    s.add_argument("--images", required=True,
+                   help="an image file, a folder, a quoted glob ('shots/*.jpg'), or a dataset spec (cub:ROOT) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs with a transparent background")
+    s.add_argument("--output", nargs="+", default=["mask"], choices=["mask", "rgba", "color", "background"],
+                   help="what to write, one sub-folder each: mask (0/255 PNG, masks/), rgba (cut-out, cutouts/), "
+                        "color (over --color, on_color/), background (over --background, on_background/)")
+    s.add_argument("--cutout", action="store_true", help="same as adding rgba to --output")
+    s.add_argument("--color", default="white", help="background colour for --output color (name, #rrggbb)")
+    s.add_argument("--background", type=Path, help="background picture for --output background (scaled to cover, centred)")
+    s.add_argument("--threshold", type=float, default=0.5, help="foreground where the probability exceeds this")
+    s.add_argument("--rle", action="store_true", help="also COCO RLE: rle/<key>.json and OUT/masks_coco_rle.json (needs pycocotools)")
+    s.add_argument("--provider", default="auto",
+                   help="onnxruntime provider for an .onnx segmenter: auto (best available), cpu, cuda, tensorrt, coreml, ...")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default=None)
     s.add_argument("--overwrite", action="store_true")
@@ -342,6 +446,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=_cmd_export_onnx)
+
+    s = sub.add_parser("remove", help="the concept removed: the fine-tuned model inpaints the masked object, original size")
+    _add_model_args(s)
+    _add_edit_args(s)
+    s.add_argument("--grow", type=int, default=3, help="grow the mask by this many pixels first (covers the object's fringe)")
+    s.add_argument("--concept-prompt", help="with --guidance > 1: steer the inpainting away from this prompt")
+    s.set_defaults(func=_cmd_remove)
+
+    s = sub.add_parser("composite", help="the cut-out over a new background: a given picture, or one the model generates")
+    _add_model_args(s)
+    _add_edit_args(s)
+    s.add_argument("--background", type=Path, help="background picture (scaled to cover, centred); default: generate one per image")
+    s.add_argument("--feather", type=float, default=0.0, help="soften the alpha edge (Gaussian blur radius, pixels)")
+    s.set_defaults(func=_cmd_composite)
+
+    s = sub.add_parser("serve", help="an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /")
+    s.add_argument("--segmenter", required=True, help="segmenter folder, hub id or .onnx file (as for segment)")
+    s.add_argument("--model", default=None, help="diffusers folder or hub id: also serve stage 1 (the attention map and M_pre of a word)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--example", type=Path, help="an image the page offers as an example (/?example loads it at once)")
+    s.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    s.add_argument("--port", type=int, default=7860, help="0: any free port")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--provider", default="auto", help="onnxruntime provider for an .onnx segmenter")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("share", help="a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed")
+    s.add_argument("--run", type=Path, required=True, help="run folder of `conceptseg run` or `demo`")
+    s.add_argument("--row", choices=["unet_real", "unet_real_synth", "unet_prelim", "supervised"],
+                   help="which segmenter (default: unet_real_synth if trained, else unet_real)")
+    s.add_argument("--out", type=Path, required=True, help="folder to write (config.json, model.safetensors, README.md)")
+    s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face Hub (needs a login: hf auth login)")
+    s.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    s.set_defaults(func=_cmd_share)
 
     s = sub.add_parser("evaluate", help="stage 6: score predicted masks against a dataset's ground truth")
     s.add_argument("--pred", type=Path, required=True, help="folder of <key>.png masks (or with a masks/ subfolder)")

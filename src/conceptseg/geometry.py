@@ -1,5 +1,6 @@
-"""One image geometry for every stage: resize the long edge to the model's resolution, pad to a
-square canvas, and map every mask back to the ORIGINAL image size (METHOD.md §8)."""
+"""Image geometry. The diffusion stages resize the long edge to the model's resolution, pad to a
+square canvas, and map every mask back to the ORIGINAL image size (METHOD.md §8). The segmenter
+(stage 5) resizes the SHORT side to its input size, as it was trained, and runs on the whole image."""
 
 from __future__ import annotations
 
@@ -122,6 +123,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side at `size` and the aspect ratio kept (the segmenter's geometry)."""
+    s = size / min(width, height)
+    return max(size, round(width * s)), max(size, round(height * s))
+
+
+def resize_short_side(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """The image with its short side at `size`: what the segmenter trains and predicts on."""
+    return image.resize(short_side_size(image.width, image.height, size), resample)
+
+
 @dataclass(frozen=True)
 class Canvas:
     """Where an image of size (width, height) sits on a square canvas of side `size`."""
@@ -161,6 +173,13 @@ class Canvas:
         rows = (centres >= top) & (centres < top + h)
         cols = (centres >= left) & (centres < left + w)
         return rows[:, None] & cols[None, :]
+
+    def restore_image(self, canvas_image: np.ndarray, resample=Image.Resampling.BICUBIC) -> np.ndarray:
+        """An RGB uint8 image over the whole canvas (e.g. a decoded inpainting), cropped to the
+        image's place and resized to the ORIGINAL size."""
+        left, top, w, h = self.inner
+        im = Image.fromarray(np.asarray(canvas_image)).resize((self.size, self.size), resample)
+        return np.asarray(im.crop((left, top, left + w, top + h)).resize((self.width, self.height), resample))
 
     def restore(self, grid: np.ndarray, resample=Image.Resampling.NEAREST) -> np.ndarray:
         """A map over the canvas at any square resolution, cropped and resized to the ORIGINAL size."""

@@ -189,6 +189,33 @@ def _load_lora(path: Path, device: torch.device, dtype: torch.dtype) -> Diffusio
     return base
 
 
+# Toy-world images are small squares (`conceptseg toyworld --size`, 64 px by default, the embedded
+# model's resolution). The check reads only image sizes, so it costs nothing and never misfires on
+# toy-world data; an image that is not square, or has a side above twice the model's resolution,
+# is taken for a photo.
+TOY_WORLD_WARNING = (
+    "the embedded toy-world model ({model}) is being applied to images that are not toy-world images "
+    "(for example one of {size[0]}x{size[1]}; toy-world images are squares of at most {limit} px). It only knows the "
+    "procedural toy world: its maps and masks on photos mean nothing. Pass a real Stable Diffusion model: "
+    "--model PATH_OR_HUB_ID (a diffusers folder, e.g. of stable-diffusion-v1-5), or RunConfig.model in Python."
+)
+
+
+def warn_if_not_toy_world(model: DiffusionModel, sizes) -> bool:
+    """Warn (once per call site) when the embedded model meets an image that is not a toy-world image;
+    `sizes` are (width, height) pairs. Returns whether it warned."""
+    if model.source != EMBEDDED_MODEL:
+        return False
+    limit = 2 * model.resolution
+    for w, h in sizes:
+        if w != h or w > limit:
+            import warnings
+
+            warnings.warn(TOY_WORLD_WARNING.format(model=EMBEDDED_MODEL, size=(w, h), limit=limit), UserWarning, stacklevel=3)
+            return True
+    return False
+
+
 def from_components(components: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                     source: str = "in-memory") -> DiffusionModel:
     """Wrap components built in memory (e.g. `modeling.build_components`) without saving them."""

@@ -23,7 +23,7 @@ from conceptseg.attention import capture_cross_attention
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
-from conceptseg.models import DiffusionModel
+from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import binarize
 from conceptseg.tokenizer import concept_token_positions
@@ -135,6 +135,7 @@ class PrelimRunner:
 
     def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[PrelimResult]:
         m, cfg = self.model, self.config
+        warn_if_not_toy_world(m, [im.size for im in images])
         lat = m.latent_resolution
         canvases, latents, noise = self.encode(images, keys)
         maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size)

@@ -24,7 +24,7 @@ from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
-from conceptseg.models import DiffusionModel
+from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import binarize
 
@@ -128,6 +128,8 @@ class Refiner:
 
     def __call__(self, images: list[Image.Image], prelim_masks: list[np.ndarray], keys: list[str]) -> list[RefineResult]:
         cfg, f = self.config, self.factor
+        if self.model is not None:
+            warn_if_not_toy_world(self.model, [im.size for im in images])
         canvases = [Canvas(im.width, im.height, self.resolution) for im in images]
         pixels = np.stack([c.place(im) for c, im in zip(canvases, images)])
         m_lat = np.stack([latent_mask(m, c, f) for m, c in zip(prelim_masks, canvases)])
@@ -152,10 +154,7 @@ class Refiner:
             mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed)
             if cfg.postprocess:
                 mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask))
-            bg = backgrounds[0][i]
-            left, top, w, h = canvas.inner
-            bg_full = np.asarray(Image.fromarray(bg).crop((left, top, left + w, top + h)).resize((canvas.width, canvas.height), Image.Resampling.BICUBIC))
-            results.append(RefineResult(canvas.restore(mask), bg_full, diffs[i].astype(np.float32), canvas))
+            results.append(RefineResult(canvas.restore(mask), canvas.restore_image(backgrounds[0][i]), diffs[i].astype(np.float32), canvas))
         return results
 
 

@@ -49,4 +49,4 @@ def portable_path(path: str | Path, base: str | Path | None) -> str:
 def stage_settings(config: Any, out: str | Path, **extra: Any) -> dict:
     """What a per-image stage's manifest records as its settings: `config`'s output settings plus
     `extra` (the model, upstream folders, ...), paths relative to the folder holding `out`."""
-    return output_settings({**output_settings(config), **extra}, Path(out).parent)
+    return output_settings({**(output_settings(config) if config is not None else {}), **extra}, Path(out).parent)

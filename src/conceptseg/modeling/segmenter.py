@@ -7,8 +7,11 @@ logit per pixel. `width` shrinks it for small data and CPUs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
@@ -57,3 +60,47 @@ class UNet(nn.Module):
         for up in self.ups:
             x = up(x, skips.pop())
         return self.head(x)
+
+
+class SegmenterNet(
+    UNet,
+    PyTorchModelHubMixin,
+    library_name="conceptseg",
+    tags=["image-segmentation", "background-removal", "concept-distillation"],
+    pipeline_tag="image-segmentation",
+):
+    """The U-Net with its input size, saved and loaded the Hugging Face way: `save_pretrained(dir)`
+    writes config.json + model.safetensors (the same files `train-seg` always wrote, so older
+    segmenter folders load), `from_pretrained(dir or hub id)`, `push_to_hub(repo_id)`."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, width: int = 64, input_size: int = 128,
+                 architecture: str = "milesial-unet"):
+        if architecture != "milesial-unet":
+            raise ValueError(f"unknown segmenter architecture {architecture!r} (this version knows milesial-unet)")
+        super().__init__(in_channels, out_channels, width)
+        self.input_size = input_size
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save
+
+        from conceptseg.io import write_bytes, write_json
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_bytes(save_directory / "model.safetensors", save(state))
+        write_json(save_directory / "config.json", {**self.config, "input_size": self.input_size, "architecture": "milesial-unet"})
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         map_location: str = "cpu", strict: bool = True, **model_kwargs):
+        # safetensors only (never a pickled .bin) and strict: a missing or extra weight is an error
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+
+        model = cls(**model_kwargs)
+        if Path(model_id).is_dir():
+            weights = Path(model_id) / "model.safetensors"
+        else:
+            weights = hf_hub_download(model_id, "model.safetensors", revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only, token=token)
+        model.load_state_dict(load_file(weights, device=str(map_location)), strict=strict)
+        return model

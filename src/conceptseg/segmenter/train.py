@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptseg.data.readers import list_samples, load_mask
-from conceptseg.geometry import ImageReadError, load_rgb, to_model_input
+from conceptseg.geometry import ImageReadError, load_rgb, resize_short_side, to_model_input
 from conceptseg.io import write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
@@ -68,11 +68,6 @@ LR_SCHEDULES = {
 }
 
 
-def _short_side(image: Image.Image, size: int, resample) -> Image.Image:
-    s = size / min(image.size)
-    return image.resize((max(size, round(image.width * s)), max(size, round(image.height * s))), resample)
-
-
 def load_pairs(sources: list, size: int, split: str = "train", progress: bool = True) -> tuple[list, list[str]]:
     """(image uint8 HxWx3, mask bool HxW) with the short side at `size`; problems named per file.
 
@@ -92,8 +87,8 @@ def load_pairs(sources: list, size: int, split: str = "train", progress: bool = 
         if mask.shape != (image.height, image.width):
             problems.append(f"{s.image}: mask is {mask.shape[1]}x{mask.shape[0]}, image {image.width}x{image.height}")
             continue
-        im = np.asarray(_short_side(image, size, Image.Resampling.BICUBIC))
-        m = np.asarray(_short_side(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)) > 127
+        im = np.asarray(resize_short_side(image, size, Image.Resampling.BICUBIC))
+        m = np.asarray(resize_short_side(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)) > 127
         pairs.append((im, m))
     return pairs, problems
 
