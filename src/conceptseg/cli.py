@@ -51,8 +51,10 @@ def _cmd_prelim(args) -> None:
     from conceptseg.prelim import PrelimConfig, run_prelim
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
-                       seed=args.seed, orphan_filter=not args.no_orphan_filter)
+                       seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
+                       joint_attention=args.joint_attention)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    print(f"prelim: {model.describe()}")
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     print(f"prelim: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed "
@@ -232,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
     s.add_argument("--batch-size", type=int, default=40, help="UNet rows per forward pass (T0 rows make one image)")
     s.add_argument("--no-orphan-filter", action="store_true")
+    s.add_argument("--sigma-grid", default="sampler", choices=["sampler", "uniform"],
+                   help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
+    s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
+                   help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
 
