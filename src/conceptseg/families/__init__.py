@@ -71,6 +71,18 @@ def required_components(family: str, model_index: dict) -> list[str]:
     return list(cls.components) + [k for k in optional if (model_index.get(k) or [None])[0] is not None]
 
 
+def family_from_components(family: str, components: dict, device, dtype, source: str = "in-memory"):
+    """Wrap a family's components built in memory (`modeling.families.build_family_components`)
+    without saving them; "sd3.5" counts as "sd3"."""
+    family = "sd3" if family == "sd3.5" else family
+    cls = family_class(family)
+    parts = {k: components.get(k) for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")}
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(device, dtype).eval().requires_grad_(False)
+    return cls(source=source, device=torch.device(device), dtype=dtype, **parts)
+
+
 def load_family_model(family: str, source, device: torch.device, dtype: torch.dtype, local_files_only: bool,
                       source_label: str):
     """Load a non-SD family's pipeline with diffusers and keep the parts stage 1 uses."""

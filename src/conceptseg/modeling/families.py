@@ -10,6 +10,7 @@ end-of-sequence token, pad id 0), NOT T5's real 32k vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,6 @@ def _build_sdxl(a: SDXLArch) -> dict:
         text_encoder_2=_clip(*a.clip_g, projection=a.projection, act="gelu"),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
-        scheduler=EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                         beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-                                         prediction_type="epsilon"),
     )
 
 
@@ -157,7 +155,6 @@ def _build_sd3(a: SD3Arch) -> dict:
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         tokenizer_3=t5_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
 
 
@@ -193,9 +190,6 @@ def _build_flux(a: FluxArch) -> dict:
         text_encoder_2=_t5(*a.t5),
         tokenizer=clip_tokenizer(),
         tokenizer_2=t5_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                  max_image_seq_len=4096),
     )
 
 
@@ -233,16 +227,39 @@ PRESETS: dict[tuple[str, str], object] = {
         clip_l=(768, 12, 12), t5=(4096, 24, 64, 10240, 64)),
 }
 _BUILDERS = {SDXLArch: _build_sdxl, SD3Arch: _build_sd3, FluxArch: _build_flux}
+# The schedulers of the published models' folders (their timestep/sigma grids are stage 1's noise levels).
+_SCHEDULERS = {
+    SDXLArch: lambda: EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                             beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                             prediction_type="epsilon"),
+    SD3Arch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    FluxArch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                      max_image_seq_len=4096),
+}
 PIPELINES = {SDXLArch: "StableDiffusionXLPipeline", SD3Arch: "StableDiffusion3Pipeline", FluxArch: "FluxPipeline"}
 
 
-def build_family_components(family: str, preset: str = "tiny", seed: int = 0) -> dict:
-    """The components of a family's pipeline ("sdxl", "sd3", "sd3.5", "flux"), seeded random weights."""
+def build_family_components(family: str, preset: str = "tiny", seed: int = 0, device: str | torch.device | None = None,
+                            dtype: torch.dtype | None = None) -> dict:
+    """The components of a family's pipeline ("sdxl", "sd3", "sd3.5", "flux"), seeded random weights.
+
+    `device` / `dtype`: build the networks there and in that dtype directly ("cuda" and bf16 for
+    the published sizes, which would not fit twice; "meta" to count parameters without memory).
+    """
     if (family, preset) not in PRESETS:
         raise ValueError(f"unknown family preset {(family, preset)!r}; choose one of {sorted(PRESETS)}")
     torch.manual_seed(seed)
     arch = PRESETS[(family, preset)]
-    return _BUILDERS[type(arch)](arch)
+    default_dtype = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            parts = _BUILDERS[type(arch)](arch)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return {**parts, "scheduler": _SCHEDULERS[type(arch)]()}
 
 
 def save_family_model(family: str, components: dict, out: Path) -> None:
