@@ -333,3 +333,12 @@ def test_cli_prelim_end_to_end(tiny_family_dirs, make_image, tmp_path, capsys, f
         attention = np.load(out / "attention" / f"{stem}.npy")
         assert attention.shape == (GRID[family], GRID[family]) and np.isfinite(attention).all()
         assert 0 < (mask > 0).mean() < 1
+
+
+def test_later_stages_refuse_other_families_clearly(tiny_family_dirs, tmp_path, capsys) -> None:
+    rc = main(["synth", "--model", str(tiny_family_dirs["sdxl"]), "--concept", "bird", "--num", "1", "--out",
+               str(tmp_path / "synth"), "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "synth runs on Stable Diffusion 1.x/2.x models only" in err and "SDXL" in err and "Traceback" not in err
+    assert not (tmp_path / "synth").exists()

@@ -124,13 +124,15 @@ def _cmd_finetune(args) -> None:
 
 
 def _cmd_refine(args) -> None:
-    from conceptseg.models import load_model
+    from conceptseg.models import load_model, require_sd
     from conceptseg.refine import RefineConfig, run_refine
 
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
                        difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)  # crop needs only its resolution
+    if args.inpainter == "model":
+        require_sd(model, "refine with --inpainter model")
     summary = run_refine(model if args.inpainter == "model" else None, args.images, args.prelim, args.out, cfg,
                          overwrite=args.overwrite, resolution=model.resolution, split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -138,7 +140,7 @@ def _cmd_refine(args) -> None:
 
 
 def _cmd_synth(args) -> None:
-    from conceptseg.models import load_model
+    from conceptseg.models import load_model, require_sd
     from conceptseg.refine import RefineConfig
     from conceptseg.synth import SynthConfig, run_synth, write_metadata
 
@@ -146,6 +148,7 @@ def _cmd_synth(args) -> None:
                       prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
                       batch_size=args.batch_size, seed=args.seed)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    require_sd(model, "synth")
     run_synth(model, args.out, cfg, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     if distributed.is_main():

@@ -216,6 +216,13 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
 
 
+def require_sd(model, stage: str) -> None:
+    """Stages 2-4 run on Stable Diffusion 1.x/2.x only for now; other families get one clear error."""
+    if getattr(model, "family", "sd") != "sd":
+        raise ModelLoadError(f"{stage} runs on Stable Diffusion 1.x/2.x models only for now; this is "
+                             f"{model.describe()} (stage 1, `conceptseg prelim`, runs on it)")
+
+
 def _load_family(family, source_id, device, dtype, local_files_only, source):
     from conceptseg.families import load_family_model
 
