@@ -342,3 +342,31 @@ def test_later_stages_refuse_other_families_clearly(tiny_family_dirs, tmp_path, 
     err = capsys.readouterr().err
     assert "synth runs on Stable Diffusion 1.x/2.x models only" in err and "SDXL" in err and "Traceback" not in err
     assert not (tmp_path / "synth").exists()
+
+
+def test_flow_options_enter_the_settings_of_flow_families_only() -> None:
+    cfg = PrelimConfig("bird", sigma_grid="uniform", joint_attention="joint", batch_size=7)
+    for family in ("sd", "sdxl"):
+        settings = cfg.output_settings(family)
+        assert "sigma_grid" not in settings and "joint_attention" not in settings and "batch_size" not in settings
+    for family in ("sd3", "flux"):
+        settings = cfg.output_settings(family)
+        assert settings["sigma_grid"] == "uniform" and settings["joint_attention"] == "joint"
+    with pytest.raises(ValueError, match="sigma grid"):
+        PrelimConfig("bird", sigma_grid="karras")
+    with pytest.raises(ValueError, match="joint attention"):
+        PrelimConfig("bird", joint_attention="both")
+
+
+def test_the_options_change_flow_maps(tiny_family_models) -> None:
+    model = tiny_family_models["sd3"]
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    maps = {}
+    for grid, norm in (("sampler", "text"), ("uniform", "text"), ("sampler", "joint")):
+        runner = PrelimRunner(model, PrelimConfig("bird", steps=3, sigma_grid=grid, joint_attention=norm))
+        latents = model.encode_images(pixels)
+        noise = image_noise(0, "k", (3, *latents.shape[1:]))[None]
+        maps[grid, norm] = attention_maps(model, latents, runner.cond, runner.token_groups, runner.timesteps, noise, 3,
+                                          normalisation=norm)
+    assert (maps["sampler", "text"] - maps["uniform", "text"]).abs().max() > 1e-6
+    assert (maps["sampler", "joint"] < maps["sampler", "text"]).all()  # a joint column is a smaller share

@@ -27,6 +27,9 @@ from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (time
 from conceptseg.thresholding import binarize
 
 
+FLOW_FAMILIES = ("sd3", "flux")  # the families `sigma_grid` and `joint_attention` apply to
+
+
 @dataclass
 class PrelimConfig:
     concept: Sequence[str]  # word(s) whose maps are summed, e.g. ("human", "arms", "legs")
@@ -53,6 +56,16 @@ class PrelimConfig:
     @property
     def full_prompt(self) -> str:
         return self.prompt or f"a photo of a {self.concept[0]}"
+
+    def output_settings(self, family: str = "sd") -> dict:
+        """The settings that change a family's outputs: not the batch size, and the flow-model
+        options only for the families they apply to (so SD 1.x/2.x manifests read as before)."""
+        settings = asdict(self)
+        settings.pop("batch_size")
+        if family not in FLOW_FAMILIES:
+            settings.pop("sigma_grid")
+            settings.pop("joint_attention")
+        return settings
 
 
 @dataclass
@@ -171,8 +184,8 @@ def run_prelim(model: DiffusionModel, images: str | Path | Sequence[Path], out: 
     """
     out = Path(out)
     files = list_images(images, split)[shard[0] :: shard[1]]
-    settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
-    settings.pop("batch_size")  # does not change the outputs
+    settings = {**config.output_settings(model.family), "prompt": config.full_prompt, "model": model.source,
+                "dtype": str(model.dtype).replace("torch.", "")}
     manifest = Manifest.open(out, "prelim", settings, overwrite, shard)
     runner = PrelimRunner(model, config)
 
