@@ -17,6 +17,11 @@ a CPU; those numbers only show that the script works.
 
     python benchmarks/prelim_families.py                                  # GPU: full sizes, bf16, 1024 px
     python benchmarks/prelim_families.py --preset tiny --device cpu --threads 1
+    python benchmarks/prelim_families.py --device meta                    # no timing: shapes at full size
+
+`--device meta` builds the published architectures without memory and runs one forward pass of
+two rows per family under the capture: it checks (without a GPU) that the capture path works at
+the real sizes and reports parameters, captured layers, map grid, text tokens and noise levels.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device.type == "cuda"
     args.images = args.images or (4 if gpu else 2)
     args.batch_size = args.batch_size or (20 if gpu else 8)
-    args.dtype = resolve_dtype(args.dtype, args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device) if args.device.type != "meta" else torch.float32
     args.json = args.json or ROOT / "results" / f"prelim_families-{args.preset}-{args.device.type}.json"
     return args
 
@@ -134,8 +139,37 @@ def _captured_layers(model, runner) -> int:
         return store.num_layers
 
 
+def shapes_on_meta(family: str, args) -> dict:
+    """One forward pass of two rows under the capture on the meta device: shapes, no numbers."""
+    parts = build_family_components(family, args.preset, seed=args.seed, device="meta")
+    model = family_from_components(family, parts, "meta", torch.float32, source=f"{family} {args.preset} (meta)")
+    runner = PrelimRunner(model, PrelimConfig(CONCEPT, steps=args.steps))
+    lat = model.latent_resolution
+    z = torch.zeros(2, model.vae.config.latent_channels, lat, lat, device="meta")
+    levels = torch.tensor(runner.timesteps[-2:], device="meta")
+    with torch.no_grad(), model.capture_attention(runner.token_groups) as store:
+        model.denoise(model.add_noise(z, torch.zeros_like(z), levels), levels, runner.cond)
+        layers, maps = store.num_layers, store.pop_mean()
+    params = {k: sum(p.numel() for p in v.parameters()) for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    return {"family": family, "label": model.label, "parameters": params, "canvas_px": model.resolution,
+            "latent": lat, "map_grid": model.attention_resolution, "map_shape": list(maps.shape),
+            "captured_layers": layers, "text_tokens": _text_tokens(runner), "token_groups": runner.token_groups,
+            "noise_levels": runner.timesteps}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.device.type == "meta":
+        results = [shapes_on_meta(family, args) for family in args.families]
+        for r in results:
+            print(f"{r['family']}: {r['captured_layers']} layers captured, maps {r['map_shape']}, "
+                  f"{r['text_tokens']} text tokens, concept at {r['token_groups']}", flush=True)
+        report = {"benchmark": "prelim_families", "device": "meta", "settings": {"preset": args.preset, "steps": args.steps},
+                  "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}, "results": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return report
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, args.dtype

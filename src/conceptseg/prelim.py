@@ -6,6 +6,10 @@ sqrt(1 - abar_t) eps; one conditional UNet pass with "a photo of a {concept}"; a
 concept token's head-averaged cross-attention over every layer (nearest-upsampled to the latent
 grid) and every timestep. The raw map is binarised by a 2-component GMM threshold and a 3x3
 orphan filter. The (image, timestep) rows of several images share UNet batches.
+
+The same averaging runs on SDXL, SD 3.x and FLUX.1 through the family's model object
+(`conceptseg.families`: its conditioning, noise levels, noising, forward pass and capture; maps
+on its finest attention grid); docs/families.md says what each family captures.
 """
 
 from __future__ import annotations

@@ -79,7 +79,9 @@ def family_from_components(family: str, components: dict, device, dtype, source:
     parts = {k: components.get(k) for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")}
     for m in parts.values():
         if isinstance(m, torch.nn.Module):
-            m.to(device, dtype).eval().requires_grad_(False)
+            m.to(device).eval().requires_grad_(False)
+            if m.dtype != dtype:  # (a cast diffusers warns about even when there is nothing to cast)
+                m.to(dtype)
     return cls(source=source, device=torch.device(device), dtype=dtype, **parts)
 
 
