@@ -344,6 +344,14 @@ def test_later_stages_refuse_other_families_clearly(tiny_family_dirs, tmp_path, 
     assert not (tmp_path / "synth").exists()
 
 
+def test_require_sd_names_the_family(tiny_family_models, tiny_model) -> None:
+    from conceptseg.models import require_sd
+
+    require_sd(tiny_model, "refine")  # SD 1.x passes
+    with pytest.raises(ModelLoadError, match=r"refine runs on Stable Diffusion 1.x/2.x models only.*FLUX.1"):
+        require_sd(tiny_family_models["flux"], "refine")
+
+
 def test_flow_options_enter_the_settings_of_flow_families_only() -> None:
     cfg = PrelimConfig("bird", sigma_grid="uniform", joint_attention="joint", batch_size=7)
     for family in ("sd", "sdxl"):

@@ -140,15 +140,14 @@ def _cmd_refine(args) -> None:
 
 
 def _cmd_synth(args) -> None:
-    from conceptseg.models import load_model, require_sd
+    from conceptseg.models import load_model
     from conceptseg.refine import RefineConfig
     from conceptseg.synth import SynthConfig, run_synth, write_metadata
 
     cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
                       prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
                       batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
-    require_sd(model, "synth")
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype, sd_only="synth")
     run_synth(model, args.out, cfg, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     if distributed.is_main():

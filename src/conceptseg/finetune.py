@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.io import list_images, save_png, write_json
-from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, require_sd, save_model
+from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
 from conceptseg.report import picture_grid
 from conceptseg.training import TrainLog, last_checkpoint, publish, resume, save_checkpoint, step_rng
 
@@ -247,8 +247,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         accelerator.print(f"skipped {msg}")
     if not pairs:
         raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
-    model = load_model(cfg.model, device=accelerator.device, dtype="fp32")
-    require_sd(model, "finetune")
+    model = load_model(cfg.model, device=accelerator.device, dtype="fp32", sd_only="finetune")
     unet = model.unet
     if cfg.method == "lora":
         from peft import LoraConfig

@@ -170,13 +170,14 @@ def _check_folder(path: Path, components=COMPONENTS, kind: str = "Stable Diffusi
 
 
 def load_model(model: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None, sd_only: str | None = None):
     """Load a diffusers folder or hub id; the family comes from its model_index.json.
 
     Stable Diffusion 1.x/2.x (or a folder without model_index.json) gives a `DiffusionModel` (vae,
     unet, text encoder, tokenizer, scheduler); SDXL, SD 3.x and FLUX.1 give the family's model of
     `conceptseg.families` (stage 1). `model.family` and `model.describe()` say which was found.
-    `None` or "embedded:toy" is the toy-world model that ships with the package.
+    `None` or "embedded:toy" is the toy-world model that ships with the package. `sd_only`: the
+    name of a stage that needs SD 1.x/2.x; another family is then refused before it is loaded.
     """
     from conceptseg.families import FAMILY_LABELS, UnsupportedFamily, family_of, read_model_index, required_components
 
@@ -201,6 +202,9 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
         family = family_of(index, str(path if local else model)) if index is not None else "sd"
     except UnsupportedFamily as e:
         raise ModelLoadError(str(e)) from None
+    if family != "sd" and sd_only:
+        raise ModelLoadError(f"{sd_only} runs on Stable Diffusion 1.x/2.x models only for now; {path if local else model} "
+                             f"holds a {FAMILY_LABELS[family]} model (stage 1, `conceptseg prelim`, runs on it)")
     if family != "sd":
         if local:
             _check_folder(path, required_components(family, index), FAMILY_LABELS[family])

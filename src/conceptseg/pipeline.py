@@ -183,11 +183,11 @@ class Run:
 
     @property
     def model(self):
-        from conceptseg.models import load_model, require_sd
+        from conceptseg.models import load_model
 
         if self._model is None:
-            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
-            require_sd(self._model, "the full pipeline")
+            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype,
+                                     sd_only="the full pipeline")
         return self._model
 
     def _stage(self, name: str, fn, folder: Path, settings: dict, upstream: tuple[str, ...] = ()):
