@@ -33,19 +33,18 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
 
-import diffusers
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prelim_speed import PeakMemory, device_name, gib, sync  # noqa: E402
+from prelim_speed import PeakMemory, device_name, gib, sync
 
-from conceptseg.families import family_from_components  # noqa: E402
-from conceptseg.modeling.families import build_family_components  # noqa: E402
-from conceptseg.models import resolve_dtype  # noqa: E402
-from conceptseg.prelim import PrelimConfig, PrelimRunner  # noqa: E402
+from conceptseg.families import family_from_components
+from conceptseg.modeling.families import build_family_components
+from conceptseg.models import resolve_dtype
+from conceptseg.prelim import PrelimConfig, PrelimRunner
 
 ROOT = Path(__file__).resolve().parent
 CONCEPT = "bird"

@@ -158,7 +158,7 @@ def test_sdxl_uses_the_ddim_grid(tiny_family_models) -> None:
 
 def test_flow_sigma_grids(tiny_family_models) -> None:
     # SD3: the scheduler's static shift 3 over 50 steps from sigma 1 to its (already shifted) sigma_min
-    shift = lambda s: 3 * s / (1 + 2 * s)  # noqa: E731
+    shift = lambda s: 3 * s / (1 + 2 * s)
     base = np.linspace(1.0, shift(1 / 1000), 50)
     sd3 = np.sort(shift(base))[:40]
     np.testing.assert_allclose(tiny_family_models["sd3"].noise_levels(40), sd3, rtol=1e-5)
@@ -276,13 +276,11 @@ def test_processors_restored_after_an_exception(tiny_family_models, family) -> N
     z, levels = _inputs(model)
     cond = model.text_conditioning(PROMPT)
     cond.prompt_embeds = cond.prompt_embeds[..., :7]  # wrong text width: fails inside the forward pass
-    with pytest.raises(RuntimeError):
-        with torch.no_grad(), model.capture_attention([[5]]):
-            model.denoise(z, levels, cond)
+    with pytest.raises(RuntimeError), torch.no_grad(), model.capture_attention([[5]]):
+        model.denoise(z, levels, cond)
     _assert_restored(model, before)
-    with pytest.raises(KeyError):
-        with model.capture_attention([[5]]):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), model.capture_attention([[5]]):
+        raise KeyError("boom")
     _assert_restored(model, before)
 
 

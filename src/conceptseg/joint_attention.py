@@ -72,7 +72,7 @@ class SD3CaptureProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n = hidden_states.shape[:2]
-        split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+        split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
         q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -111,7 +111,7 @@ class FluxCaptureProcessor:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  (B, S, H, D)
+        heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))
         q, k, v = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
             if attn.fused_projections:

@@ -24,12 +24,11 @@ import torch
 from PIL import Image
 
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
-from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.io import Manifest, list_images, process_images, save_mask_png, save_npy
+from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.models import DiffusionModel
-from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: part of this module's API)
+from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
 from conceptseg.thresholding import binarize
-
 
 FLOW_FAMILIES = ("sd3", "flux")  # the families `sigma_grid` and `joint_attention` apply to
 

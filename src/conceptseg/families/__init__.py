@@ -51,7 +51,7 @@ def read_model_index(source: str | Path, local: bool) -> dict | None:
     for offline in (True, False):
         try:
             return json.loads(Path(hf_hub_download(str(source), "model_index.json", local_files_only=offline)).read_text())
-        except Exception:  # not cached / offline / no such repo: the component loader reports it
+        except Exception:  # noqa: BLE001  (not cached / offline / no such repo: the component loader reports it)
             continue
     return None
 
@@ -100,7 +100,7 @@ def load_family_model(family: str, source, device: torch.device, dtype: torch.dt
     if missing:
         raise ValueError(f"the {FAMILY_LABELS[family]} pipeline has no {', '.join(missing)} (a refiner or a "
                          "partial checkpoint?); stage 1 needs them")
-    for k, m in parts.items():
+    for m in parts.values():
         if isinstance(m, torch.nn.Module):
             m.to(device).eval().requires_grad_(False)
     vae = parts["vae"]
