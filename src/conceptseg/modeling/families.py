@@ -266,9 +266,5 @@ def save_family_model(family: str, components: dict, out: Path) -> None:
     """A standard diffusers folder of the family's pipeline, loadable offline with `from_pretrained`."""
     import diffusers
 
-    name = PIPELINES[type(PRESETS[(family, "tiny")])]
-    pipeline_cls = getattr(diffusers, name)
-    extra = {"image_encoder": None, "feature_extractor": None} if name == "FluxPipeline" else {}
-    if name == "StableDiffusion3Pipeline":
-        extra = {"image_encoder": None, "feature_extractor": None}
-    pipeline_cls(**components, **extra).save_pretrained(out, safe_serialization=True)
+    pipeline_cls = getattr(diffusers, PIPELINES[type(PRESETS[(family, "tiny")])])
+    pipeline_cls(**components).save_pretrained(out, safe_serialization=True)
