@@ -78,3 +78,24 @@ def make_image():
 def textured():
     """textured(width, height, seed=0, mode="RGB") -> a textured in-memory PIL image."""
     return textured_image
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory) -> dict:
+    """The tiny SDXL, SD 3, SD 3.5 and FLUX.1 presets (seed 0) saved as diffusers folders, by family name."""
+    from conceptseg.modeling.families import build_family_components, save_family_model
+
+    root = tmp_path_factory.mktemp("tiny_families")
+    dirs = {}
+    for family in ("sdxl", "sd3", "sd3.5", "flux"):
+        save_family_model(family, build_family_components(family, "tiny", seed=0), root / family)
+        dirs[family] = root / family
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_family_models(tiny_family_dirs) -> dict:
+    """The tiny family folders loaded with `load_model`, fp32 on the CPU. Shared: do not modify them."""
+    from conceptseg.models import load_model
+
+    return {family: load_model(path, device="cpu", dtype="fp32") for family, path in tiny_family_dirs.items()}

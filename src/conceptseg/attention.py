@@ -9,7 +9,7 @@ summed as they come: no full attention tensor outlives its layer.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,14 @@ class CrossAttentionStore:
 
     def add(self, probs: torch.Tensor) -> None:
         """probs: (B, heads, N, T) softmax over T text tokens for N = h*w image positions."""
-        b, _, n, _ = probs.shape
-        grid = self._grid(n)
         cols = torch.stack([probs[..., g].mean(-1) for g in self.token_groups], dim=-1)  # (B, heads, N, G)
-        maps = cols.mean(1).transpose(1, 2).reshape(b, len(self.token_groups), *grid).float()
+        self.add_maps(cols.mean(1))
+
+    def add_maps(self, cols: torch.Tensor) -> None:
+        """cols: (B, N, G) head-averaged attention of N = h*w image positions to each token group."""
+        b, n, _ = cols.shape
+        grid = self._grid(n)
+        maps = cols.transpose(1, 2).reshape(b, len(self.token_groups), *grid).float()
         maps = F.interpolate(maps, size=self.latent_hw, mode="nearest")
         self.total = maps if self.total is None else self.total + maps
         self.num_layers += 1
@@ -127,6 +131,24 @@ def is_cross_attention(name: str) -> bool:
 
 
 @contextmanager
+def swapped_processors(model, chosen: Callable[[str], bool], processor) -> Iterator[None]:
+    """Within the block, the attention layers whose processor name is `chosen` use `processor`;
+    every layer gets its original processor back on exit, also when the block raises.
+
+    Only the public `attn_processors` / `set_attn_processor` API is used (no class patching).
+    """
+    original = dict(model.attn_processors)
+    if not any(chosen(name) for name in original):
+        raise RuntimeError(f"{type(model).__name__} has no attention layer to capture")
+    # set_attn_processor pops entries from the dict it is given: always hand it a fresh one.
+    model.set_attn_processor({name: processor if chosen(name) else proc for name, proc in original.items()})
+    try:
+        yield
+    finally:
+        model.set_attn_processor(dict(original))
+
+
+@contextmanager
 def capture_cross_attention(unet, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int],
                             per_level: bool = False) -> Iterator[CrossAttentionStore]:
     """Within the block, every cross-attention layer of `unet` adds its maps to the yielded store.
@@ -134,11 +156,5 @@ def capture_cross_attention(unet, token_groups: Sequence[Sequence[int]], latent_
     The original processors are restored on exit, also when the block raises.
     """
     store = CrossAttentionStore(token_groups, latent_hw, per_level=per_level)
-    original = dict(unet.attn_processors)
-    capture = CrossAttentionCaptureProcessor(store)
-    # set_attn_processor pops entries from the dict it is given: always hand it a fresh one.
-    unet.set_attn_processor({name: capture if is_cross_attention(name) else proc for name, proc in original.items()})
-    try:
+    with swapped_processors(unet, is_cross_attention, CrossAttentionCaptureProcessor(store)):
         yield store
-    finally:
-        unet.set_attn_processor(dict(original))

@@ -51,8 +51,10 @@ def _cmd_prelim(args) -> None:
     from conceptseg.prelim import PrelimConfig, run_prelim
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
-                       seed=args.seed, orphan_filter=not args.no_orphan_filter)
+                       seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
+                       joint_attention=args.joint_attention)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    print(f"prelim: {model.describe()}")
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     print(f"prelim: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed "
@@ -123,14 +125,17 @@ def _cmd_finetune(args) -> None:
 
 
 def _cmd_refine(args) -> None:
-    from conceptseg.models import load_model
+    from conceptseg.models import load_model, require_sd
     from conceptseg.refine import RefineConfig, run_refine
 
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
                        difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed)
     # the crop inpainter needs no model: it works on stage 1's canvas, read from its manifest
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype) if args.inpainter == "model" else None
+    model = None
+    if args.inpainter == "model":
+        model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+        require_sd(model, "refine with --inpainter model")
     summary = run_refine(model, args.images, args.prelim, args.out, cfg, overwrite=args.overwrite, split=args.split,
                          shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -145,7 +150,7 @@ def _cmd_synth(args) -> None:
     cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
                       prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
                       batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype, sd_only="synth")
     run_synth(model, args.out, cfg, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     if distributed.is_main():
@@ -334,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
     s.add_argument("--batch-size", type=int, default=40, help="UNet rows per forward pass (T0 rows make one image)")
     s.add_argument("--no-orphan-filter", action="store_true")
+    s.add_argument("--sigma-grid", default="sampler", choices=["sampler", "uniform"],
+                   help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
+    s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
+                   help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
 

@@ -269,7 +269,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         accelerator.print(f"skipped {msg}")
     if not pairs:
         raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
-    model = load_model(cfg.model, device=accelerator.device, dtype="fp32")
+    model = load_model(cfg.model, device=accelerator.device, dtype="fp32", sd_only="finetune")
     unet = model.unet
     if cfg.method == "lora":
         from peft import LoraConfig

@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from conceptseg.geometry import NonFiniteError, to_model_input
-from conceptseg.tokenizer import check_prompt_length
+from conceptseg.schedules import ddpm_noised, timestep_grid
+from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
@@ -50,8 +51,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 @dataclass
 class DiffusionModel:
-    """The parts of a latent diffusion model the pipeline uses, on one device and dtype."""
+    """The parts of a latent diffusion model the pipeline uses, on one device and dtype.
 
+    Also the SD 1.x/2.x member of the stage-1 interface every family gives (`conceptseg.families`).
+    """
+
+    family = "sd"
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
@@ -75,8 +80,40 @@ class DiffusionModel:
         return self.unet.config.sample_size
 
     @property
+    def attention_resolution(self) -> int:
+        """Side of the grid stage 1's maps are averaged on: the latent grid."""
+        return self.unet.config.sample_size
+
+    @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
+
+    # ---- stage 1 (the interface of conceptseg.families)
+
+    def describe(self) -> str:
+        return f"Stable Diffusion 1.x/2.x (UNet cross-attention) from {self.source}"
+
+    def text_conditioning(self, prompt: str) -> torch.Tensor:
+        return self.encode_prompts([prompt])
+
+    def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
+        return concept_token_positions(self.tokenizer, prompt, words)
+
+    def noise_levels(self, t0: int, grid: str = "sampler") -> list[int]:
+        """The T0 smallest timesteps of the 50-step DDIM grid (the same for either `grid`)."""
+        return timestep_grid(t0, offset=self.scheduler.config.get("steps_offset", 1) or 0)
+
+    def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ddpm_noised(self.alphas_cumprod, latents, eps, t)
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy.to(self.dtype), t, cond.expand(len(noisy), -1, -1)).sample
+
+    def capture_attention(self, token_groups, per_level: bool = False, **options):
+        from conceptseg.attention import capture_cross_attention
+
+        grid = (self.attention_resolution, self.attention_resolution)
+        return capture_cross_attention(self.unet, token_groups, grid, per_level=per_level)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -113,15 +150,16 @@ def _load_parts(source, dtype: torch.dtype, local_files_only: bool) -> tuple:
     )
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(path: Path, components=COMPONENTS, kind: str = "Stable Diffusion") -> None:
     missing = []
-    for name in COMPONENTS:
+    for name in components:
         sub = path / name
         if not sub.is_dir():
             missing.append(f"{name}/ (folder missing)")
-        elif name == "tokenizer":
-            if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not (sub / "tokenizer.json").exists():
-                missing.append("tokenizer/vocab.json + merges.txt")
+        elif name.startswith("tokenizer"):
+            files = ("tokenizer.json", "spiece.model")
+            if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not any((sub / f).exists() for f in files):
+                missing.append(f"{name}/vocab.json + merges.txt" if name == "tokenizer" else f"{name}/ tokenizer files")
         elif name == "scheduler":
             if not (sub / "scheduler_config.json").exists():
                 missing.append("scheduler/scheduler_config.json")
@@ -132,15 +170,21 @@ def _check_folder(path: Path) -> None:
                 pickled = " (only pickled .bin weights, which are not loaded: convert them to safetensors)" if any(sub.glob("*.bin")) else ""
                 missing.append(f"{name}/ weights (*.safetensors){pickled}")
     if missing:
-        raise ModelLoadError(f"{path} is not a complete diffusers Stable Diffusion folder; missing: {', '.join(missing)}")
+        raise ModelLoadError(f"{path} is not a complete diffusers {kind} folder; missing: {', '.join(missing)}")
 
 
 def load_model(model: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> DiffusionModel:
-    """Load vae, unet, text encoder, tokenizer and scheduler from a diffusers folder or hub id.
+               dtype: str | torch.dtype | None = None, sd_only: str | None = None):
+    """Load a diffusers folder or hub id; the family comes from its model_index.json.
 
-    `None` or "embedded:toy" is the toy-world model that ships with the package.
+    Stable Diffusion 1.x/2.x (or a folder without model_index.json) gives a `DiffusionModel` (vae,
+    unet, text encoder, tokenizer, scheduler); SDXL, SD 3.x and FLUX.1 give the family's model of
+    `conceptseg.families` (stage 1). `model.family` and `model.describe()` say which was found.
+    `None` or "embedded:toy" is the toy-world model that ships with the package. `sd_only`: the
+    name of a stage that needs SD 1.x/2.x; another family is then refused before it is loaded.
     """
+    from conceptseg.families import FAMILY_LABELS, UnsupportedFamily, family_of, read_model_index, required_components
+
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
@@ -154,26 +198,58 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
         path = Path(model)
         local = path.exists()
         source = str(path.resolve()) if local else str(model)
-    if local:
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; --model takes a diffusers folder or a hub id")
-        _check_folder(path)
+    if local and not path.is_dir():
+        raise ModelLoadError(f"{path} is a file; --model takes a diffusers folder or a hub id")
     source_id = path if local else str(model)
     try:
-        parts = _load_parts(source_id, torch_dtype, local_files_only=True)
+        index = read_model_index(source_id, local)
+        family = family_of(index, str(path if local else model)) if index is not None else "sd"
+    except UnsupportedFamily as e:
+        raise ModelLoadError(str(e)) from None
+    if family != "sd" and sd_only:
+        raise ModelLoadError(f"{sd_only} runs on Stable Diffusion 1.x/2.x models only for now; {path if local else model} "
+                             f"holds a {FAMILY_LABELS[family]} model (stage 1, `conceptseg prelim`, runs on it)")
+    if family != "sd":
+        if local:
+            _check_folder(path, required_components(family, index), FAMILY_LABELS[family])
+        return _load_with_fallback(lambda offline: _load_family(family, source_id, device, torch_dtype, offline, source),
+                                   path, model, local)
+    if local:
+        _check_folder(path)
+    parts = _load_with_fallback(lambda offline: _load_parts(source_id, torch_dtype, local_files_only=offline),
+                                path, model, local)
+    vae, unet, text_encoder, tokenizer, scheduler = parts
+    for m in (vae, unet, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
+
+
+def require_sd(model, stage: str) -> None:
+    """Stages 2-4 run on Stable Diffusion 1.x/2.x only for now; other families get one clear error."""
+    if getattr(model, "family", "sd") != "sd":
+        raise ModelLoadError(f"{stage} runs on Stable Diffusion 1.x/2.x models only for now; this is "
+                             f"{model.describe()} (stage 1, `conceptseg prelim`, runs on it)")
+
+
+def _load_family(family, source_id, device, dtype, local_files_only, source):
+    from conceptseg.families import load_family_model
+
+    return load_family_model(family, source_id, device, dtype, local_files_only, source)
+
+
+def _load_with_fallback(load, path: Path, model, local: bool):
+    """load(offline=True); for a hub id not in the cache, one online attempt; errors name the source."""
+    try:
+        return load(True)
     except (OSError, ValueError) as e:
         if local or os.environ.get("HF_HUB_OFFLINE") == "1":
             where = f"local folder {path}" if local else f"hub id {model!r} (offline, and not in the local cache)"
             raise ModelLoadError(f"could not load the model from {where}: {str(e).splitlines()[0]}") from None
         try:  # not cached: a hub id is worth one online attempt
-            parts = _load_parts(source_id, torch_dtype, local_files_only=False)
+            return load(False)
         except (OSError, ValueError) as e2:
             raise ModelLoadError(f"could not load the model from hub id {model!r} (not a local folder, not cached, "
                                  f"and the hub did not answer): {str(e2).splitlines()[0]}") from None
-    vae, unet, text_encoder, tokenizer, scheduler = parts
-    for m in (vae, unet, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
 
 
 def _load_lora(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionModel:

@@ -6,6 +6,10 @@ sqrt(1 - abar_t) eps; one conditional UNet pass with "a photo of a {concept}"; a
 concept token's head-averaged cross-attention over every layer (nearest-upsampled to the latent
 grid) and every timestep. The raw map is binarised by a 2-component GMM threshold and a 3x3
 orphan filter. The (image, timestep) rows of several images share UNet batches.
+
+The same averaging runs on SDXL, SD 3.x and FLUX.1 through the family's model object
+(`conceptseg.families`: its conditioning, noise levels, noising, forward pass and capture; maps
+on its finest attention grid); docs/families.md says what each family captures.
 """
 
 from __future__ import annotations
@@ -19,23 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conceptseg.attention import capture_cross_attention
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
+from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
+from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import binarize
-from conceptseg.tokenizer import concept_token_positions
 
-
-def timestep_grid(t0: int = 40, num_inference_steps: int = 50, num_train_timesteps: int = 1000, offset: int = 1) -> list[int]:
-    """The t0 smallest timesteps of the DDIM-uniform grid (t = 1, 21, ..., 981 for 50 of 1000 steps)."""
-    ratio = num_train_timesteps // num_inference_steps
-    grid = [k * ratio + offset for k in range(num_inference_steps)]
-    if not 1 <= t0 <= len(grid):
-        raise ValueError(f"T0 must be between 1 and {len(grid)}, got {t0}")
-    return grid[:t0]
 
 
 @dataclass
@@ -46,6 +42,9 @@ class PrelimConfig:
     batch_size: int = execution_setting(40)  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
     seed: int = 0
     orphan_filter: bool = True
+    # flow-matching families (SD 3.x, FLUX.1) only; docs/families.md
+    sigma_grid: str = "sampler"  # T0 smallest sigmas of the default sampler's 50-step grid, or "uniform" k/50
+    joint_attention: str = "text"  # image-to-text block renormalised over text keys, or "joint" softmax columns
 
     def __post_init__(self):
         self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
@@ -53,6 +52,10 @@ class PrelimConfig:
             raise ValueError("give at least one concept word")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if self.sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"unknown sigma grid {self.sigma_grid!r}; use one of {', '.join(SIGMA_GRIDS)}")
+        if self.joint_attention not in NORMALISATIONS:
+            raise ValueError(f"unknown joint attention reading {self.joint_attention!r}; use one of {', '.join(NORMALISATIONS)}")
 
     @property
     def full_prompt(self) -> str:
@@ -73,13 +76,16 @@ def image_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
 
 
-def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, token_groups: Sequence[Sequence[int]],
-                   timesteps: Sequence[int], noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_groups: Sequence[Sequence[int]],
+                   timesteps: Sequence, noise: torch.Tensor, batch_size: int, **capture_options) -> torch.Tensor:
     """Mean over layers and timesteps of each token group's map: (N images, G groups, h, w), float32.
 
-    latents (N, C, h, w); noise (N, T, C, h, w); cond (1, 77, D) text embedding of the prompt.
+    latents (N, C, h, w); noise (N, T, C, h, w); cond the prompt's `model.text_conditioning` ((1, 77, D)
+    text embedding for SD 1.x/2.x); timesteps the model's `noise_levels`; (h, w) the model's
+    attention grid. capture_options: `normalisation` for joint-attention families.
     """
-    return _mean_maps(model, latents, cond, token_groups, timesteps, noise, batch_size, per_level=False)["all"]
+    return _mean_maps(model, latents, cond, token_groups, timesteps, noise, batch_size, per_level=False,
+                      **capture_options)["all"]
 
 
 def attention_maps_by_level(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor,
@@ -92,23 +98,22 @@ def attention_maps_by_level(model: DiffusionModel, latents: torch.Tensor, cond: 
 
 
 @torch.no_grad()
-def _mean_maps(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor, token_groups: Sequence[Sequence[int]],
-               timesteps: Sequence[int], noise: torch.Tensor, batch_size: int, per_level: bool) -> dict[str, torch.Tensor]:
+def _mean_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_groups: Sequence[Sequence[int]],
+               timesteps: Sequence, noise: torch.Tensor, batch_size: int, per_level: bool,
+               **capture_options) -> dict[str, torch.Tensor]:
+    # `model`: any family's model (conceptseg.families); `timesteps`: its noise levels (sigmas for flow models)
     n, t_count = latents.shape[0], len(timesteps)
-    abar = model.alphas_cumprod.to(latents.device, torch.float32)
     t_all = torch.tensor(timesteps, device=latents.device)
     rows = [(i, j) for i in range(n) for j in range(t_count)]
     totals: dict[str, torch.Tensor] = {}
-    with capture_cross_attention(model.unet, token_groups, tuple(latents.shape[-2:]), per_level=per_level) as store:
+    with model.capture_attention(token_groups, per_level=per_level, **capture_options) as store:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             img = torch.tensor([i for i, _ in chunk], device=latents.device)
             step = torch.tensor([j for _, j in chunk], device=latents.device)
             t = t_all[step]
-            a = abar[t].view(-1, 1, 1, 1)
             eps = noise[img.cpu(), step.cpu()].to(latents.device, torch.float32)
-            zt = a.sqrt() * latents[img].float() + (1 - a).sqrt() * eps
-            model.unet(zt.to(model.dtype), t, cond.expand(len(chunk), -1, -1)).sample
+            model.denoise(model.add_noise(latents[img], eps, t), t, cond)
             means = store.pop_level_means() if per_level else {"all": store.pop_mean()}
             for key, m in means.items():
                 if key not in totals:
@@ -122,9 +127,9 @@ class PrelimRunner:
 
     def __init__(self, model: DiffusionModel, config: PrelimConfig):
         self.model, self.config = model, config
-        self.token_groups = concept_token_positions(model.tokenizer, config.full_prompt, config.concept)
-        self.timesteps = timestep_grid(config.steps, offset=model.scheduler.config.get("steps_offset", 1) or 0)
-        self.cond = model.encode_prompts([config.full_prompt])
+        self.token_groups = model.concept_token_positions(config.full_prompt, config.concept)
+        self.timesteps = model.noise_levels(config.steps, config.sigma_grid)  # sigmas for flow models
+        self.cond = model.text_conditioning(config.full_prompt)
 
     def encode(self, images: Sequence[Image.Image], keys: Sequence[str]) -> tuple[list[Canvas], torch.Tensor, torch.Tensor]:
         """Stage 1's inputs: each image's canvas, its latents (N, C, h, w) and its noise (N, T, C, h, w)."""
@@ -136,9 +141,10 @@ class PrelimRunner:
     def __call__(self, images: Sequence[Image.Image], keys: Sequence[str]) -> list[PrelimResult]:
         m, cfg = self.model, self.config
         warn_if_not_toy_world(m, [im.size for im in images])
-        lat = m.latent_resolution
+        lat = m.attention_resolution  # the latent grid for SD 1.x/2.x
         canvases, latents, noise = self.encode(images, keys)
-        maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size)
+        maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size,
+                              normalisation=cfg.joint_attention)
         maps = maps.sum(1).cpu().numpy().astype(np.float32)  # several words: their maps are summed
         results = []
         for canvas, amap in zip(canvases, maps):

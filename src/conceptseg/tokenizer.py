@@ -44,13 +44,15 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MODEL_MAX_LENGTH)
 
 
-def concept_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
+def concept_token_positions(tokenizer, prompt: str, words: Sequence[str], max_length: int | None = None) -> list[list[int]]:
     """Positions of each word's BPE tokens in the tokenized prompt (position 0 is the start token).
 
     A word split into several BPE tokens gives several positions (the caller averages their maps).
-    Matching is on token ids, so "bird" in "a photo of a bird" is found at [5].
+    Matching is on token ids, so "bird" in "a photo of a bird" is found at [5]. `max_length`: the
+    length the prompt is truncated to (default: the tokenizer's own, 77 for CLIP).
     """
-    prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    max_length = max_length or tokenizer.model_max_length
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
     found = []
     for word in words:
         word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]

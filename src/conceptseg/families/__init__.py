@@ -1,0 +1,109 @@
+"""Model families: which pipeline a diffusers folder holds (`model_index.json`'s `_class_name`) and
+the model object that gives stage 1 what it needs for that family (see `families.base`).
+
+SD 1.x/2.x load as `models.DiffusionModel` (all four stages); SDXL, SD 3.x and FLUX.1 load as the
+classes here (stage 1 only, for now).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# pipeline class -> family; the order is the order errors list them in
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
+SUPPORTED = ", ".join(f"{FAMILY_LABELS[f]} ({p})" for p, f in PIPELINE_FAMILIES.items())
+
+
+class UnsupportedFamily(ValueError):
+    """A model_index.json naming a pipeline conceptseg does not run."""
+
+
+def family_of(model_index: dict, where: str) -> str:
+    """The family of a parsed model_index.json; one clear error for anything else."""
+    name = model_index.get("_class_name")
+    if name not in PIPELINE_FAMILIES:
+        raise UnsupportedFamily(f"{where}: model_index.json names the pipeline {name!r}, which conceptseg does not "
+                                f"support; supported: {SUPPORTED}")
+    return PIPELINE_FAMILIES[name]
+
+
+def read_model_index(source: str | Path, local: bool) -> dict | None:
+    """model_index.json of a local folder or a hub id (cache first, then one online try); None if absent."""
+    if local:
+        path = Path(source) / "model_index.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UnsupportedFamily(f"{path}: not valid JSON ({e})") from None
+    from huggingface_hub import hf_hub_download
+
+    for offline in (True, False):
+        try:
+            return json.loads(Path(hf_hub_download(str(source), "model_index.json", local_files_only=offline)).read_text())
+        except Exception:  # noqa: BLE001  (not cached / offline / no such repo: the component loader reports it)
+            continue
+    return None
+
+
+def family_class(family: str):
+    from conceptseg.families.flux import FluxModel
+    from conceptseg.families.sd3 import SD3Model
+    from conceptseg.families.sdxl import SDXLModel
+
+    return {"sdxl": SDXLModel, "sd3": SD3Model, "flux": FluxModel}[family]
+
+
+def required_components(family: str, model_index: dict) -> list[str]:
+    """The components a folder of this family must hold (optional ones only where its index names them)."""
+    cls = family_class(family)
+    optional = [k for k in ("text_encoder_3", "tokenizer_3") if k in cls.__dataclass_fields__]
+    return list(cls.components) + [k for k in optional if (model_index.get(k) or [None])[0] is not None]
+
+
+def family_from_components(family: str, components: dict, device, dtype, source: str = "in-memory"):
+    """Wrap a family's components built in memory (`modeling.families.build_family_components`)
+    without saving them; "sd3.5" counts as "sd3"."""
+    family = "sd3" if family == "sd3.5" else family
+    cls = family_class(family)
+    parts = {k: components.get(k) for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")}
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval().requires_grad_(False)
+            if m.dtype != dtype:  # (a cast diffusers warns about even when there is nothing to cast)
+                m.to(dtype)
+    return cls(source=source, device=torch.device(device), dtype=dtype, **parts)
+
+
+def load_family_model(family: str, source, device: torch.device, dtype: torch.dtype, local_files_only: bool,
+                      source_label: str):
+    """Load a non-SD family's pipeline with diffusers and keep the parts stage 1 uses."""
+    import diffusers
+
+    cls = family_class(family)
+    pipeline_name = next(p for p, f in PIPELINE_FAMILIES.items() if f == family)
+    pipe = getattr(diffusers, pipeline_name).from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                             local_files_only=local_files_only)
+    names = [k for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")]
+    parts = {k: getattr(pipe, k, None) for k in names}
+    missing = [k for k in cls.components if parts.get(k) is None]
+    if missing:
+        raise ValueError(f"the {FAMILY_LABELS[family]} pipeline has no {', '.join(missing)} (a refiner or a "
+                         "partial checkpoint?); stage 1 needs them")
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval().requires_grad_(False)
+    vae = parts["vae"]
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as its pipelines know
+    return cls(source=source_label, device=device, dtype=dtype, **parts)
