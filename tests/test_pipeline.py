@@ -38,7 +38,7 @@ def test_every_shipped_config_loads():
 
 
 def _tiny_demo(out, model_dir):
-    cfg = demo_config(out, model=str(model_dir), device="cpu", num_images=30)  # 24 train, 6 test: every stage, seconds
+    cfg = demo_config(out, model=str(model_dir), device="cpu", num_images=20)  # 16 train, 4 test: every stage, seconds
     cfg.prelim.steps = 2
     cfg.finetune.steps = 2
     cfg.refine.steps = 2
@@ -56,7 +56,7 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "report.html").read_text().count("<img src='data:image/png;base64,") == 2
     for key in ROW_NAMES:
         assert all(0.0 <= saved[key][k] <= 1.0 for k in ("acc", "iou", "miou"))
-        assert saved[key]["evaluated"] + saved[key]["missing"] == 6  # every row on the same 6 test images
+        assert saved[key]["evaluated"] + saved[key]["missing"] == 4  # every row on the same 4 test images
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["disk_bytes"]["finetune"] > manifest["disk_bytes"]["prelim"] > 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -171,7 +171,7 @@ def test_two_process_run_equals_one_process(tiny_model_dir, tmp_path):
 
     per_image = ["prelim", "refine", "crop", "synth", "eval"]
     outputs = {p.relative_to(run): p.read_bytes() for d in per_image for p in (run / d).rglob("*") if p.suffix in (".png", ".npy")}
-    assert {p.parts[0] for p in outputs} == set(per_image) and len(outputs) > 100
+    assert {p.parts[0] for p in outputs} == set(per_image) and len(outputs) > 60
     metrics = (run / "metrics.json").read_text()
     trained = (run / "finetune" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     for d in per_image:
@@ -241,6 +241,6 @@ def test_killed_anywhere_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, 
 
     assert (run / "metrics.json").read_text() == (straight / "metrics.json").read_text()
     masks = {p.relative_to(straight) for p in straight.rglob("*.png") if "masks" in p.parts}
-    assert len(masks) > 50 and masks == {p.relative_to(run) for p in run.rglob("*.png") if "masks" in p.parts}
+    assert len(masks) > 40 and masks == {p.relative_to(run) for p in run.rglob("*.png") if "masks" in p.parts}
     assert [m for m in masks if (run / m).read_bytes() != (straight / m).read_bytes()] == []
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
