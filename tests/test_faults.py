@@ -200,8 +200,19 @@ def test_adversarial_folder_through_each_command(tiny_model_dir, tmp_path, make_
                  "--out", str(tmp_path / "crop")]) == 0
     assert main(["refine", *common, "--images", str(images), "--prelim", str(tmp_path / "prelim"), "--out", str(tmp_path / "refine"),
                  "--inpaint-steps", "2"]) == 0
+    assert main(["finetune", "--model", str(tiny_model_dir), "--concept", "bird", "--images", str(images), "--prelim",
+                 str(tmp_path / "prelim"), "--out", str(tmp_path / "finetune"), "--steps", "1", "--batch-size", "2"]) == 0
+    skipped = json.loads((tmp_path / "finetune" / "finetune_config.json").read_text())["skipped"]
+    assert all(any(name in line for line in skipped) for name in ("garbage.png", "empty.jpg", "truncated.jpg"))
+    from conceptseg.modeling.segmenter import UNet
+    from conceptseg.segmenter.predict import save_segmenter
+
+    torch.manual_seed(0)
+    save_segmenter(UNet(width=4), tmp_path / "segmenter", 32)
+    assert main(["segment", "--segmenter", str(tmp_path / "segmenter"), "--images", str(images), "--out", str(tmp_path / "segment"),
+                 "--output", "mask", "rgba", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    for stage in ("prelim", "crop", "refine"):
+    for stage in ("prelim", "crop", "refine", "segment"):
         entries = json.loads((tmp_path / stage / "manifest.json").read_text())["images"]
         assert {k for k, v in entries.items() if v["status"] == "done"} == good, stage
         assert {k for k, v in entries.items() if v["status"] == "failed"} == bad, stage
