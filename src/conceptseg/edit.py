@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from conceptseg.cutout import alpha_of, fit, load_background, over
-from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
+from conceptseg.geometry import Canvas, load_image_and_mask, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background, sample_latents
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_png
@@ -109,16 +109,9 @@ class MaskSource:
             raise FileNotFoundError(f"masks folder {self.folder} does not exist")
 
     def load(self, sample: Sample) -> tuple[Image.Image, np.ndarray | None]:
-        image = load_rgb(sample.image)
         if self.folder is None:
-            return image, None
-        mask_path = self.folder / f"{sample.key}.png"
-        if not mask_path.exists():
-            raise ImageReadError(f"{sample.image}: no mask {mask_path}")
-        mask = load_mask_file(mask_path)
-        if mask.shape != (image.height, image.width):
-            raise ImageReadError(f"{sample.image}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
-        return image, mask
+            return load_rgb(sample.image), None
+        return load_image_and_mask(sample.image, self.folder / f"{sample.key}.png")
 
     def fill(self, loaded: list[tuple[Image.Image, np.ndarray | None]]) -> tuple[list[Image.Image], list[np.ndarray]]:
         images = [im for im, _ in loaded]

@@ -26,22 +26,39 @@ class NonFiniteError(SampleError):
     """A map, latent or decoded image holds NaN or infinite values."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Any Pillow-readable file as 8-bit RGB: EXIF orientation applied, alpha composited on white,
-    16-bit and float images rescaled from their own range."""
-    path = Path(path)
+def _open_upright(path: Path, what: str) -> Image.Image:
+    """The decoded file with its EXIF orientation applied; any failure as one ImageReadError naming it."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
+            return im
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        raise ImageReadError(f"{path}: {what} file not found") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image Pillow can read") from None
+        raise ImageReadError(f"{path}: not an image file Pillow can read (as {what})") from None
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: unreadable or truncated image ({e})") from None
+        raise ImageReadError(f"{path}: unreadable or truncated {what} ({e})") from None
+
+
+def load_image_and_mask(image_path: Path, mask_path: Path, what: str = "mask") -> tuple[Image.Image, np.ndarray]:
+    """An image and its mask (e.g. M_pre), the mask required to exist and to match the image's size."""
+    image = load_rgb(image_path)
+    if not Path(mask_path).exists():
+        raise ImageReadError(f"{image_path}: no {what} {mask_path}")
+    mask = load_mask_file(mask_path)
+    if mask.shape != (image.height, image.width):
+        raise ImageReadError(f"{image_path}: {what} is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
+    return image, mask
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Any Pillow-readable file as 8-bit RGB: EXIF orientation applied, alpha composited on white,
+    16-bit and float images rescaled from their own range."""
+    path = Path(path)
+    im = _open_upright(path, "image")
     if im.width < 1 or im.height < 1:
         raise ImageReadError(f"{path}: empty image ({im.width}x{im.height})")
     try:
@@ -68,15 +85,7 @@ def load_mask_file(path: str | Path) -> np.ndarray:
     """A mask image as bool HxW, however it is stored: 0/255 grey (what `io.save_mask_png` writes;
     soft masks such as CUB's are cut at half range), 0/1 values, a 1-bit image, 16-bit or float
     grey, or the alpha channel of a cut-out (RGBA / LA / palette transparency, when the alpha varies)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: not a mask image Pillow can read ({e})") from None
+    im = _open_upright(Path(path), "mask")
     if im.mode == "1":
         return np.asarray(im, dtype=bool)
     if im.mode == "P":

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from conceptseg.geometry import Canvas, ImageReadError, load_mask_file, load_rgb
+from conceptseg.geometry import Canvas, load_image_and_mask
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
@@ -186,14 +186,7 @@ def run_refine(model: DiffusionModel | None, images: str | Path | Sequence, prel
         return (out / "masks" / f"{s.key}.png").exists() and (out / "background" / f"{s.key}.png").exists()
 
     def load(s: Sample) -> tuple[Image.Image, np.ndarray]:
-        image = load_rgb(s.image)
-        mask_path = Path(prelim_dir) / "masks" / f"{s.key}.png"
-        if not mask_path.exists():
-            raise ImageReadError(f"{s.image}: no preliminary mask {mask_path} (run `conceptseg prelim` first)")
-        mask = load_mask_file(mask_path)
-        if mask.shape != (image.height, image.width):
-            raise ImageReadError(f"{s.image}: preliminary mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.width}x{image.height}")
-        return image, mask
+        return load_image_and_mask(s.image, Path(prelim_dir) / "masks" / f"{s.key}.png", "preliminary mask (run `conceptseg prelim` first)")
 
     def process(batch: list[Sample], loaded: list[tuple[Image.Image, np.ndarray]]) -> None:
         images, masks = [im for im, _ in loaded], [m for _, m in loaded]
