@@ -51,7 +51,7 @@ def _cmd_prelim(args) -> None:
     from conceptseg.prelim import PrelimConfig, run_prelim
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
-                       seed=args.seed, orphan_filter=not args.no_orphan_filter)
+                       seed=args.seed, orphan_filter=not args.no_orphan_filter, gmm_components=args.gmm_components)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
     s.add_argument("--batch-size", type=int, default=40, help="UNet rows per forward pass (T0 rows make one image)")
     s.add_argument("--no-orphan-filter", action="store_true")
+    s.add_argument("--gmm-components", type=int, default=2,
+                   help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
 

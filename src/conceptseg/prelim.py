@@ -44,6 +44,7 @@ class PrelimConfig:
     batch_size: int = 40  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
     seed: int = 0
     orphan_filter: bool = True
+    gmm_components: int = 2  # the paper's 2; 3 for chest radiographs (background, chest, lesion)
 
     def __post_init__(self):
         self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
@@ -51,6 +52,8 @@ class PrelimConfig:
             raise ValueError("give at least one concept word")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if self.gmm_components < 2:
+            raise ValueError(f"gmm_components must be at least 2, got {self.gmm_components}")
 
     @property
     def full_prompt(self) -> str:
@@ -140,7 +143,7 @@ class PrelimRunner:
         results = []
         for canvas, amap in zip(canvases, maps):
             valid = canvas.valid(lat)
-            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed)
+            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed, components=cfg.gmm_components)
             results.append(PrelimResult(amap, mask_latent, canvas.restore(mask_latent), canvas))
         return results
 
@@ -172,6 +175,8 @@ def run_prelim(model: DiffusionModel, images: str | Path | Sequence[Path], out: 
     files = list_images(images, split)[shard[0] :: shard[1]]
     settings = {**asdict(config), "prompt": config.full_prompt, "model": model.source, "dtype": str(model.dtype).replace("torch.", "")}
     settings.pop("batch_size")  # does not change the outputs
+    if config.gmm_components == 2:
+        settings.pop("gmm_components")  # the paper's default: folders made before the option still resume
     manifest = Manifest.open(out, "prelim", settings, overwrite, shard)
     runner = PrelimRunner(model, config)
 
