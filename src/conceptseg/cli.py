@@ -10,6 +10,13 @@ from conceptseg import distributed
 
 
 def _cmd_toyworld(args) -> None:
+    if args.domain == "chest":
+        from conceptseg.data.chest import FINDINGS, ChestWorldConfig, generate as generate_chest
+
+        cfg = ChestWorldConfig(size=args.size, findings=tuple(args.classes or FINDINGS))
+        out = generate_chest(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
+        print(f"wrote {args.num} chest radiographs with reports to {out}")
+        return
     from conceptseg.data.toyworld import ToyWorldConfig, generate
 
     cfg = ToyWorldConfig(size=args.size)
@@ -212,12 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
     s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("toyworld", help="generate the procedural toy world (images, exact masks, captions)")
+    s = sub.add_parser("toyworld", help="generate a procedural known-truth world (images, exact masks, captions or reports)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--num", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=64)
-    s.add_argument("--classes", nargs="+", help="subset of the toy classes (default: all)")
+    s.add_argument("--domain", choices=["toy", "chest"], default="toy",
+                   help="toy: objects on photo backgrounds; chest: radiographs with findings and reports")
+    s.add_argument("--classes", nargs="+", help="subset of the toy classes, or of the chest findings (default: all)")
     s.add_argument("--workers", type=int, default=1, help="render rows in this many processes (same output)")
     s.set_defaults(func=_cmd_toyworld)
 
