@@ -35,7 +35,8 @@ def _cmd_train_t2i(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = TrainT2IConfig(
         data=args.data, out=args.out, preset=args.preset, base_model=args.base_model, steps=args.steps,
-        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder alone (encoder frozen)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float)
+    s.add_argument("--warmup-steps", type=int, default=300, help="linear learning-rate warm-up, then constant")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
