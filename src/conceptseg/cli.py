@@ -195,6 +195,25 @@ def _cmd_evaluate(args) -> None:
         print(f"{s['missing']} images had no prediction (listed in the JSON)")
 
 
+def _cmd_evaluate_findings(args) -> None:
+    from conceptseg.data.medical import read_finding_cases
+    from conceptseg.io import write_json
+    from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
+    from conceptseg.models import load_model
+
+    cfg = FindingEvalConfig(prompt=args.prompt, steps=args.steps, batch_size=args.batch_size, gmm_components=args.gmm_components,
+                            per_finding=args.per_finding, wrong_word=not args.no_wrong_word, seed=args.seed)
+    cases = read_finding_cases(args.dataset, args.split)
+    models = {str(m or "embedded toy model"): load_model(m, device=args.device, dtype=args.dtype) for m in args.model}
+    report = evaluate_findings(models, cases, cfg)
+    report["dataset"], report["split"] = args.dataset, args.split
+    print(f"{args.dataset} ({args.split}): pixel-wise AUC-ROC of the raw stage-1 map against the union of the finding's boxes, "
+          f"mean over its cases; prompt: {cfg.prompt}; M_pre with a {cfg.gmm_components}-component GMM\n{format_table(report)}")
+    if args.out:
+        write_json(args.out, report)
+        print(f"report: {args.out}")
+
+
 def _cmd_fid(args) -> None:
     from conceptseg.fid import fid
 
@@ -347,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=["train", "test", "all"])
     s.add_argument("--out", type=Path, help="JSON report (default: PRED/evaluation.json)")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("evaluate-findings", help="medical: AUC-ROC of stage-1 maps per finding against boxes (MS-CXR protocol)")
+    _add_model_args(s, several=True)
+    s.add_argument("--dataset", required=True, help="chest:ROOT (the chest world) or ms-cxr:ROOT[,images=MIMIC_CXR_JPG_ROOT]")
+    s.add_argument("--split", default="test", choices=["train", "test", "all"], help="chest world split (MS-CXR: all of it)")
+    s.add_argument("--prompt", default="finding", choices=["finding", "phrase", "photo"],
+                   help='finding: "pleural effusion"; phrase: the case\'s own phrase; photo: "a photo of a pleural effusion"')
+    s.add_argument("--per-finding", type=int, help="at most this many cases per finding (default: all)")
+    s.add_argument("--steps", type=int, default=40, help="T0 of stage 1")
+    s.add_argument("--batch-size", type=int, default=40)
+    s.add_argument("--gmm-components", type=int, default=3, help="M_pre threshold (3: background, chest, lesion)")
+    s.add_argument("--no-wrong-word", action="store_true", help="skip the wrong-finding-word baseline (half the time)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="JSON report")
+    s.set_defaults(func=_cmd_evaluate_findings)
 
     s = sub.add_parser("fid", help="FID of generated images against real ones (standard InceptionV3 features)")
     s.add_argument("--real", required=True, help="image folder or dataset spec")
