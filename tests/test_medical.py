@@ -270,3 +270,32 @@ def test_chest_world_end_to_end_with_a_tiny_model(tiny_model_dir, tmp_path, caps
     for row in m["per_finding"].values():
         assert 0.0 <= row["auc"] <= 1.0 and 0.0 <= row["auc_mask"] <= 1.0 and "wrong_word_auc" in row
     assert main(["evaluate-findings", "--dataset", "cxr:/nowhere"]) == 2
+
+
+def test_medical_experiment_from_yaml(tiny_model_dir, tmp_path, capsys) -> None:
+    """`conceptseg medical CONFIG`: fine-tune a tiny model on chest reports for 2 steps, score the base
+    and the fine-tuned model per finding, and the curve over the 2 checkpoints."""
+    from conceptseg.cli import main
+    from conceptseg.data.chest import ChestWorldConfig, generate
+    from conceptseg.medical_experiment import load_medical_config
+
+    data = generate(tmp_path / "chest", 12, seed=2, progress=False, config=ChestWorldConfig(size=32, test_fraction=0.5))
+    config = tmp_path / "chest.yaml"
+    config.write_text(f"out: {tmp_path / 'run'}\nbase_model: {tiny_model_dir}\ntrain_data: {data}\neval_data: chest:{data}\n"
+                      "finetune: {steps: 2, batch_size: 2, checkpoint_every: 1, lr: 1.0e-3, samples_per_prompt: 1, sample_prompts: [No effusion.]}\n"
+                      "evaluate: {per_finding: 1, steps: 2, batch_size: 8, curve_per_finding: 1}\n")
+    assert main(["medical", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "AUC fine-tuned" in printed and "step 2: mean AUC" in printed
+    report = json.loads((tmp_path / "run" / "findings.json").read_text())
+    assert set(report["models"]) == {"base", "fine-tuned"}
+    assert report["models_used"]["fine-tuned"] == str(tmp_path / "run" / "finetune" / "model")
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 1, 2]
+    assert all(0 <= p["mean_auc"] <= 1 for p in curve["points"])
+    # bad configs: one clear error naming the file and the setting
+    config.write_text("out: x\neval_data: chest:y\nfinetune: {stepz: 3}\n")
+    with pytest.raises(ValueError, match=r"chest.yaml.finetune: unknown setting\(s\) \['stepz'\]"):
+        load_medical_config(config)
+    config.write_text("out: x\neval_data: chest:y\n")
+    assert load_medical_config(config, ["evaluate.prompt=photo"]).evaluate.prompt == "photo"

@@ -96,6 +96,13 @@ def _cmd_eval_toy_model(args) -> None:
 
 
 def _cmd_demo(args) -> None:
+    if args.medical:
+        from conceptseg.demo import medical_demo_config
+        from conceptseg.medical_experiment import run_medical
+
+        run_medical(medical_demo_config(args.out, model=args.model, device=args.device, num_images=args.num_images))
+        print(f"\nnumbers: {args.out}/findings.json")
+        return
     from conceptseg.demo import demo_config
     from conceptseg.pipeline import Run, format_table, override_config
 
@@ -104,6 +111,14 @@ def _cmd_demo(args) -> None:
     metrics = Run(cfg).execute()
     print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
     print(f"\nrun folder: {args.out}   numbers: {args.out}/metrics.json   report: {args.out}/report.html")
+
+
+def _cmd_medical(args) -> None:
+    from conceptseg.medical_experiment import load_medical_config, run_medical
+
+    cfg = load_medical_config(args.config, args.set or [])
+    run_medical(cfg)
+    print(f"\nrun folder: {cfg.out}")
 
 
 def _cmd_run(args) -> None:
@@ -232,7 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
+    s.add_argument("--medical", action="store_true",
+                   help="instead: per-finding AUC on held-out chest-world radiographs, embedded chest model against the toy model")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("medical", help="the medical experiment from a YAML config: fine-tune on image-report pairs, score per finding")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    s.set_defaults(func=_cmd_medical)
 
     s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
     s.add_argument("config", type=Path)
