@@ -209,7 +209,8 @@ def format_table(report: dict) -> str:
     names = list(report["models"])
     head = ["finding", "cases", "centre prior"]
     for n in names:
-        short = Path(n).name or n
+        parts = Path(n).parts
+        short = "/".join(parts[-3:-1]) if len(parts) > 2 and parts[-1] == "model" else (Path(n).name or n)
         head += [f"AUC {short}", f"wrong word {short}", f"IoU M_pre {short}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cp = report["centre_prior"]

@@ -16,7 +16,10 @@ Findings (four of MS-CXR's eight), laterality and size varying, several per imag
 A finding's mask is exactly the set of pixels its drawing changes (for pneumothorax: the pleural
 air space; the pleural line is drawn on the collapsed lung's edge). Cardiomegaly's mask is the
 enlarged heart shadow. Nothing is blurred after the findings are drawn, so the masks are exact.
-Boxes are the masks' tight inclusive boxes (x0, y0, x1, y1). Sides follow the radiological
+Boxes are the masks' tight inclusive boxes (x0, y0, x1, y1). Findings on one side can overlap (a
+mid-zone consolidation under a large effusion); the later-drawn one owns the shared pixels, and a
+finding hidden entirely (about 1 row in 1,000) keeps its report sentence with an empty mask and
+box null (evaluation skips it). Sides follow the radiological
 convention: the patient's right is on the image's LEFT.
 
 Each image has a report written from templates the way radiologists write: the findings with size,

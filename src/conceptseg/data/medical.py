@@ -273,6 +273,8 @@ def read_chest_world(root: Path, split: str = "test") -> list[FindingCase]:
             continue
         names = [f["finding"] for f in findings]
         for f in findings:
+            if f.get("box") is None:  # drawn, then hidden entirely by a later finding: nothing to score
+                continue
             phrase = " ".join(x for x in (f.get("size"), f.get("side"), f["finding"]) if x)
             cases.append(FindingCase(key=f"{Path(r['file_name']).stem}_{_safe_key(f['finding'])}", image=root / r["file_name"],
                                      finding=f["finding"], word=f["word"], phrase=phrase, boxes=(tuple(f["box"]),),
