@@ -299,3 +299,13 @@ def test_medical_experiment_from_yaml(tiny_model_dir, tmp_path, capsys) -> None:
         load_medical_config(config)
     config.write_text("out: x\neval_data: chest:y\n")
     assert load_medical_config(config, ["evaluate.prompt=photo"]).evaluate.prompt == "photo"
+
+
+def test_medical_demo_config(tmp_path) -> None:
+    from conceptseg.demo import medical_demo_config
+
+    cfg = medical_demo_config(tmp_path / "demo", num_images=4)
+    assert cfg.model == "embedded:chest" and cfg.base_model is None and cfg.train_data is None
+    assert cfg.eval_data == f"chest:{tmp_path / 'demo' / 'data'}" and cfg.evaluate.curve_per_finding is None
+    cases = read_finding_cases(cfg.eval_data, cfg.eval_split)
+    assert cases  # no healthy rows, every row held out

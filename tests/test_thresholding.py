@@ -181,3 +181,22 @@ def test_components_validation_and_small_inputs() -> None:
     with pytest.raises(ValueError, match="at least 2 components"):
         gmm_threshold(np.arange(10.0), components=1)
     assert gmm_threshold(np.array([0.0, 1.0]), components=3) == float("inf")  # fewer values than components
+
+
+def test_prelim_threads_gmm_components_to_binarize(tiny_model, textured, monkeypatch) -> None:
+    import conceptseg.prelim as prelim
+    from conceptseg.prelim import PrelimConfig, PrelimRunner
+
+    assert PrelimConfig("bird").gmm_components == 2  # the paper
+    with pytest.raises(ValueError, match="gmm_components"):
+        PrelimConfig("bird", gmm_components=1)
+    seen = []
+    monkeypatch.setattr(prelim, "binarize", lambda *a, **k: seen.append(k["components"]) or binarize(*a, **k))
+    for k in (2, 3):
+        res = PrelimRunner(tiny_model, PrelimConfig("bird", steps=2, gmm_components=k))([textured(40, 32)], ["a"])[0]
+        assert res.mask.shape == (32, 40)
+    assert seen == [2, 3]
+    from conceptseg.cli import build_parser
+
+    args = build_parser().parse_args(["prelim", "--concept", "effusion", "--images", "x", "--out", "y", "--gmm-components", "3"])
+    assert args.gmm_components == 3
