@@ -208,6 +208,10 @@ def test_prompts_and_wrong_findings(tmp_path) -> None:
     assert prompt_for(eff, "phrase") == ("small right pleural effusion", "effusion")
     odd = FindingCase("x", eff.image, "lung opacity", "opacity", "Opacities in the left lower lobe", eff.boxes)
     assert prompt_for(odd, "phrase") == ("lung opacity", "opacity")  # the word is not in the phrase
+    # a wrong finding in phrase mode: the same phrase with the other finding
+    assert prompt_for(eff, "phrase", "pneumothorax", "pneumothorax") == ("small right pneumothorax", "pneumothorax")
+    assert prompt_for(eff, "finding", "pneumothorax", "pneumothorax") == ("pneumothorax", "pneumothorax")
+    assert prompt_for(odd, "phrase", "pneumothorax", "pneumothorax") == ("pneumothorax", "pneumothorax")
     findings = ["cardiomegaly", "pleural effusion", "pneumothorax"]
     assert wrong_finding(eff, findings) == "pneumothorax"  # the next one the image does not have
     assert wrong_finding(card, findings) == "pneumothorax"  # effusion is present: skipped

@@ -73,8 +73,11 @@ def prompt_for(case: FindingCase, mode: str, finding: str | None = None, word: s
     finding, word = finding or case.finding, word or case.word
     if mode == "photo":
         return f"a photo of a {finding}", word
-    if mode == "phrase" and finding == case.finding and word.lower() in case.phrase.lower().split():
-        return case.phrase, word
+    phrase = case.phrase.lower()
+    if mode == "phrase" and finding != case.finding and case.finding in phrase:
+        phrase = phrase.replace(case.finding, finding)  # the same phrase, another finding: "moderate right pneumothorax"
+    if mode == "phrase" and word.lower() in phrase.split():
+        return (case.phrase if finding == case.finding else phrase), word
     return finding, word
 
 
