@@ -13,7 +13,6 @@ import pytest
 from types import SimpleNamespace
 from PIL import Image
 
-from conceptseg.data import medical
 from conceptseg.data.medical import (FindingCase, read_chest_world, read_finding_cases, read_mimic_cxr_pairs, read_mscxr,
                                      read_pairs, report_text)
 from conceptseg.data.readers import read_dataset
@@ -222,7 +221,7 @@ def test_evaluation_with_hand_made_maps(tmp_path, monkeypatch) -> None:
     """Stage 1 replaced by known maps: the right word's map is the box itself, a wrong word's the
     box inverted; the table's numbers follow."""
     cases = _cases(tmp_path)
-    by_key = {c.key: c for c in cases}
+    {c.key: c for c in cases}
 
     def fake_maps(model, sub, prompts, cfg, progress, desc):
         out = []
