@@ -374,7 +374,7 @@ def test_imagefolder(tmp_path):
 # ---------------------------------------------------------------- specs, masks, boxes
 
 def test_registry_and_spec_errors(tmp_path):
-    assert set(READERS) == {"cub", "dogs", "cars", "h36m", "folder", "imagefolder"}
+    assert set(READERS) == {"cub", "dogs", "cars", "h36m", "folder", "imagefolder", "mimic-cxr", "ms-cxr"}
     with pytest.raises(ValueError, match="imagefolder") as e:
         read_dataset(f"voc:{tmp_path}")
     assert all(name in str(e.value) for name in READERS)

@@ -135,3 +135,68 @@ def test_orphan_filter_majority_threshold() -> None:
 def test_orphan_filter_on_full_image_border() -> None:
     mask = np.ones((6, 6), bool)
     assert orphan_filter(mask).all()  # the image border is not treated as background
+
+
+# ------------------------------------------------------------------ k components
+
+
+@pytest.fixture(scope="module")
+def trimodal() -> np.ndarray:
+    """Background, chest and lesion: three modes, the lesion the smallest and highest."""
+    rng = np.random.default_rng(5)
+    return np.concatenate([rng.normal(0, 0.5, 1500), rng.normal(5, 0.5, 2000), rng.normal(10, 0.5, 300)])
+
+
+def test_two_components_is_the_papers_formula(bimodal) -> None:
+    from sklearn.mixture import GaussianMixture
+
+    means = GaussianMixture(n_components=2, random_state=0).fit(bimodal.reshape(-1, 1)).means_
+    assert gmm_threshold(bimodal) == float(means.mean())
+    assert gmm_threshold(bimodal, components=2) == gmm_threshold(bimodal)
+
+
+def test_three_components_separate_the_highest_mode(trimodal) -> None:
+    # 2 components put the chest with the lesion or split between them; 3 put the cut between chest and lesion
+    assert gmm_threshold(trimodal, components=3) == pytest.approx(7.5, abs=0.3)
+    assert gmm_threshold(trimodal, components=2) < 6.0
+    values = trimodal.reshape(38, 100)
+    lesion = values > 7.5
+    mask = binarize(values, orphan=False, components=3)
+    assert np.array_equal(mask, lesion)
+    assert binarize(values, orphan=False, components=2).sum() > 2 * lesion.sum()
+
+
+def test_three_components_on_a_map_with_a_lesion_in_a_chest() -> None:
+    rng = np.random.default_rng(6)
+    values = rng.normal(0, 0.1, (40, 40))  # background
+    values[5:35, 5:35] += 1.0  # chest
+    values[10:18, 20:30] += 1.0  # lesion, inside the chest
+    expected = np.zeros((40, 40), bool)
+    expected[10:18, 20:30] = True
+    assert np.array_equal(binarize(values, orphan=False, components=3), expected)
+    assert binarize(values, orphan=False, components=2)[5:35, 5:35].all()  # 2 components take the whole chest
+
+
+def test_components_validation_and_small_inputs() -> None:
+    with pytest.raises(ValueError, match="at least 2 components"):
+        gmm_threshold(np.arange(10.0), components=1)
+    assert gmm_threshold(np.array([0.0, 1.0]), components=3) == float("inf")  # fewer values than components
+
+
+def test_prelim_threads_gmm_components_to_binarize(tiny_model, textured, monkeypatch) -> None:
+    import conceptseg.prelim as prelim
+    from conceptseg.prelim import PrelimConfig, PrelimRunner
+
+    assert PrelimConfig("bird").gmm_components == 2  # the paper
+    with pytest.raises(ValueError, match="gmm_components"):
+        PrelimConfig("bird", gmm_components=1)
+    seen = []
+    monkeypatch.setattr(prelim, "binarize", lambda *a, **k: seen.append(k["components"]) or binarize(*a, **k))
+    for k in (2, 3):
+        res = PrelimRunner(tiny_model, PrelimConfig("bird", steps=2, gmm_components=k))([textured(40, 32)], ["a"])[0]
+        assert res.mask.shape == (32, 40)
+    assert seen == [2, 3]
+    from conceptseg.cli import build_parser
+
+    args = build_parser().parse_args(["prelim", "--concept", "effusion", "--images", "x", "--out", "y", "--gmm-components", "3"])
+    assert args.gmm_components == 3

@@ -253,3 +253,36 @@ def test_decoder_fine_tuning_keeps_the_encoder(dataset, scratch, tmp_path_factor
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space the UNet learned
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
     assert (out / "vae_decoder" / "config.json").exists()
+
+
+# ------------------------------------------------------------------ fine-tuning on the chest world, streamed
+
+
+def test_finetune_on_chest_reports_streams_and_resumes(scratch, tmp_path_factory, monkeypatch) -> None:
+    """train-t2i --base-model on chest radiographs with reports: images are read per step (never all
+    at once), and a run stopped at step 2 and resumed to 4 equals a straight 4-step run."""
+    import conceptseg.train_t2i as t2i
+    from conceptseg.data.chest import ChestWorldConfig, generate as generate_chest
+
+    data = generate_chest(tmp_path_factory.mktemp("chest") / "data", 12, seed=0, progress=False, config=ChestWorldConfig(size=32))
+    monkeypatch.setattr(t2i, "_load_pairs", lambda *a, **k: pytest.fail("fine-tuning loaded every image"))
+    loaded = []
+    real_encode = t2i._encode_batch
+    monkeypatch.setattr(t2i, "_encode_batch", lambda vae, paths, *a: loaded.append(len(paths)) or real_encode(vae, paths, *a))
+    base = scratch.out / "model"
+    kw = dict(base_model=str(base), preset=None, lr=1e-3, train_text_encoder=True, sample_prompts=["Moderate right pleural effusion."])
+    root = tmp_path_factory.mktemp("chest_ft")
+    _run(_cfg(data, root / "stopped", steps=2, **kw))
+    assert loaded == [4, 4]  # one batch of 4 images per step
+    shutil.copytree(root / "stopped", root / "resumed")
+    _, log = _run(_cfg(data, root / "resumed", steps=4, **kw))
+    assert "at step 2" in log
+    _run(_cfg(data, root / "straight", steps=4, **kw))
+    for comp in ("unet", "text_encoder"):
+        a, b = _weights(root / "straight" / "model", comp), _weights(root / "resumed" / "model", comp)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=f"{comp}.{k}")
+        assert _fraction_changed(a, _weights(base, comp)) > 0
+    assert _same(_weights(root / "straight" / "model", "vae"), _weights(base, "vae"))
+    saved = json.loads((root / "straight" / "train_config.json").read_text())
+    assert saved["num_images"] == sum(r.split != "test" for r in read_imagefolder(data))

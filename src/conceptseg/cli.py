@@ -10,6 +10,13 @@ from conceptseg import distributed
 
 
 def _cmd_toyworld(args) -> None:
+    if args.domain == "chest":
+        from conceptseg.data.chest import FINDINGS, ChestWorldConfig, generate as generate_chest
+
+        cfg = ChestWorldConfig(size=args.size, findings=tuple(args.classes or FINDINGS))
+        out = generate_chest(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
+        print(f"wrote {args.num} chest radiographs with reports to {out}")
+        return
     from conceptseg.data.toyworld import ToyWorldConfig, generate
 
     cfg = ToyWorldConfig(size=args.size)
@@ -28,7 +35,8 @@ def _cmd_train_t2i(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = TrainT2IConfig(
         data=args.data, out=args.out, preset=args.preset, base_model=args.base_model, steps=args.steps,
-        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
@@ -52,7 +60,7 @@ def _cmd_prelim(args) -> None:
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
-                       joint_attention=args.joint_attention)
+                       joint_attention=args.joint_attention, gmm_components=args.gmm_components)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     print(f"prelim: {model.describe()}")
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
@@ -90,6 +98,13 @@ def _cmd_eval_toy_model(args) -> None:
 
 
 def _cmd_demo(args) -> None:
+    if args.medical:
+        from conceptseg.demo import medical_demo_config
+        from conceptseg.medical_experiment import run_medical
+
+        run_medical(medical_demo_config(args.out, model=args.model, device=args.device, num_images=args.num_images))
+        print(f"\nnumbers: {args.out}/findings.json")
+        return
     from conceptseg.demo import demo_config
     from conceptseg.pipeline import Run, format_table, override_config
 
@@ -98,6 +113,14 @@ def _cmd_demo(args) -> None:
     metrics = Run(cfg).execute()
     print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
     print(f"\nrun folder: {args.out}   numbers: {args.out}/metrics.json   report: {args.out}/report.html")
+
+
+def _cmd_medical(args) -> None:
+    from conceptseg.medical_experiment import load_medical_config, run_medical
+
+    cfg = load_medical_config(args.config, args.set or [])
+    run_medical(cfg)
+    print(f"\nrun folder: {cfg.out}")
 
 
 def _cmd_run(args) -> None:
@@ -289,6 +312,25 @@ def _cmd_evaluate(args) -> None:
         print(f"{s['missing']} images had no prediction and were scored as empty masks (listed in the JSON)")
 
 
+def _cmd_evaluate_findings(args) -> None:
+    from conceptseg.data.medical import read_finding_cases
+    from conceptseg.io import write_json
+    from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
+    from conceptseg.models import load_model
+
+    cfg = FindingEvalConfig(prompt=args.prompt, steps=args.steps, batch_size=args.batch_size, gmm_components=args.gmm_components,
+                            per_finding=args.per_finding, wrong_word=not args.no_wrong_word, seed=args.seed)
+    cases = read_finding_cases(args.dataset, args.split)
+    models = {str(m or "embedded toy model"): load_model(m, device=args.device, dtype=args.dtype) for m in args.model}
+    report = evaluate_findings(models, cases, cfg)
+    report["dataset"], report["split"] = args.dataset, args.split
+    print(f"{args.dataset} ({args.split}): pixel-wise AUC-ROC of the raw stage-1 map against the union of the finding's boxes, "
+          f"mean over its cases; prompt: {cfg.prompt}; M_pre with a {cfg.gmm_components}-component GMM\n{format_table(report)}")
+    if args.out:
+        write_json(args.out, report)
+        print(f"report: {args.out}")
+
+
 def _cmd_fid(args) -> None:
     from conceptseg.fid import fid
 
@@ -312,19 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
+    s.add_argument("--medical", action="store_true",
+                   help="instead: per-finding AUC on held-out chest-world radiographs, embedded chest model against the toy model")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("medical", help="the medical experiment from a YAML config: fine-tune on image-report pairs, score per finding")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    s.set_defaults(func=_cmd_medical)
 
     s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
     s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("toyworld", help="generate the procedural toy world (images, exact masks, captions)")
+    s = sub.add_parser("toyworld", help="generate a procedural known-truth world (images, exact masks, captions or reports)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--num", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=64)
-    s.add_argument("--classes", nargs="+", help="subset of the toy classes (default: all)")
+    s.add_argument("--domain", choices=["toy", "chest"], default="toy",
+                   help="toy: objects on photo backgrounds; chest: radiographs with findings and reports")
+    s.add_argument("--classes", nargs="+", help="subset of the toy classes, or of the chest findings (default: all)")
     s.add_argument("--workers", type=int, default=1, help="render rows in this many processes (same output)")
     s.set_defaults(func=_cmd_toyworld)
 
@@ -343,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
     s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
+    s.add_argument("--gmm-components", type=int, default=2,
+                   help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
 
@@ -501,6 +554,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=128, help="the paper protocol's size (128)")
     s.set_defaults(func=_cmd_evaluate)
 
+    s = sub.add_parser("evaluate-findings", help="medical: AUC-ROC of stage-1 maps per finding against boxes (MS-CXR protocol)")
+    _add_model_args(s, several=True)
+    s.add_argument("--dataset", required=True, help="chest:ROOT (the chest world) or ms-cxr:ROOT[,images=MIMIC_CXR_JPG_ROOT]")
+    s.add_argument("--split", default="test", choices=["train", "test", "all"], help="chest world split (MS-CXR: all of it)")
+    s.add_argument("--prompt", default="finding", choices=["finding", "phrase", "photo"],
+                   help='finding: "pleural effusion"; phrase: the case\'s own phrase; photo: "a photo of a pleural effusion"')
+    s.add_argument("--per-finding", type=int, help="at most this many cases per finding (default: all)")
+    s.add_argument("--steps", type=int, default=40, help="T0 of stage 1")
+    s.add_argument("--batch-size", type=int, default=40)
+    s.add_argument("--gmm-components", type=int, default=3, help="M_pre threshold (3: background, chest, lesion)")
+    s.add_argument("--no-wrong-word", action="store_true", help="skip the wrong-finding-word baseline (half the time)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="JSON report")
+    s.set_defaults(func=_cmd_evaluate_findings)
+
     s = sub.add_parser("fid", help="FID of generated images against real ones (standard InceptionV3 features)")
     s.add_argument("--real", required=True, help="image folder or dataset spec")
     s.add_argument("--fake", required=True, help="image folder (e.g. SYNTH/images)")
@@ -531,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder alone (encoder frozen)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float)
+    s.add_argument("--warmup-steps", type=int, default=300, help="linear learning-rate warm-up, then constant")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")

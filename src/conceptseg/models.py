@@ -19,6 +19,7 @@ from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
+EMBEDDED_CHEST_MODEL = "embedded:chest"  # the toy model fine-tuned on chest-world reports (docs/medical.md)
 # A LoRA fine-tune (stage 2) is saved as diffusers' LoRA weights file plus this note of its base model.
 LORA_CONFIG_FILE = "conceptseg_lora.json"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -28,8 +29,8 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded; the message says what is missing."""
 
 
-def embedded_model_path() -> Path:
-    return Path(str(resources.files("conceptseg") / "assets" / "toy_model"))
+def embedded_model_path(name: str = "toy_model") -> Path:
+    return Path(str(resources.files("conceptseg") / "assets" / name))
 
 
 def default_device() -> torch.device:
@@ -189,11 +190,11 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     torch_dtype = resolve_dtype(dtype, device)
     if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
         return _load_lora(Path(model), device, torch_dtype)
-    if model is None or str(model) == EMBEDDED_MODEL:
-        path = embedded_model_path()
+    if model is None or str(model) in (EMBEDDED_MODEL, EMBEDDED_CHEST_MODEL):
+        path = embedded_model_path("chest_model" if str(model) == EMBEDDED_CHEST_MODEL else "toy_model")
         if not path.is_dir():
             raise ModelLoadError(f"the embedded default model is not installed at {path}; pass --model")
-        source, local = EMBEDDED_MODEL, True
+        source, local = str(model or EMBEDDED_MODEL), True
     else:
         path = Path(model)
         local = path.exists()

@@ -42,6 +42,7 @@ class PrelimConfig:
     batch_size: int = execution_setting(40)  # UNet rows per forward pass (default: one image's T0 rows); images may share a batch
     seed: int = 0
     orphan_filter: bool = True
+    gmm_components: int = 2  # the paper's 2; 3 for chest radiographs (background, chest, lesion)
     # flow-matching families (SD 3.x, FLUX.1) only; docs/families.md
     sigma_grid: str = "sampler"  # T0 smallest sigmas of the default sampler's 50-step grid, or "uniform" k/50
     joint_attention: str = "text"  # image-to-text block renormalised over text keys, or "joint" softmax columns
@@ -52,6 +53,8 @@ class PrelimConfig:
             raise ValueError("give at least one concept word")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if self.gmm_components < 2:
+            raise ValueError(f"gmm_components must be at least 2, got {self.gmm_components}")
         if self.sigma_grid not in SIGMA_GRIDS:
             raise ValueError(f"unknown sigma grid {self.sigma_grid!r}; use one of {', '.join(SIGMA_GRIDS)}")
         if self.joint_attention not in NORMALISATIONS:
@@ -149,7 +152,7 @@ class PrelimRunner:
         results = []
         for canvas, amap in zip(canvases, maps):
             valid = canvas.valid(lat)
-            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed)
+            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed, components=cfg.gmm_components)
             results.append(PrelimResult(amap, mask_latent, canvas.restore(mask_latent), canvas))
         return results
 

@@ -3,7 +3,8 @@
 Two modes. From scratch (`preset`): build a VAE, a CLIP text encoder (real tokenizer) and a UNet
 from a named preset, train the VAE first, then the UNet and text encoder on the frozen latents.
 Fine-tune (`base_model`): continue training an existing diffusers model's UNet on new
-image-caption pairs (the paper's medical step, METHOD.md §6). Either way the result is a standard
+image-caption pairs (the paper's medical step, METHOD.md §6), streamed: each step reads and encodes
+only its batch's images, so a dataset of any size (MIMIC-CXR: `--data mimic-cxr:ROOT`) fits. Either way the result is a standard
 diffusers folder (`OUT/model`) and a sample grid (`OUT/samples.png`).
 
 accelerate runs it on one or several processes (`accelerate launch`), CPU or GPU, with mixed
@@ -26,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
+from conceptseg.data.medical import read_pairs
 from conceptseg.geometry import Canvas, load_rgb, to_model_input
 from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
@@ -37,7 +39,7 @@ from conceptseg.training import (Precision, check_finite, diffusion_target, last
 
 @dataclass
 class TrainT2IConfig:
-    data: Path
+    data: Path | str  # imagefolder dataset; fine-tuning also takes "mimic-cxr:ROOT[,reports=DIR][,section=S]"
     out: Path
     preset: str | None = "toy"  # train from scratch with this architecture ...
     base_model: str | None = None  # ... or fine-tune this diffusers model (then preset is ignored)
@@ -117,6 +119,17 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, accelerator, decoder
 
 
 @torch.no_grad()
+def _encode_batch(vae, paths: list[Path], resolution: int, gen: torch.Generator, device) -> torch.Tensor:
+    """Read, place (one geometry) and encode a batch's images; a latent sample drawn with `gen` (CPU)."""
+    placed = []
+    for p in paths:
+        im = load_rgb(p)
+        placed.append(Canvas(im.width, im.height, resolution).place(im))
+    d = vae.encode(to_model_input(np.stack(placed), device, vae.dtype)).latent_dist
+    return (d.mean.float().cpu() + d.std.float().cpu() * torch.randn(d.mean.shape, generator=gen))
+
+
+@torch.no_grad()
 def _latent_moments(vae, images: np.ndarray, device, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(images), chunk):
@@ -163,10 +176,17 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         parts = dict(vae=m.vae, unet=m.unet, text_encoder=m.text_encoder, tokenizer=m.tokenizer, scheduler=m.scheduler)
     vae, unet, text_encoder, tokenizer, scheduler = (parts[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    images, captions = _load_pairs(cfg, resolution)
+    if from_scratch:
+        images, captions = _load_pairs(cfg, resolution)
+        num_images = len(images)
+    else:  # streamed: only paths and texts are held
+        pairs = read_pairs(cfg.data, "train")
+        if not pairs:
+            raise ValueError(f"{cfg.data}: no training image-text pairs")
+        num_images = len(pairs)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", {**asdict(cfg), "lr": lr, "train_text_encoder": train_te, "num_images": len(images)})
+        write_json(out / "train_config.json", {**asdict(cfg), "lr": lr, "train_text_encoder": train_te, "num_images": num_images})
 
     # Stage A (from scratch only): the VAE, saved once so a resumed run does not redo it.
     vae_dir = out / "vae"
@@ -181,10 +201,14 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
                 vae.save_pretrained(vae_dir, safe_serialization=True)
             accelerator.wait_for_everyone()
     vae.to(accelerator.device).eval().requires_grad_(False)
-    lat_mean, lat_std = _latent_moments(vae, images, accelerator.device)
     scale = vae.config.scaling_factor
 
-    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    if from_scratch:
+        lat_mean, lat_std = _latent_moments(vae, images, accelerator.device)
+        ids_all = tokenize(captions)
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
     trained = [unet] + ([text_encoder] if train_te else [])
@@ -219,11 +243,14 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
         rng = step_rng(cfg.seed, 2, step, accelerator.process_index)
-        idx = rng.integers(0, len(images), cfg.batch_size)
-        ids = ids_all[idx].clone()
+        idx = rng.integers(0, num_images, cfg.batch_size)
+        ids = ids_all[idx].clone() if from_scratch else tokenize([pairs[i].caption() for i in idx])
         ids[rng.random(cfg.batch_size) < cfg.caption_dropout] = ids_empty
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+        if from_scratch:
+            z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+        else:
+            z0 = _encode_batch(vae, [pairs[i].image for i in idx], resolution, gen, accelerator.device) * scale
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         z0, noise, t, ids = (x.to(accelerator.device) for x in (z0, noise, t, ids))
@@ -258,10 +285,35 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         export(final)
         if (decoder_dir / "config.json").exists():
             publish(decoder_dir, final / "vae")
-        prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})
+        if from_scratch:
+            prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})
+        else:  # reports are long and many: the first four distinct ones
+            prompts = cfg.sample_prompts or list(dict.fromkeys(p.caption() for p in pairs[:64]))[:4]
         save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed))
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
+    """The model as it stood at `checkpoint` (its EMA weights), without an export per checkpoint:
+    the finished run's `OUT/model` gives the architecture and the frozen parts, the checkpoint's
+    ema.safetensors the trained ones, in the order training listed them (UNet, then the text
+    encoder when it was trained)."""
+    from safetensors.torch import load_file
+
+    from conceptseg.models import from_components, load_model
+
+    model = load_model(Path(out) / "model", device="cpu", dtype="fp32")
+    train_te = json.loads((Path(out) / "train_config.json").read_text())["train_text_encoder"]
+    params = list(model.unet.parameters()) + (list(model.text_encoder.parameters()) if train_te else [])
+    shadow = load_file(Path(checkpoint) / "ema.safetensors")
+    if len(shadow) != len(params):
+        raise ValueError(f"{checkpoint}: {len(shadow)} EMA tensors, but {out / 'model'} trains {len(params)}: not this run's checkpoint")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[str(i)])
+    parts = dict(vae=model.vae, unet=model.unet, text_encoder=model.text_encoder, tokenizer=model.tokenizer, scheduler=model.scheduler)
+    return from_components(parts, device=device or "cpu", dtype=dtype, source=str(Path(checkpoint).resolve()))
 
 
 @torch.no_grad()

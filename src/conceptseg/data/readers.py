@@ -302,11 +302,25 @@ def read_imagefolder_samples(root: Path, split: str = "test") -> list[Sample]:
                    label=r.classes[0] if len(r.classes) == 1 else None) for r in rows if split == "all" or r.split == split]
 
 
+def _read_mimic_cxr(root: Path, split: str = "test", **options) -> list[Sample]:
+    from conceptseg.data.medical import read_mimic_cxr  # medical.py builds on this module
+
+    return read_mimic_cxr(root, split, **options)
+
+
+def _read_mscxr(root: Path, split: str = "test", **options) -> list[Sample]:
+    from conceptseg.data.medical import read_mscxr_samples
+
+    return read_mscxr_samples(root, split, **options)
+
+
 READERS: dict[str, Callable[..., list[Sample]]] = {
     "cub": read_cub, "dogs": read_dogs, "cars": read_cars, "h36m": read_h36m,
     "folder": read_folder, "imagefolder": read_imagefolder_samples,
+    "mimic-cxr": _read_mimic_cxr, "ms-cxr": _read_mscxr,
 }
-_OPTIONS = {"folder": {"masks"}}  # "name:/root,option=value" options a reader accepts
+# "name:/root,option=value" options a reader accepts
+_OPTIONS = {"folder": {"masks"}, "mimic-cxr": {"reports"}, "ms-cxr": {"images"}}
 
 
 def read_dataset(spec: str, split: str = "test") -> list[Sample]:
