@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from conceptseg.io import write_json
+from conceptseg.pipeline import _apply_overrides
 from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
 
 
@@ -88,15 +89,7 @@ def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalC
         data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value (e.g. finetune.steps=200)")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    data = _apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
     return _build(MedicalConfig, data, str(path))
 
 

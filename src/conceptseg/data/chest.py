@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from conceptseg.io import save_mask_png, save_png, write_json
+from conceptseg.data.toyworld import render_rows
+from conceptseg.io import save_mask_png, save_png, write_json, write_text
 
 FINDINGS: tuple[str, ...] = ("consolidation", "pleural effusion", "cardiomegaly", "pneumothorax")
 # The word of each finding whose cross-attention map stage 1 reads (as it appears in every report
@@ -392,9 +392,7 @@ def generate(out_dir: str | Path, num: int, seed: int = 0, config: ChestWorldCon
     Existing rows are not re-rendered (resume or extend with a larger ``num``, same seed and config).
     Rows render in ``workers`` processes; a row depends only on (seed, i, config), so the output does not.
     """
-    from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
 
     cfg = config or ChestWorldConfig()
     unknown = set(cfg.findings) - set(FINDINGS)
@@ -404,17 +402,7 @@ def generate(out_dir: str | Path, num: int, seed: int = 0, config: ChestWorldCon
         raise ValueError("healthy_fraction and test_fraction must be between 0 and 1")
     out = Path(out_dir)
     missing = [i for i in range(num) if not _row_done(out, i)]
-    render = functools.partial(_render_and_keep, out, seed, cfg)
-    if workers > 1 and len(missing) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            done = pool.map(render, missing, chunksize=max(1, min(64, len(missing) // (4 * workers))))
-            for _ in tqdm(done, total=len(missing), desc="chest world", disable=not progress):
-                pass
-    else:
-        for i in tqdm(missing, desc="chest world", disable=not progress):
-            render(i)
+    render_rows(functools.partial(_render_and_keep, out, seed, cfg), missing, workers, "chest world", progress)
     lines = [json.dumps(json.loads((out / "rows" / f"{i:05d}.json").read_text())) + "\n" for i in range(num)]
-    tmp = out / "metadata.jsonl.tmp"
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out / "metadata.jsonl")
+    write_text(out / "metadata.jsonl", "".join(lines))
     return out

@@ -411,9 +411,7 @@ def generate(
     resumed or extended with a larger ``num``; use the same seed and config. Rows render in
     ``workers`` processes; a row depends only on (seed, i, config), so the output does not.
     """
-    from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
 
     cfg = config or ToyWorldConfig()
     unknown = set(cfg.classes) - set(CLASSES)
@@ -426,21 +424,30 @@ def generate(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = [_row_record(seed, i, cfg) for i in range(num)]
     missing = [i for i, row in enumerate(rows) if not all((out / n).exists() for n in _row_files(row))]
-    render = functools.partial(_render_row, out, seed, cfg)
-    if workers > 1 and len(missing) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            done = pool.map(render, missing, chunksize=max(1, min(64, len(missing) // (4 * workers))))
-            for _ in tqdm(done, total=len(missing), desc="toyworld", disable=not progress):
-                pass
-    else:
-        for i in tqdm(missing, desc="toyworld", disable=not progress):
-            render(i)
+    render_rows(functools.partial(_render_row, out, seed, cfg), missing, workers, "toyworld", progress)
     tmp = out / "metadata.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, out / "metadata.jsonl")
     return out
+
+
+def render_rows(render, indices: list[int], workers: int, desc: str, progress: bool) -> None:
+    """`render(i)` for each row index, in `workers` processes (same output as serial: a row depends
+    only on (seed, i)), with a progress bar."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    if workers > 1 and len(indices) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            done = pool.map(render, indices, chunksize=max(1, min(64, len(indices) // (4 * workers))))
+            for _ in tqdm(done, total=len(indices), desc=desc, disable=not progress):
+                pass
+    else:
+        for i in tqdm(indices, desc=desc, disable=not progress):
+            render(i)
 
 
 def load_rows(root: str | Path) -> list[dict]:
