@@ -127,7 +127,8 @@ def test_flux_packing_and_ids_match_the_pipeline(tiny_family_models) -> None:
                                    pooled_projections=cond.pooled.expand(b, -1),
                                    encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1),
                                    txt_ids=torch.zeros(512, 3), img_ids=ids, return_dict=False)[0]
-    assert torch.equal(ours, theirs)
+    f = model.vae_scale_factor  # ours comes back unpacked to the latent grid, as the pipeline unpacks it
+    assert torch.equal(ours, FluxPipeline._unpack_latents(theirs, h * f, w * f, f))
 
 
 @pytest.mark.parametrize("family,expected", [("sdxl", [[5]]), ("sd3", [[5, 77 + 4]]), ("flux", [[4]])])
@@ -331,23 +332,6 @@ def test_cli_prelim_end_to_end(tiny_family_dirs, make_image, tmp_path, capsys, f
         attention = np.load(out / "attention" / f"{stem}.npy")
         assert attention.shape == (GRID[family], GRID[family]) and np.isfinite(attention).all()
         assert 0 < (mask > 0).mean() < 1
-
-
-def test_later_stages_refuse_other_families_clearly(tiny_family_dirs, tmp_path, capsys) -> None:
-    rc = main(["synth", "--model", str(tiny_family_dirs["sdxl"]), "--concept", "bird", "--num", "1", "--out",
-               str(tmp_path / "synth"), "--device", "cpu"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "synth runs on Stable Diffusion 1.x/2.x models only" in err and "SDXL" in err and "Traceback" not in err
-    assert not (tmp_path / "synth").exists()
-
-
-def test_require_sd_names_the_family(tiny_family_models, tiny_model) -> None:
-    from conceptseg.models import require_sd
-
-    require_sd(tiny_model, "refine")  # SD 1.x passes
-    with pytest.raises(ModelLoadError, match=r"refine runs on Stable Diffusion 1.x/2.x models only.*FLUX.1"):
-        require_sd(tiny_family_models["flux"], "refine")
 
 
 def test_flow_options_are_output_settings_and_checked() -> None:

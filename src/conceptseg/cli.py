@@ -148,7 +148,7 @@ def _cmd_finetune(args) -> None:
 
 
 def _cmd_refine(args) -> None:
-    from conceptseg.models import load_model, require_sd
+    from conceptseg.models import load_model
     from conceptseg.refine import RefineConfig, run_refine
 
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
@@ -158,7 +158,6 @@ def _cmd_refine(args) -> None:
     model = None
     if args.inpainter == "model":
         model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
-        require_sd(model, "refine with --inpainter model")
     summary = run_refine(model, args.images, args.prelim, args.out, cfg, overwrite=args.overwrite, split=args.split,
                          shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -173,7 +172,7 @@ def _cmd_synth(args) -> None:
     cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
                       prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
                       batch_size=args.batch_size, seed=args.seed)
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype, sd_only="synth")
+    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     run_synth(model, args.out, cfg, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     if distributed.is_main():

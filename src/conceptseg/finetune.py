@@ -1,12 +1,15 @@
 """Stage 2: concept distillation, fine-tuning the diffusion model to inpaint background (METHOD.md §2).
 
-Per sample, with probability 0.5: the concept prompt y_f and an epsilon loss over the whole latent
-(ordinary fine-tuning); otherwise the background prompt y_b and the loss only on the BACKGROUND
-pixels of a random rectangle drawn from M_pre with the published rejection rules. The masked loss
-is mean over c,h,w of ((eps_hat - eps) * m)^2: divided by every position, not by the mask area.
+Per sample, with probability 0.5: the concept prompt y_f and the denoising loss over the whole
+latent (ordinary fine-tuning); otherwise the background prompt y_b and the loss only on the
+BACKGROUND pixels of a random rectangle drawn from M_pre with the published rejection rules. The
+masked loss is mean over c,h,w of ((pred - target) * m)^2: divided by every position, not by the
+mask area. pred and target are the model family's own (`model.objective`): epsilon (or v) on DDPM
+timesteps for SD 1.x/2.x and SDXL, the velocity on the flow's sigmas for SD 3.x and FLUX.1.
 Images and M_pre are augmented jointly (short side to the model's resolution, random crop, flip;
-the mask comes to the latent grid by 8x8 mean-pool + round). The whole UNet is trained (the paper)
-or LoRA adapters (peft); VAE and text encoder are frozen; EMA on; AdamW 1e-4 constant.
+the mask comes to the latent grid by 8x8 mean-pool + round). The whole denoiser (UNet or
+transformer) is trained (the paper) or LoRA adapters (peft); VAE and text encoders are frozen; EMA
+on; AdamW 1e-4 constant.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from tqdm.auto import tqdm
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
 from conceptseg.io import save_png, write_json
-from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, DiffusionModel, load_model, save_model
+from conceptseg.families.base import select_rows
+from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
 from conceptseg.report import picture_grid
+from conceptseg.schedules import TrainingBatch
 from conceptseg.settings import execution_setting
-from conceptseg.training import (NONFINITE_LOSS, Precision, TrainLog, check_finite, diffusion_target, resume, save_checkpoint, step_rng,
+from conceptseg.training import (NONFINITE_LOSS, Precision, TrainLog, check_finite, resume, save_checkpoint, step_rng,
                                  trainer_accelerator, write_folder)
 
 BACKGROUND_PROMPT = "a photo of a background"
@@ -100,17 +105,16 @@ def training_targets(foreground: torch.Tensor, rng: np.random.Generator, backgro
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean over (c, h, w) of ((pred - target) * mask)^2, divided by ALL positions. The
-    target is the model's own (`training.diffusion_target`): epsilon for SD 1.x, v for SD 2.x 768."""
+    """Per sample: mean over (c, h, w) of ((pred - target) * mask)^2, divided by ALL positions."""
     return (((pred.float() - target.float()) * mask) ** 2).mean(dim=(1, 2, 3))
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                   loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per sample: `masked_loss` of the UNet's prediction on the noised latents against the target
-    its scheduler's `prediction_type` asks for."""
-    pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
-    return masked_loss(pred, diffusion_target(scheduler, latents, noise, t), loss_mask)
+def denoising_loss(model, module, batch: TrainingBatch, cond, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: `masked_loss` of `module`'s prediction on the batch's noised latents against the
+    target of the model's own objective (epsilon or v by the scheduler's `prediction_type` for SD 1.x,
+    2.x and SDXL; the velocity eps - z0 for SD 3.x and FLUX.1), times the objective's weight."""
+    pred = model.denoise(batch.noisy, batch.levels, cond, module=module)
+    return masked_loss(pred, batch.target, loss_mask) * batch.weight
 
 
 # ---------------------------------------------------------------- data
@@ -229,7 +233,7 @@ def _optimizer(params, cfg: FinetuneConfig, device: torch.device):
 class _Batches:
     """Augmented (image, M_pre) batches, from disk each step or from a cache of encoded views."""
 
-    def __init__(self, pairs: list[TrainingPair], model: DiffusionModel, cfg: FinetuneConfig, rank: int):
+    def __init__(self, pairs: list[TrainingPair], model, cfg: FinetuneConfig, rank: int):
         self.pairs, self.model, self.cfg, self.rank = pairs, model, cfg, rank
         self.cache = None
         if cfg.latent_cache > 0:
@@ -269,19 +273,20 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         accelerator.print(f"skipped {msg}")
     if not pairs:
         raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
-    model = load_model(cfg.model, device=accelerator.device, dtype="fp32", sd_only="finetune")
-    unet = model.unet
+    model = load_model(cfg.model, device=accelerator.device, dtype="fp32")
+    accelerator.print(f"finetune: {model.describe()}")
+    denoiser = model.denoiser  # the UNet, or the transformer of SD 3.x / FLUX.1
     if cfg.method == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     else:
-        unet.requires_grad_(True)
-    unet.train()
+        denoiser.requires_grad_(True)
+    denoiser.train()
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg, accelerator.device)
     ema = EMAModel(params, decay=cfg.ema_decay)
     precision = Precision(cfg.mixed_precision, accelerator.device)
@@ -289,8 +294,9 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {**asdict(cfg), "base_model": model.source, "pairs": len(pairs), "skipped": problems})
 
-    cond = model.encode_prompts([cfg.concept_prompt, cfg.background_prompt])
-    unet_p, optimizer = accelerator.prepare(unet, optimizer)
+    cond = model.conditioning([cfg.concept_prompt, cfg.background_prompt])
+    objective = model.objective
+    denoiser_p, optimizer = accelerator.prepare(denoiser, optimizer)
     ema.to(accelerator.device)
     start, state = resume(accelerator, out, ema)
     precision.load_state(state)
@@ -309,7 +315,6 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         log.image("inpainting preview", picture, step)
 
     batches = _Batches(pairs, model, cfg, accelerator.process_index)
-    scheduler = model.scheduler
     log = TrainLog(accelerator, out, "finetune", cfg.report_to)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -317,13 +322,12 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         latents, masks_fg, rng = batches(step)
         background, loss_mask = training_targets(masks_fg, rng, cfg.background_probability)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        latents, noise, t, loss_mask = (x.to(accelerator.device) for x in (latents, noise, t, loss_mask))
-        text = cond[torch.from_numpy(background.astype(np.int64)).to(accelerator.device)]
-        with accelerator.accumulate(unet_p):
+        batch = objective.training_batch(latents.to(accelerator.device), gen)
+        loss_mask = loss_mask.to(accelerator.device)
+        text = select_rows(cond, torch.from_numpy(background.astype(np.int64)))
+        with accelerator.accumulate(denoiser_p):
             with precision.autocast():
-                loss = denoising_loss(unet_p, scheduler, latents, noise, t, text, loss_mask).mean()
+                loss = denoising_loss(model, denoiser_p, batch, text, loss_mask).mean()
             if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
                 optimizer.zero_grad()
                 continue
@@ -343,17 +347,17 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
     log.end()
     final = out / "model"
     if accelerator.is_main_process:  # the EMA weights, exported once
-        with_ema_weights(lambda: write_folder(final, lambda tmp: save_finetuned(accelerator.unwrap_model(unet_p), model, cfg, tmp)))
+        with_ema_weights(lambda: write_folder(final, lambda tmp: save_finetuned(accelerator.unwrap_model(denoiser_p), model, cfg, tmp)))
     accelerator.wait_for_everyone()
     return final
 
 
-def inpainting_preview(model: DiffusionModel, batches: "_Batches", prompt: str, count: int = 4, steps: int = 25) -> np.ndarray:
+def inpainting_preview(model, batches: "_Batches", prompt: str, count: int = 4, steps: int = 25) -> np.ndarray:
     """image | M_pre | foreground inpainted with the background prompt, for a few training images."""
     from conceptseg.inpaint import inpaint_background
 
-    was_training = model.unet.training
-    model.unet.eval()
+    was_training = model.denoiser.training
+    model.denoiser.eval()
     try:
         samples = [batches._sample(i, np.random.default_rng([0, i])) for i in range(min(count, len(batches.pairs)))]
         z0 = model.encode_images(np.stack([s.image for s in samples]))
@@ -361,22 +365,24 @@ def inpainting_preview(model: DiffusionModel, batches: "_Batches", prompt: str, 
         filled = model.decode_latents(inpaint_background(model, z0, region, prompt, steps=steps,
                                                          generator=torch.Generator().manual_seed(0)))
     finally:
-        model.unet.train(was_training)
+        model.denoiser.train(was_training)
     return picture_grid([[s.image, s.mask_latent, f] for s, f in zip(samples, filled)], ["image", "M_pre", "inpainted"])
 
 
-def save_finetuned(unet, base: DiffusionModel, cfg: FinetuneConfig, dest: Path) -> None:
-    """Full: a complete diffusers folder. LoRA: diffusers' LoRA weights file (plain
-    `pipe.load_lora_weights(dest)` reads it) plus the base model it belongs to."""
+def save_finetuned(denoiser, base, cfg: FinetuneConfig, dest: Path) -> None:
+    """Full: a complete diffusers folder of the base model's pipeline. LoRA: diffusers' LoRA weights
+    file (plain `pipe.load_lora_weights(dest)` reads it) plus the base model it belongs to."""
     dest.mkdir(parents=True, exist_ok=True)
     if cfg.method == "lora":
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from peft.utils import get_peft_model_state_dict
 
-        StableDiffusionPipeline.save_lora_weights(dest, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                  weight_name=LORA_WEIGHTS_FILE, safe_serialization=True)
+        from conceptseg.families import pipeline_name
+
+        layers = {f"{base.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)}
+        getattr(diffusers, pipeline_name(base.family)).save_lora_weights(dest, **layers, weight_name=LORA_WEIGHTS_FILE,
+                                                                         safe_serialization=True)
         write_json(dest / LORA_CONFIG_FILE, {"base_model": base.source, "weights": LORA_WEIGHTS_FILE, "rank": cfg.lora_rank})
     else:
-        save_model(dict(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                        scheduler=base.scheduler), dest)
+        base.save_pretrained(dest, denoiser)
 

@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from conceptseg.geometry import NonFiniteError, to_model_input
-from conceptseg.schedules import ddpm_noised, timestep_grid
+from conceptseg import vae as vae_codec
+from conceptseg.schedules import DDPMObjective, ddpm_noised, timestep_grid
 from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -107,8 +107,9 @@ class DiffusionModel:
     def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return ddpm_noised(self.alphas_cumprod, latents, eps, t)
 
-    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy.to(self.dtype), t, cond.expand(len(noisy), -1, -1)).sample
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, module=None) -> torch.Tensor:
+        """One conditional pass; `module`: the UNet as a trainer wrapped it (default: this model's)."""
+        return (module or self.unet)(noisy.to(self.dtype), t, cond.expand(len(noisy), -1, -1)).sample
 
     def capture_attention(self, token_groups, per_level: bool = False, **options):
         from conceptseg.attention import capture_cross_attention
@@ -124,19 +125,38 @@ class DiffusionModel:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
-    @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mean, so deterministic."""
-        latents = self.vae.encode(to_model_input(images, self.device, self.dtype)).latent_dist.mode()
-        return latents * self.vae.config.scaling_factor
+        return vae_codec.encode(self.vae, images, self.device, self.dtype)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> uint8 images (N, H, W, 3)."""
-        x = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        if not torch.isfinite(x).all():  # NaN would become black pixels, and black would become foreground
-            raise NonFiniteError("the decoded image holds NaN or infinite values")
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return vae_codec.decode(self.vae, latents)
+
+    # ---- stages 2-4 (the interface of conceptseg.families)
+
+    denoiser_name = "unet"
+
+    @property
+    def denoiser(self) -> UNet2DConditionModel:
+        return self.unet
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def objective(self) -> DDPMObjective:
+        return DDPMObjective(self.scheduler)
+
+    def conditioning(self, prompts: list[str]) -> torch.Tensor:
+        """One row per prompt, for `denoise` (select rows with `families.select_rows`)."""
+        return self.encode_prompts(prompts)
+
+    def save_pretrained(self, dest: Path, denoiser=None) -> None:
+        """This model, with `denoiser` for its UNet, as a standard diffusers folder."""
+        save_model(dict(vae=self.vae, unet=denoiser or self.unet, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                        scheduler=self.scheduler), dest)
 
 
 def _load_parts(source, dtype: torch.dtype, local_files_only: bool) -> tuple:
@@ -175,14 +195,13 @@ def _check_folder(path: Path, components=COMPONENTS, kind: str = "Stable Diffusi
 
 
 def load_model(model: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, sd_only: str | None = None):
+               dtype: str | torch.dtype | None = None):
     """Load a diffusers folder or hub id; the family comes from its model_index.json.
 
     Stable Diffusion 1.x/2.x (or a folder without model_index.json) gives a `DiffusionModel` (vae,
     unet, text encoder, tokenizer, scheduler); SDXL, SD 3.x and FLUX.1 give the family's model of
-    `conceptseg.families` (stage 1). `model.family` and `model.describe()` say which was found.
-    `None` or "embedded:toy" is the toy-world model that ships with the package. `sd_only`: the
-    name of a stage that needs SD 1.x/2.x; another family is then refused before it is loaded.
+    `conceptseg.families`; every stage runs on each. `model.family` and `model.describe()` say
+    which was found. `None` or "embedded:toy" is the toy-world model that ships with the package.
     """
     from conceptseg.families import FAMILY_LABELS, UnsupportedFamily, family_of, read_model_index, required_components
 
@@ -207,9 +226,6 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
         family = family_of(index, str(path if local else model)) if index is not None else "sd"
     except UnsupportedFamily as e:
         raise ModelLoadError(str(e)) from None
-    if family != "sd" and sd_only:
-        raise ModelLoadError(f"{sd_only} runs on Stable Diffusion 1.x/2.x models only for now; {path if local else model} "
-                             f"holds a {FAMILY_LABELS[family]} model (stage 1, `conceptseg prelim`, runs on it)")
     if family != "sd":
         if local:
             _check_folder(path, required_components(family, index), FAMILY_LABELS[family])
@@ -223,13 +239,6 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     for m in (vae, unet, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
-
-
-def require_sd(model, stage: str) -> None:
-    """Stages 2-4 run on Stable Diffusion 1.x/2.x only for now; other families get one clear error."""
-    if getattr(model, "family", "sd") != "sd":
-        raise ModelLoadError(f"{stage} runs on Stable Diffusion 1.x/2.x models only for now; this is "
-                             f"{model.describe()} (stage 1, `conceptseg prelim`, runs on it)")
 
 
 def _load_family(family, source_id, device, dtype, local_files_only, source):
@@ -253,15 +262,16 @@ def _load_with_fallback(load, path: Path, model, local: bool):
                                  f"and the hub did not answer): {str(e2).splitlines()[0]}") from None
 
 
-def _load_lora(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+def _load_lora(path: Path, device: torch.device, dtype: torch.dtype):
     note = json.loads((path / LORA_CONFIG_FILE).read_text())
     base = load_model(note["base_model"], device=device, dtype=dtype)
+    denoiser = base.denoiser
     try:
-        base.unet.load_lora_adapter(str(path), weight_name=note.get("weights", LORA_WEIGHTS_FILE), prefix="unet")
+        denoiser.load_lora_adapter(str(path), weight_name=note.get("weights", LORA_WEIGHTS_FILE), prefix=base.denoiser_name)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: could not apply the LoRA weights to {note['base_model']}: {e}") from None
-    base.unet.fuse_lora()  # one set of weights again: no adapter overhead at inference
-    base.unet.unload_lora()
+    denoiser.fuse_lora()  # one set of weights again: no adapter overhead at inference
+    denoiser.unload_lora()
     base.source = str(path.resolve())
     return base
 

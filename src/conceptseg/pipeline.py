@@ -210,8 +210,7 @@ class Run:
         from conceptseg.models import load_model
 
         if self._model is None:
-            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype,
-                                     sd_only="the full pipeline")
+            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
         return self._model
 
     def _stage(self, name: str, fn, folder: Path, config, inputs: dict | None = None, upstream: tuple[str, ...] = ()):

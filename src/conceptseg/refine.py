@@ -38,7 +38,7 @@ class RefineConfig:
     eta: float = 0.0
     guidance: float = 1.0
     concept_prompt: str | None = None  # for guidance != 1: steer away from this prompt
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # "ddim" (on SD 3.x / FLUX.1: the flow's Euler solver) or "dpm++" (DDPM models)
     samples: int = 1  # K inpaintings per image; their difference maps are averaged
     inpainter: str = "model"  # "model" (the method) or "crop" (the paper's M_crop ablation)
     postprocess: bool = False  # binary closing then fill holes (scipy defaults)

@@ -11,6 +11,7 @@ unshifted uniform flow-time grid s = k / 50 ("uniform").
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,3 +78,155 @@ def flow_sigma_grid(scheduler, t0: int, grid: str = "sampler", image_seq_len: in
         sched.set_timesteps(GRID_STEPS, **kwargs)
     sigmas = sorted(float(s) for s in sched.sigmas[:GRID_STEPS])  # drop the terminal 0
     return sigmas[:t0]
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser regresses, by the scheduler's `prediction_type` (SD 1.x and 2.x-base:
+    epsilon; SD 2.x 768: v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} in the model's scheduler config")
+
+
+# ---------------------------------------------------------------- stages 2-4: training and sampling
+#
+# A model's `objective` is one of the two kinds below. Stage 2 asks it for a noised training batch
+# and its regression target; stages 3 and 4 ask it for a sampler. The model's `denoise(z, levels,
+# cond)` takes the levels the objective hands out: timesteps for DDPM, sigmas for flow.
+
+
+@dataclass
+class TrainingBatch:
+    noisy: torch.Tensor  # the noised latents, float32
+    levels: torch.Tensor  # (B,) what `denoise` takes: timesteps (DDPM) or sigmas (flow)
+    target: torch.Tensor  # what the denoiser regresses
+    weight: torch.Tensor  # (B,) per-sample loss weight
+
+
+class DDPMObjective:
+    """SD 1.x/2.x and SDXL: t ~ U{0..T-1}, z_t = sqrt(abar) z0 + sqrt(1 - abar) eps, and the target
+    the scheduler's `prediction_type` names (epsilon, v or sample)."""
+
+    kind = "ddpm"
+    samplers = ("ddim", "dpm++")
+
+    def __init__(self, scheduler):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = scheduler
+        # DDPM's noising whatever the folder's sampler (SDXL ships Euler, whose add_noise is the
+        # variance-exploding form), as diffusers' training scripts do
+        self.train_scheduler = DDPMScheduler.from_config(scheduler.config)
+
+    def training_batch(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
+        noise = torch.randn(latents.shape, generator=generator)  # drawn first: the order the SD 1.x runs were made with
+        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noise, t, z0 = noise.to(latents.device), t.to(latents.device), latents.float()
+        return TrainingBatch(self.train_scheduler.add_noise(z0, noise, t), t, diffusion_target(self.train_scheduler, z0, noise, t),
+                             torch.ones(len(latents), device=latents.device))
+
+    def sampler(self, name: str, steps: int, eta: float, device) -> "DDPMSampler":
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        if name not in self.samplers:
+            raise ValueError(f"unknown sampler {name!r} for this model; choose one of {', '.join(self.samplers)}")
+        scheduler = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[name].from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        return DDPMSampler(scheduler, eta if name == "ddim" else None)
+
+
+class DDPMSampler:
+    """A DDIM / DPM++ loop: levels are the scheduler's timesteps; the known region of RePaint at
+    step i is the clean latents re-noised to t_i."""
+
+    def __init__(self, scheduler, eta: float | None):
+        self.scheduler, self.eta = scheduler, eta
+        self.levels = list(scheduler.timesteps)
+        self.init_noise_sigma = scheduler.init_noise_sigma
+
+    def renoise(self, z0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        return self.scheduler.add_noise(z0, eps, self.levels[i].expand(len(z0)))
+
+    def model_input(self, z: torch.Tensor, i: int) -> torch.Tensor:
+        return self.scheduler.scale_model_input(z, self.levels[i])
+
+    def step(self, prediction: torch.Tensor, i: int, z: torch.Tensor) -> torch.Tensor:
+        kwargs = {} if self.eta is None else {"eta": self.eta}
+        return self.scheduler.step(prediction, self.levels[i], z, **kwargs).prev_sample
+
+
+class FlowObjective:
+    """SD 3.x and FLUX.1 (rectified flow), as diffusers' DreamBooth scripts for them train: u from
+    the family's timestep density (`weighting`: "logit_normal" for SD 3, "none" (uniform) for
+    FLUX), sigma = the training scheduler's sigma at index u * T (shifted for SD 3, not for FLUX,
+    whose shift is resolution-dependent at sampling only), z = (1 - sigma) z0 + sigma eps, target
+    the velocity eps - z0. Sampling: the flow's Euler solver at the family pipeline's sigmas (the
+    first-order solver DDIM is for this parametrisation; `ddim` names it)."""
+
+    kind = "flow"
+    samplers = ("ddim",)
+
+    def __init__(self, scheduler, weighting: str, image_seq_len: int, explicit_sigmas: bool):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = scheduler
+        self.weighting = weighting
+        self.image_seq_len, self.explicit_sigmas = image_seq_len, explicit_sigmas
+        self.train_sigmas = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config).sigmas  # the untouched schedule
+
+    def training_batch(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        noise = torch.randn(latents.shape, generator=generator)
+        u = compute_density_for_timestep_sampling(self.weighting, len(latents), logit_mean=0.0, logit_std=1.0,
+                                                  mode_scale=1.29, generator=generator)
+        index = (u * self.scheduler.config.num_train_timesteps).long().clamp(max=len(self.train_sigmas) - 1)
+        sigma = self.train_sigmas[index].float()
+        noise, sigma = noise.to(latents.device), sigma.to(latents.device)
+        z0 = latents.float()
+        return TrainingBatch(flow_noised(z0, noise, sigma), sigma, noise - z0,
+                             compute_loss_weighting_for_sd3(self.weighting, sigma))
+
+    def sampler(self, name: str, steps: int, eta: float, device) -> "FlowSampler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if name not in self.samplers:
+            raise ValueError(f"sampler {name!r} is not available for a rectified-flow model (SD 3.x, FLUX.1): "
+                             "use 'ddim', which runs the flow's Euler solver")
+        if eta != 0:
+            raise ValueError("eta applies to DDIM on DDPM models; a rectified-flow model's sampler is deterministic (eta 0)")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):
+            kwargs["mu"] = flow_shift_mu(self.image_seq_len, scheduler.config)
+        if self.explicit_sigmas:  # FLUX's pipeline: sigmas = linspace(1, 1/steps, steps), then shifted
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
+        else:
+            scheduler.set_timesteps(steps, device=device, **kwargs)
+        return FlowSampler(scheduler)
+
+
+class FlowSampler:
+    """The flow's Euler loop: levels are sigmas (1 down to the last before 0); the known region of
+    RePaint at step i is (1 - sigma_i) z0 + sigma_i eps."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.levels = list(scheduler.sigmas[:-1])
+        self.timesteps = list(scheduler.timesteps)
+
+    def renoise(self, z0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        return flow_noised(z0, eps, self.levels[i].expand(len(z0)))
+
+    def model_input(self, z: torch.Tensor, i: int) -> torch.Tensor:
+        return z
+
+    def step(self, prediction: torch.Tensor, i: int, z: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(prediction, self.timesteps[i], z).prev_sample

@@ -33,7 +33,8 @@ from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
 from conceptseg.settings import execution_setting
-from conceptseg.training import (Precision, check_finite, diffusion_target, last_checkpoint, min_snr_weight, publish, resume,
+from conceptseg.schedules import diffusion_target
+from conceptseg.training import (Precision, check_finite, last_checkpoint, min_snr_weight, publish, resume,
                                  save_checkpoint, step_rng, trainer_accelerator, write_folder)
 
 

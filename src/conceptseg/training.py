@@ -84,19 +84,6 @@ class Precision:
             self.scaler.load_state_dict(state["grad_scaler"])
 
 
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser regresses, by the scheduler's `prediction_type` (SD 1.x and 2.x-base:
-    epsilon; SD 2.x 768: v)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unknown prediction_type {kind!r} in the model's scheduler config")
-
-
 def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) in the form for the model's prediction type."""
     if gamma is None:

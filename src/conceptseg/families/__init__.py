@@ -1,8 +1,8 @@
 """Model families: which pipeline a diffusers folder holds (`model_index.json`'s `_class_name`) and
 the model object that gives stage 1 what it needs for that family (see `families.base`).
 
-SD 1.x/2.x load as `models.DiffusionModel` (all four stages); SDXL, SD 3.x and FLUX.1 load as the
-classes here (stage 1 only, for now).
+SD 1.x/2.x load as `models.DiffusionModel`; SDXL, SD 3.x and FLUX.1 load as the classes here. Every
+family runs every stage.
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ def read_model_index(source: str | Path, local: bool) -> dict | None:
     return None
 
 
+def pipeline_name(family: str) -> str:
+    """The diffusers pipeline class of a family ("sd" -> StableDiffusionPipeline, ...)."""
+    return next(p for p, f in PIPELINE_FAMILIES.items() if f == family)
+
+
 def family_class(family: str):
     from conceptseg.families.flux import FluxModel
     from conceptseg.families.sd3 import SD3Model
@@ -91,8 +96,7 @@ def load_family_model(family: str, source, device: torch.device, dtype: torch.dt
     import diffusers
 
     cls = family_class(family)
-    pipeline_name = next(p for p, f in PIPELINE_FAMILIES.items() if f == family)
-    pipe = getattr(diffusers, pipeline_name).from_pretrained(source, dtype=dtype, use_safetensors=True,
+    pipe = getattr(diffusers, pipeline_name(family)).from_pretrained(source, dtype=dtype, use_safetensors=True,
                                                              local_files_only=local_files_only)
     names = [k for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")]
     parts = {k: getattr(pipe, k, None) for k in names}

@@ -10,18 +10,28 @@ Stage 1 (`conceptseg.prelim`) asks a model for:
   add_noise(latents, eps, levels)     -> z at those levels (float32)
   denoise(z, levels, cond)            -> one conditional forward pass
   capture_attention(groups, ...)      -> a context manager yielding a CrossAttentionStore
-`DiffusionModel` (SD 1.x/2.x) gives the same interface; stages 2-4 are not yet on these families.
+
+Stages 2-4 (`finetune`, `inpaint`, `refine`, `synth`) ask it for:
+  denoiser / denoiser_name            the network stage 2 trains ("unet" or "transformer")
+  conditioning(prompts)               -> one row per prompt (`select_rows` picks rows for a batch)
+  denoise(z, levels, cond, module)    -> the prediction, (B, C, h, w), of `module` (default: the model's own)
+  objective                           -> `schedules.DDPMObjective` or `FlowObjective`: training batches, samplers
+  decode_latents(z)                   -> uint8 images
+  save_pretrained(dest, denoiser)     a diffusers folder of the family's pipeline
+`DiffusionModel` (SD 1.x/2.x) gives the same interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from conceptseg.geometry import to_model_input
+from conceptseg import vae as vae_codec
 from conceptseg.tokenizer import concept_token_positions
 
 
@@ -47,12 +57,41 @@ class FamilyModel:
     def describe(self) -> str:
         return f"{self.label} from {self.source}"
 
-    @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> (z - shift) * scale, the posterior mean, as the family's pipelines form it."""
-        z = self.vae.encode(to_model_input(images, self.device, self.vae.dtype)).latent_dist.mode()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((z.float() - shift) * self.vae.config.scaling_factor).to(self.dtype)
+        return vae_codec.encode(self.vae, images, self.device, self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        return vae_codec.decode(self.vae, latents)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.denoiser_name)
+
+    def text_conditioning(self, prompt: str):
+        return self.conditioning([prompt])
+
+    def save_pretrained(self, dest: Path, denoiser=None) -> None:
+        """This model, with `denoiser` in place of its own, as the family pipeline's diffusers folder."""
+        import diffusers
+
+        from conceptseg.families import pipeline_name
+
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("source", "device", "dtype")]
+        parts = {k: getattr(self, k) for k in names} | ({self.denoiser_name: denoiser} if denoiser is not None else {})
+        getattr(diffusers, pipeline_name(self.family))(**parts).save_pretrained(dest, safe_serialization=True)
+
+
+def select_rows(cond, index: torch.Tensor):
+    """Rows `index` of a conditioning (a tensor, or a dataclass of batch-first tensors)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[index.to(cond.device)]
+    return dataclasses.replace(cond, **{f.name: getattr(cond, f.name)[index.to(getattr(cond, f.name).device)]
+                                        for f in dataclasses.fields(cond)})
 
 
 def token_positions(tokenizer, prompt: str, words: Sequence[str], max_length: int, offset: int = 0) -> list[list[int]]:

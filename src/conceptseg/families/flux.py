@@ -6,7 +6,9 @@ the text tokens, CLIP-L's pooled output into the timestep embedding, text ids ze
 (row, column) of each packed 2 x 2 latent patch; FLUX.1-dev's distilled guidance embedding at the
 pipeline's default 3.5 (it is an input of the one forward pass, not classifier-free guidance).
 The concept's positions are in the T5 sequence. Captured: every double- and single-stream block.
-The maps live on the packed-token grid (latent side / 2: 64 x 64 at 1024 px).
+The maps live on the packed-token grid (latent side / 2: 64 x 64 at 1024 px). Training and
+sampling: rectified flow (`schedules.FlowObjective`), uniform timesteps, the guidance embedding
+at 3.5 in both (as diffusers' FLUX DreamBooth script trains it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from conceptseg.families.base import FamilyModel, token_positions, tokenize
 from conceptseg.joint_attention import FluxCaptureProcessor, capture_joint_attention
-from conceptseg.schedules import flow_noised, flow_sigma_grid
+from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
 
 CLIP_LENGTH = 77
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
@@ -29,8 +31,8 @@ def is_flux_attention(name: str) -> bool:
 
 @dataclass
 class FluxConditioning:
-    prompt_embeds: torch.Tensor  # (1, L, W_T5)
-    pooled: torch.Tensor  # (1, W_CLIP)
+    prompt_embeds: torch.Tensor  # (N, L, W_T5), a row per prompt
+    pooled: torch.Tensor  # (N, W_CLIP)
 
 
 @dataclass
@@ -60,10 +62,17 @@ class FluxModel(FamilyModel):
         # the pipeline's default 512; schnell (no guidance embedding) was trained with 256
         return 512 if self.transformer.config.guidance_embeds else 256
 
+    denoiser_name = "transformer"
+
+    @property
+    def objective(self) -> FlowObjective:
+        # diffusers' FLUX DreamBooth script samples timesteps uniformly ("none"); its sampler shifts by resolution
+        return FlowObjective(self.scheduler, "none", self.attention_resolution**2, explicit_sigmas=True)
+
     @torch.no_grad()
-    def text_conditioning(self, prompt: str) -> FluxConditioning:
-        pooled = self.text_encoder(tokenize(self.tokenizer, [prompt], CLIP_LENGTH, self.device)).pooler_output
-        t5 = self.text_encoder_2(tokenize(self.tokenizer_2, [prompt], self.t5_length, self.device))[0]
+    def conditioning(self, prompts: list[str]) -> FluxConditioning:
+        pooled = self.text_encoder(tokenize(self.tokenizer, prompts, CLIP_LENGTH, self.device)).pooler_output
+        t5 = self.text_encoder_2(tokenize(self.tokenizer_2, prompts, self.t5_length, self.device))[0]
         return FluxConditioning(t5.to(self.dtype), pooled.to(self.dtype))
 
     def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
@@ -75,7 +84,8 @@ class FluxModel(FamilyModel):
     def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return flow_noised(latents, eps, sigma)
 
-    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: FluxConditioning) -> torch.Tensor:
+    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: FluxConditioning, module=None) -> torch.Tensor:
+        """The velocity, unpacked to the latent grid (B, C, h, w)."""
         b, c, h, w = noisy.shape
         packed = noisy.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=self.device)
@@ -83,10 +93,11 @@ class FluxModel(FamilyModel):
         img_ids[..., 2] += torch.arange(w // 2, device=self.device)[None, :]
         txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=self.device)
         guidance = torch.full((b,), GUIDANCE, device=self.device) if self.transformer.config.guidance_embeds else None
-        return self.transformer(hidden_states=packed.to(self.dtype), timestep=sigma.to(self.dtype), guidance=guidance,
-                                pooled_projections=cond.pooled.expand(b, -1),
-                                encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1), txt_ids=txt_ids,
-                                img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+        out = (module or self.transformer)(hidden_states=packed.to(self.dtype), timestep=sigma.expand(b).to(self.dtype),
+                                           guidance=guidance, pooled_projections=cond.pooled.expand(b, -1),
+                                           encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1), txt_ids=txt_ids,
+                                           img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def capture_attention(self, token_groups, per_level: bool = False, normalisation: str = "text", **options):
         grid = (self.attention_resolution, self.attention_resolution)

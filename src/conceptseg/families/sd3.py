@@ -6,7 +6,8 @@ tokens (zeros when the folder has no T5); pooled = both CLIPs' projected embeddi
 positions are found in the CLIP part and, where there is a T5, in the T5 part (offset by 77); a
 group's map is the mean over all its positions. Captured: the joint attention (`attn`) of every
 block; SD 3.5's extra image-only attention (`attn2`) has no text and is left alone. The maps
-live on the patch-token grid (latent side / patch size: 64 x 64 at 1024 px).
+live on the patch-token grid (latent side / patch size: 64 x 64 at 1024 px). Training and
+sampling: rectified flow (`schedules.FlowObjective`), logit-normal timesteps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from conceptseg.families.base import FamilyModel, token_positions, tokenize
 from conceptseg.joint_attention import SD3CaptureProcessor, capture_joint_attention
-from conceptseg.schedules import flow_noised, flow_sigma_grid
+from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
 
 CLIP_LENGTH = 77
 T5_LENGTH = 256  # the pipeline's default max_sequence_length
@@ -30,8 +31,8 @@ def is_joint_attention(name: str) -> bool:
 
 @dataclass
 class SD3Conditioning:
-    prompt_embeds: torch.Tensor  # (1, 77 + 256, W_T5)
-    pooled: torch.Tensor  # (1, P_L + P_G)
+    prompt_embeds: torch.Tensor  # (N, 77 + 256, W_T5), a row per prompt
+    pooled: torch.Tensor  # (N, P_L + P_G)
 
 
 @dataclass
@@ -62,18 +63,25 @@ class SD3Model(FamilyModel):
     def has_t5(self) -> bool:
         return self.text_encoder_3 is not None and self.tokenizer_3 is not None
 
+    denoiser_name = "transformer"
+
+    @property
+    def objective(self) -> FlowObjective:
+        # diffusers' SD 3 DreamBooth script samples timesteps logit-normally
+        return FlowObjective(self.scheduler, "logit_normal", self.attention_resolution**2, explicit_sigmas=False)
+
     @torch.no_grad()
-    def text_conditioning(self, prompt: str) -> SD3Conditioning:
+    def conditioning(self, prompts: list[str]) -> SD3Conditioning:
         hidden, pooled = [], []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = enc(tokenize(tok, [prompt], CLIP_LENGTH, self.device), output_hidden_states=True)
+            out = enc(tokenize(tok, prompts, CLIP_LENGTH, self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1).float()
         if self.has_t5:
-            t5 = self.text_encoder_3(tokenize(self.tokenizer_3, [prompt], T5_LENGTH, self.device))[0].float()
+            t5 = self.text_encoder_3(tokenize(self.tokenizer_3, prompts, T5_LENGTH, self.device))[0].float()
         else:
-            t5 = torch.zeros(1, T5_LENGTH, self.transformer.config.joint_attention_dim, device=self.device)
+            t5 = torch.zeros(len(prompts), T5_LENGTH, self.transformer.config.joint_attention_dim, device=self.device)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return SD3Conditioning(torch.cat([clip, t5], dim=-2).to(self.dtype), torch.cat(pooled, dim=-1).to(self.dtype))
 
@@ -90,10 +98,10 @@ class SD3Model(FamilyModel):
     def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return flow_noised(latents, eps, sigma)
 
-    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: SD3Conditioning) -> torch.Tensor:
+    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: SD3Conditioning, module=None) -> torch.Tensor:
         b = len(noisy)
-        t = sigma.float() * self.scheduler.config.num_train_timesteps  # the pipeline's timestep
-        return self.transformer(hidden_states=noisy.to(self.dtype), timestep=t,
+        t = sigma.float().expand(b) * self.scheduler.config.num_train_timesteps  # the pipeline's timestep
+        return (module or self.transformer)(hidden_states=noisy.to(self.dtype), timestep=t,
                                 encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1),
                                 pooled_projections=cond.pooled.expand(b, -1), return_dict=False)[0]
 

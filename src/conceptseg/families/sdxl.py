@@ -3,7 +3,8 @@
 Conditioning as `StableDiffusionXLPipeline` forms it: each encoder's penultimate hidden states,
 concatenated on the feature axis (77 tokens); the second encoder's projected pooled embedding;
 time ids (original size, crop top-left, target size) = (R, R, 0, 0, R, R) for the R x R canvas
-stage 1 places every image on. Noise: the DDPM schedule at the 50-step grid's T0 smallest
+stage 1 places every image on (and, in stage 2, for the R x R crops it trains on). Training and
+sampling: DDPM / DDIM, as for SD 1.x (`schedules.DDPMObjective`). Noise: the DDPM schedule at the 50-step grid's T0 smallest
 timesteps, as for SD 1.x. The maps are averaged on the finest grid that has cross-attention
 (64 x 64 at 1024 px: SDXL's 128 x 128 level has none).
 """
@@ -16,16 +17,16 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conceptseg.families.base import FamilyModel, token_positions, tokenize
-from conceptseg.schedules import ddpm_noised, timestep_grid
+from conceptseg.schedules import DDPMObjective, ddpm_noised, timestep_grid
 
 CLIP_LENGTH = 77
 
 
 @dataclass
 class SDXLConditioning:
-    prompt_embeds: torch.Tensor  # (1, 77, D_L + D_G)
-    pooled: torch.Tensor  # (1, P) text_embeds of the second encoder
-    time_ids: torch.Tensor  # (1, 6)
+    prompt_embeds: torch.Tensor  # (N, 77, D_L + D_G), a row per prompt
+    pooled: torch.Tensor  # (N, P) text_embeds of the second encoder
+    time_ids: torch.Tensor  # (N, 6)
 
 
 @dataclass
@@ -54,16 +55,22 @@ class SDXLModel(FamilyModel):
             raise ValueError("this UNet has no cross-attention block")
         return self.unet.config.sample_size >> levels[0]
 
+    denoiser_name = "unet"
+
+    @property
+    def objective(self) -> DDPMObjective:
+        return DDPMObjective(self.scheduler)
+
     @torch.no_grad()
-    def text_conditioning(self, prompt: str) -> SDXLConditioning:
+    def conditioning(self, prompts: list[str]) -> SDXLConditioning:
         hidden, pooled = [], None
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = enc(tokenize(tok, [prompt], CLIP_LENGTH, self.device), output_hidden_states=True)
+            out = enc(tokenize(tok, prompts, CLIP_LENGTH, self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
                 pooled = out[0]
         r = self.resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype)
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts), device=self.device, dtype=self.dtype)
         return SDXLConditioning(torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype), time_ids)
 
     def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
@@ -77,10 +84,11 @@ class SDXLModel(FamilyModel):
     def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return ddpm_noised(self.scheduler.alphas_cumprod, latents, eps, t)
 
-    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning, module=None) -> torch.Tensor:
         b = len(noisy)
         added = {"text_embeds": cond.pooled.expand(b, -1), "time_ids": cond.time_ids.expand(b, -1)}
-        return self.unet(noisy.to(self.dtype), t, cond.prompt_embeds.expand(b, -1, -1), added_cond_kwargs=added).sample
+        return (module or self.unet)(noisy.to(self.dtype), t, cond.prompt_embeds.expand(b, -1, -1),
+                                     added_cond_kwargs=added).sample
 
     def capture_attention(self, token_groups, per_level: bool = False, **options):
         from conceptseg.attention import capture_cross_attention

@@ -1,0 +1,28 @@
+"""Images to latents and back through a family's VAE, as its diffusers pipelines do it:
+z = (mode of the posterior - shift_factor) * scaling_factor (SD 1.x/2.x and SDXL have no shift;
+SD 3.x and FLUX.1 do), and the inverse for decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conceptseg.geometry import NonFiniteError, to_model_input
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w) in `dtype`; the posterior mode, so deterministic."""
+    z = vae.encode(to_model_input(images, device, vae.dtype)).latent_dist.mode()
+    shift = vae.config.get("shift_factor") or 0.0
+    return ((z.float() - shift) * vae.config.scaling_factor).to(dtype)
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled latents -> uint8 images (N, H, W, 3)."""
+    shift = vae.config.get("shift_factor") or 0.0
+    x = vae.decode((latents.float() / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    if not torch.isfinite(x).all():  # NaN would become black pixels, and black would become foreground
+        raise NonFiniteError("the decoded image holds NaN or infinite values")
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
