@@ -218,7 +218,7 @@ class FinetuneConfig:
         return self.prompt or f"a photo of a {self.concept[0]}"
 
 
-def _optimizer(params, cfg: FinetuneConfig, device: torch.device):
+def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
     if cfg.optimizer == "adamw-8bit":
         try:
             import bitsandbytes as bnb
@@ -228,6 +228,25 @@ def _optimizer(params, cfg: FinetuneConfig, device: torch.device):
     if cfg.optimizer == "adamw-fused":
         return torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
     return torch.optim.AdamW(params, lr=cfg.lr)
+
+
+def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """Put the denoiser in training mode, the whole of it (the paper) or LoRA adapters on its
+    attention projections (every family names them to_q / to_k / to_v / to_out.0); its trainable parameters."""
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        from diffusers.training_utils import cast_training_params
+
+        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
+    else:
+        denoiser.requires_grad_(True)
+    denoiser.train()
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    return [p for p in denoiser.parameters() if p.requires_grad]
 
 
 class _Batches:
@@ -273,21 +292,14 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
         accelerator.print(f"skipped {msg}")
     if not pairs:
         raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
-    model = load_model(cfg.model, device=accelerator.device, dtype="fp32")
+    # full fine-tuning keeps fp32 weights (autocast does the rest); LoRA's frozen base may be held in
+    # the autocast dtype, halving its memory (FLUX.1: 24 GB, not 48), its adapters stay fp32
+    frozen_dtype = "fp32" if cfg.method == "full" or cfg.mixed_precision == "no" else cfg.mixed_precision
+    model = load_model(cfg.model, device=accelerator.device, dtype=frozen_dtype)
     accelerator.print(f"finetune: {model.describe()}")
     denoiser = model.denoiser  # the UNet, or the transformer of SD 3.x / FLUX.1
-    if cfg.method == "lora":
-        from peft import LoraConfig
-
-        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    else:
-        denoiser.requires_grad_(True)
-    denoiser.train()
-    if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, cfg, accelerator.device)
+    params = trainable_parameters(denoiser, cfg)
+    optimizer = make_optimizer(params, cfg, accelerator.device)
     ema = EMAModel(params, decay=cfg.ema_decay)
     precision = Precision(cfg.mixed_precision, accelerator.device)
     if accelerator.is_main_process:
