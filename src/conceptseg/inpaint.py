@@ -13,7 +13,6 @@ import torch
 from conceptseg.families.base import select_rows
 
 BACKGROUND_PROMPT = "a photo of a background"
-SAMPLERS = ("ddim", "dpm++")  # "dpm++" on DDPM models only
 
 
 @torch.no_grad()
