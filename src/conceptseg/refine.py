@@ -47,6 +47,7 @@ class RefineConfig:
     difference_to: str = "image"
     batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
+    gmm: str = "sklearn"  # g's GMM fit: "sklearn" (the reference) or "torch" (EM on the model's device; thresholding.py)
 
     def __post_init__(self):
         if self.inpainter not in INPAINTERS:
@@ -151,7 +152,8 @@ class Refiner:
         results = []
         for i, canvas in enumerate(canvases):
             valid = canvas.valid(self.resolution)
-            mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed)
+            mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed, method=cfg.gmm,
+                                         device=self.model.device if self.model is not None else None)
             if cfg.postprocess:
                 mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask))
             results.append(RefineResult(canvas.restore(mask), canvas.restore_image(backgrounds[0][i]), diffs[i].astype(np.float32), canvas))
