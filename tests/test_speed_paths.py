@@ -13,10 +13,23 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conceptseg.prelim import PrelimConfig, PrelimRunner, attention_maps, compiled_rows_maps, image_noise
-from conceptseg.thresholding import (binarize, binarize_maps, gmm_threshold, gmm_thresholds_torch, orphan_filter,
-                                     orphan_filter_torch)
+from conceptseg.prelim import (
+    PrelimConfig,
+    PrelimRunner,
+    attention_maps,
+    compiled_rows_maps,
+    image_noise,
+)
+from conceptseg.thresholding import (
+    binarize,
+    binarize_maps,
+    gmm_threshold,
+    gmm_thresholds_torch,
+    orphan_filter,
+    orphan_filter_torch,
+)
 
 # ------------------------------------------------------------------ stage 1
 
@@ -187,3 +200,74 @@ def test_torch_gmm_edge_cases() -> None:
 def test_orphan_filter_torch_equals_scipy() -> None:
     masks = np.random.default_rng(0).random((6, 17, 23)) < np.linspace(0.2, 0.8, 6)[:, None, None]
     assert np.array_equal(orphan_filter_torch(torch.from_numpy(masks)).numpy(), np.stack([orphan_filter(m) for m in masks]))
+
+
+# ------------------------------------------------------------------ segmenter data loading in workers
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from conceptseg.data.toyworld import ToyWorldConfig, generate
+
+    return generate(tmp_path_factory.mktemp("toy") / "toy", 12, seed=0, config=ToyWorldConfig(size=32), progress=False)
+
+
+def test_train_seg_weights_equal_with_0_and_2_workers(toy_data, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
+
+    weights = []
+    for workers in (0, 2):
+        cfg = TrainSegConfig(data=[str(toy_data)], out=tmp_path / f"w{workers}", steps=3, batch_size=4, width=4,
+                             input_size=32, checkpoint_every=3, progress=False, num_workers=workers)
+        weights.append(load_file(train_segmenter(cfg) / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    init = __import__("conceptseg.modeling.segmenter", fromlist=["UNet"]).UNet(width=4)
+    assert any(not torch.equal(weights[0][k], v) for k, v in init.state_dict().items() if k in weights[0])  # it trained
+
+
+def test_segment_outputs_equal_with_0_and_2_workers(toy_data, tmp_path, make_image) -> None:
+    from conceptseg.modeling.segmenter import UNet
+    from conceptseg.segmenter.predict import Segmenter, run_segment
+
+    torch.manual_seed(0)
+    seg = Segmenter(UNet(width=4), 32, threshold=0.5)
+    images = tmp_path / "images"
+    for i in range(5):
+        make_image(images / f"im{i}.png", 30 + 7 * i, 40, seed=i)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    outs = []
+    for workers in (0, 2):
+        dest = tmp_path / f"out{workers}"
+        summary = run_segment(seg, images, dest, batch_size=2, progress=False, num_workers=workers)
+        assert (summary["processed"], summary["failed"]) == (5, 1)
+        outs.append({p.name: np.asarray(Image.open(p)) for p in sorted((dest / "masks").glob("*.png"))})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 5
+    assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert len({int(m.sum()) for m in outs[0].values()}) > 1  # masks differ per image
+
+
+def test_prefetched_loads_answer_repeats_and_errors() -> None:
+    from types import SimpleNamespace
+
+    from conceptseg.segmenter.predict import PrefetchedLoads
+
+    samples = [SimpleNamespace(key=str(i), image=i) for i in range(6)]
+    calls = []
+
+    def load(s):
+        calls.append(s.key)
+        if s.key == "3":
+            raise ValueError("3 is unreadable")
+        return int(s.key) * 10
+
+    loads = PrefetchedLoads(samples, load, num_workers=2)
+    assert [loads(s) for s in samples[:3]] == [0, 10, 20]
+    assert loads(samples[1]) == 10  # asked again (an out-of-memory retry): loaded here
+    assert calls == ["1"]  # the others came from the workers
+    with pytest.raises(ValueError, match="3 is unreadable"):
+        loads(samples[3])
+    assert loads(samples[5]) == 50 and loads(samples[4]) == 40  # out of order: kept aside, then handed over

@@ -188,7 +188,8 @@ def _cmd_train_seg(args) -> None:
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
                          mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
-                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed)
+                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
+                         num_workers=args.num_workers)
     print(f"segmenter: {train_segmenter(cfg)}")
 
 
@@ -198,7 +199,7 @@ def _cmd_segment(args) -> None:
     seg = load_segmenter(args.segmenter, device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
     summary = run_segment(seg, args.images, args.out, outputs=args.output, cutouts=args.cutout, color=args.color,
                           background=args.background, rle=args.rle, batch_size=args.batch_size, overwrite=args.overwrite,
-                          split=args.split, shard=distributed.shard())
+                          split=args.split, shard=distributed.shard(), num_workers=args.num_workers)
     distributed.finish_per_image_stage(args.out)
     if args.rle and distributed.is_main():
         print(f"COCO RLE: {collect_rle(args.out)}")
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     s.add_argument("--checkpoint-every", type=int, default=1000)
     s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
+    s.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read images and cut batches (same result for any count)")
     s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_train_seg)
@@ -512,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rle", action="store_true", help="also COCO RLE: rle/<key>.json and OUT/masks_coco_rle.json (needs pycocotools)")
     s.add_argument("--provider", default="auto",
                    help="onnxruntime provider for an .onnx segmenter: auto (best available), cpu, cuda, tensorrt, coreml, ...")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes that read images ahead")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default=None)
     s.add_argument("--overwrite", action="store_true")

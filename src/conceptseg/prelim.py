@@ -15,23 +15,22 @@ on its finest attention grid); docs/families.md says what each family captures.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.data.readers import Sample, list_samples
+from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
 from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.thresholding import GMM_METHODS, binarize, binarize_maps
-
 
 
 @dataclass
@@ -218,7 +217,7 @@ class PrelimRunner:
                               normalisation=cfg.joint_attention)
         maps = maps.sum(1)  # several words: their maps are summed
         valid = [c.valid(lat) for c in canvases]
-        options = dict(orphan=cfg.orphan_filter, seed=cfg.seed, components=cfg.gmm_components)
+        options = {"orphan": cfg.orphan_filter, "seed": cfg.seed, "components": cfg.gmm_components}
         if cfg.gmm == "torch":  # every map in one fit, where the maps are
             masks = list(binarize_maps(maps, np.stack(valid), method="torch", **options))
         maps = maps.cpu().numpy().astype(np.float32)
