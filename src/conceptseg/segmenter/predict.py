@@ -235,7 +235,7 @@ class _Loads(Dataset):
         s = self.samples[i]
         try:
             return s.key, self.load(s), None
-        except Exception as e:  # handed to the caller, which raises it for this sample
+        except Exception as e:  # noqa: BLE001  (any load error is handed to the caller, which raises it for this sample)
             return s.key, None, e
 
 
