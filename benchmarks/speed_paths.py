@@ -16,7 +16,7 @@
   `--workers` DataLoader workers, on a generated toy world; samples/s, and whether weights / masks
   are equal.
 
-    python benchmarks/speed_paths.py --threads 1      # CPU: tiny preset, 64 px (see --help for the sizes)
+    python benchmarks/speed_paths.py --threads 1      # CPU: tiny preset at its 32 px (see --help for the sizes)
     python benchmarks/speed_paths.py --device cuda    # GPU: sd15 preset, 512 px, bf16 (benchmarks/gpu_speed.sh)
 
 Prints a Markdown table per part and writes JSON to benchmarks/results/speed_paths-<device>.json.
@@ -38,13 +38,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from prelim_speed import count_flops, device_name, matmul_peak, sync  # noqa: E402
+from prelim_speed import count_flops, device_name, matmul_peak, sync
 
-from conceptseg.modeling import build_components  # noqa: E402
-from conceptseg.models import from_components, resolve_dtype  # noqa: E402
-from conceptseg.prelim import attention_maps, compiled_rows_maps, image_noise, timestep_grid  # noqa: E402
-from conceptseg.thresholding import binarize, binarize_maps, gmm_threshold, gmm_thresholds_torch  # noqa: E402
-from conceptseg.tokenizer import concept_token_positions  # noqa: E402
+from conceptseg.modeling import build_components
+from conceptseg.models import from_components, resolve_dtype
+from conceptseg.prelim import (
+    attention_maps,
+    compiled_rows_maps,
+    image_noise,
+    timestep_grid,
+)
+from conceptseg.thresholding import (
+    binarize,
+    binarize_maps,
+    gmm_threshold,
+    gmm_thresholds_torch,
+)
+from conceptseg.tokenizer import concept_token_positions
 
 PROMPT, CONCEPT = "a photo of a bird", "bird"
 
@@ -55,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", default=["prelim", "gmm", "segmenter"], choices=["prelim", "gmm", "segmenter"])
     p.add_argument("--preset", default=None, help="model preset (default sd15 on CUDA, tiny on CPU)")
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default 512 on CUDA, 64 on CPU)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: the preset's resolution: 512 for sd15, 32 for tiny)")
     p.add_argument("--images", type=int, default=None, help="stage-1 images (default 4 on CUDA, 2 on CPU)")
     p.add_argument("--steps", type=int, default=40, help="T0")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
@@ -67,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick smoke run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--gmm-maps", type=int, default=None, help="maps per kind (default 16 on CUDA, 8 on CPU)")
-    p.add_argument("--gmm-size", type=int, default=None, help="side of the stage-3 difference maps (default: --image-size)")
+    p.add_argument("--gmm-size", type=int, default=None, help="side of the stage-3 difference maps (default 512 on CUDA, 128 on CPU)")
     p.add_argument("--gmm-map-side", type=int, default=None, help="side of the stage-1 maps (default 64 on CUDA, 32 on CPU)")
     p.add_argument("--maps-from", type=Path, default=None, help="a run folder: its prelim/attention/*.npy and refine difference maps")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on CUDA, 2 on CPU)")
@@ -81,13 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = a.device.type == "cuda"
     a.preset = a.preset or ("sd15" if gpu else "tiny")
     a.dtype = resolve_dtype(a.dtype or ("bf16" if gpu else "fp32"), a.device)
-    a.image_size = a.image_size or (512 if gpu else 64)
     a.images = a.images or (4 if gpu else 2)
     a.batch_sizes = a.batch_sizes or ([40, 80, 160] if gpu else [40, 80])
     a.compile_modes = (["default", "reduce-overhead"] if gpu else ["default"]) if a.compile_modes is None else a.compile_modes
     a.compile_channels_last = gpu if a.compile_channels_last is None else a.compile_channels_last
     a.gmm_maps = a.gmm_maps or (16 if gpu else 8)
-    a.gmm_size = a.gmm_size or a.image_size
+    a.gmm_size = a.gmm_size or (512 if gpu else 128)
     a.gmm_map_side = a.gmm_map_side or (64 if gpu else 32)
     a.workers = a.workers or (8 if gpu else 2)
     a.seg_steps = a.seg_steps or (100 if gpu else 20)
@@ -112,7 +121,7 @@ def timed(fn, device, repeats: int) -> tuple[object, float, list[float]]:
 # ------------------------------------------------------------------------------------ stage 1
 
 
-def bench_prelim(a) -> dict:
+def bench_prelim(a, checkpoint) -> dict:
     import torch._dynamo
 
     for name in ("cache_size_limit", "recompile_limit"):  # one entry per (mode, layout, dtype, batch) is expected
@@ -121,6 +130,7 @@ def bench_prelim(a) -> dict:
     t0 = time.perf_counter()
     model = from_components(build_components(a.preset, seed=0), a.device, a.dtype, source=f"{a.preset} (random weights)")
     print(f"built {a.preset} in {time.perf_counter() - t0:.1f} s", flush=True)
+    a.image_size = a.image_size or model.resolution
     lat = a.image_size // model.vae_scale_factor
     groups = concept_token_positions(model.tokenizer, PROMPT, [CONCEPT])
     cond = model.encode_prompts([PROMPT])
@@ -163,10 +173,10 @@ def bench_prelim(a) -> dict:
                "pct_matmul_peak": round(100 * flops_row * rows / best / peak, 2),
                "max_abs_diff_to_today": float((maps - reference).abs().max()), "max_abs_map": float(reference.abs().max())}
         results.append(row)
+        row["ratio_vs_today"] = round(results[0]["best_s"] / best, 3)
         print(f"  {name}: first call {first:.1f} s, best {best:.3f} s, {rows / best:.1f} rows/s, "
               f"max |diff| {row['max_abs_diff_to_today']:.2e}", flush=True)
-    for r in results:
-        r["ratio_vs_today"] = round(results[0]["best_s"] / r["best_s"], 3)
+        checkpoint({"variants": results})  # a run cut short keeps what it measured
 
     fp32 = None
     if a.dtype != torch.float32 and a.compile_modes:  # the compiled path against eager in fp32, one image
@@ -221,7 +231,7 @@ def real_maps(run: Path, n: int) -> dict[str, list[np.ndarray]]:
     return {"stage-1 maps": att, "stage-3 difference maps": diffs}
 
 
-def bench_gmm(a) -> dict:
+def bench_gmm(a, checkpoint) -> dict:
     if a.maps_from:
         sets = real_maps(a.maps_from, a.gmm_maps)
         source = f"real maps from {a.maps_from}"
@@ -267,7 +277,7 @@ def bench_gmm(a) -> dict:
 # ------------------------------------------------------------------------------------ segmenter
 
 
-def bench_segmenter(a) -> dict:
+def bench_segmenter(a, checkpoint) -> dict:
     from safetensors.torch import load_file
 
     from conceptseg.data.toyworld import ToyWorldConfig, generate
@@ -345,14 +355,21 @@ def main(argv=None) -> dict:
               "python": platform.python_version(), "threads": torch.get_num_threads(),
               "command": " ".join(["python", "benchmarks/speed_paths.py", *(argv if argv is not None else sys.argv[1:])])}
     parts = {"prelim": bench_prelim, "gmm": bench_gmm, "segmenter": bench_segmenter}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(name=None, partial=None):
+        if name is not None:
+            report[name] = {**partial, "incomplete": True}
+        a.json.write_text(json.dumps(report, indent=2) + "\n")
+
     for name in a.parts:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        report[name] = parts[name](a)
+        report[name] = parts[name](a, lambda partial, name=name: save(name, partial))
         report[name]["part_seconds"] = round(time.perf_counter() - t0, 1)
+        save()
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(report, indent=2) + "\n")
+    save()
 
     if "prelim" in report:
         p = report["prelim"]

@@ -104,8 +104,7 @@ def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_gro
                       forward=forward, pad_to=pad_to, channels_last=channels_last, **capture_options)["all"]
 
 
-def rows_maps(model: DiffusionModel, store, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond,
-              channels_last: bool = False) -> torch.Tensor:
+def rows_maps(model: DiffusionModel, store, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
     """One denoiser pass over B noised rows under `model.capture_attention`'s `store`: the layer mean
     of the captured maps, (B, G, h, w).
 
@@ -113,12 +112,10 @@ def rows_maps(model: DiffusionModel, store, latents: torch.Tensor, eps: torch.Te
     layers is traced into the graph and the maps leave as its return value: nothing written in the
     compiled region is read after it (compiled code need not write such state back, and a CUDA-graph
     replay reuses its output memory). The denoiser's own output is not used: the compiled graph drops
-    the layers after the last captured one.
+    the layers after the last captured one. The noising stays outside (the schedule's table is a CPU
+    tensor, which would keep CUDA graphs off).
     """
     store.reset()
-    noisy = model.add_noise(latents, eps, t)
-    if channels_last:
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
     model.denoise(noisy, t, cond)
     return store.pop_mean()
 
@@ -169,7 +166,10 @@ def _mean_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_groups:
             else:
                 if forward is not rows_maps and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
                     torch.compiler.cudagraph_mark_step_begin()  # the last pass's outputs were read: CUDA graphs may reuse them
-                means = {"all": forward(model, store, latents[img], eps, t, cond, channels_last)}
+                noisy = model.add_noise(latents[img], eps, t)
+                if channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                means = {"all": forward(model, store, noisy, t, cond)}
             for key, m in means.items():
                 if key not in totals:
                     totals[key] = torch.zeros(n, *m.shape[1:], device=latents.device)
