@@ -111,11 +111,12 @@ def test_channels_last_gives_the_same_maps(textured) -> None:
 
 def test_speed_options_are_execution_settings_and_cli_flags() -> None:
     from conceptseg.cli import build_parser
+    from conceptseg.refine import RefineConfig
     from conceptseg.settings import output_settings
 
-    recorded = output_settings(PrelimConfig("bird", compile=True, channels_last=True, compile_mode="max-autotune"))
-    assert not {"compile", "compile_mode", "compile_backend", "channels_last"} & set(recorded)
-    assert recorded["gmm"] == "sklearn"  # the GMM method can move a mask: it is recorded
+    fast = output_settings(PrelimConfig("bird", compile=True, channels_last=True, compile_mode="max-autotune", gmm="torch"))
+    assert fast == output_settings(PrelimConfig("bird"))  # a finished run's folder is not refused or redone
+    assert output_settings(RefineConfig(gmm="torch")) == output_settings(RefineConfig())
     args = build_parser().parse_args(["prelim", "--concept", "bird", "--images", "x", "--out", "y", "--compile",
                                       "--compile-mode", "reduce-overhead", "--channels-last", "--gmm", "torch"])
     assert (args.compile, args.compile_mode, args.channels_last, args.gmm) == (True, "reduce-overhead", True, "torch")
@@ -123,6 +124,8 @@ def test_speed_options_are_execution_settings_and_cli_flags() -> None:
     assert args.gmm == "torch"
     with pytest.raises(ValueError, match="GMM method"):
         PrelimConfig("bird", gmm="em")
+    with pytest.raises(ValueError, match="gmm must be"):
+        RefineConfig(gmm="em")
 
 
 # ------------------------------------------------------------------ GMM
@@ -268,3 +271,4 @@ def test_prefetched_loads_answer_repeats_and_errors() -> None:
     with pytest.raises(ValueError, match="3 is unreadable"):
         loads(samples[3])
     assert loads(samples[5]) == 50 and loads(samples[4]) == 40  # out of order: kept aside, then handed over
+    loads.close()

@@ -345,8 +345,8 @@ def _limit(text: str) -> int | None:
 
 def _add_gmm_arg(s) -> None:
     s.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
-                   help="GMM threshold fit: sklearn (the reference) or torch (EM on the model's device; k-means "
-                        "starts differently, so a map where the fit has two optima may get the other one)")
+                   help="GMM threshold fit: sklearn, or torch (the same fit, its EM on the model's device; "
+                        "thresholds equal to rounding)")
 
 
 def build_parser() -> argparse.ArgumentParser:

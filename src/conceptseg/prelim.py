@@ -45,7 +45,9 @@ class PrelimConfig:
     # flow-matching families (SD 3.x, FLUX.1) only; docs/families.md
     sigma_grid: str = "sampler"  # T0 smallest sigmas of the default sampler's 50-step grid, or "uniform" k/50
     joint_attention: str = "text"  # image-to-text block renormalised over text keys, or "joint" softmax columns
-    gmm: str = "sklearn"  # GMM fit of the threshold: "sklearn" (the reference) or "torch" (EM on the maps' device)
+    # the GMM fit: "sklearn" or "torch" (the same algorithm and k-means start, EM on the maps' device;
+    # thresholds equal to rounding, so, like compile, not an output setting: thresholding.py)
+    gmm: str = execution_setting("sklearn")
     # speed only (docs/speed.md): torch.compile of the denoiser pass with the capture; its mode
     # ("reduce-overhead": CUDA graphs, "max-autotune") and backend; UNet weights in channels_last
     compile: bool = execution_setting(False)

@@ -26,7 +26,7 @@ from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.settings import execution_setting, stage_settings
-from conceptseg.thresholding import binarize
+from conceptseg.thresholding import GMM_METHODS, binarize
 
 INPAINTERS = ("model", "crop")
 
@@ -47,7 +47,7 @@ class RefineConfig:
     difference_to: str = "image"
     batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
-    gmm: str = "sklearn"  # g's GMM fit: "sklearn" (the reference) or "torch" (EM on the model's device; thresholding.py)
+    gmm: str = execution_setting("sklearn")  # g's GMM fit: "sklearn" or "torch" (equal to rounding: thresholding.py)
 
     def __post_init__(self):
         if self.inpainter not in INPAINTERS:
@@ -57,6 +57,8 @@ class RefineConfig:
         if self.guidance != 1.0 and self.concept_prompt is None and self.inpainter == "model":
             raise ValueError(f"guidance {self.guidance} needs concept_prompt (--concept-prompt): the prompt to guide away "
                              "from; guidance 1 (the paper) needs none")
+        if self.gmm not in GMM_METHODS:
+            raise ValueError(f"gmm must be one of {GMM_METHODS}, not {self.gmm!r}")
         if self.difference_to not in ("image", "reconstruction"):
             raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
 

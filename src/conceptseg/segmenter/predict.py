@@ -178,10 +178,13 @@ def run_segment(segmenter: Segmenter, images, out: Path, outputs: Sequence[str] 
                 save_mask_png(out / "masks" / f"{s.key}.png", mask)
             manifest.record(s.key, "done", foreground=round(float(mask.mean()), 4))
 
-    load = _load_rgb
-    if num_workers > 0:
-        load = PrefetchedLoads([s for s in samples if overwrite or not is_done(s)], _load_rgb, num_workers)
-    return process_images(samples, manifest, batch_size, is_done, load, process, overwrite, progress)
+    if num_workers == 0:
+        return process_images(samples, manifest, batch_size, is_done, _load_rgb, process, overwrite, progress)
+    load = PrefetchedLoads([s for s in samples if overwrite or not is_done(s)], _load_rgb, num_workers)
+    try:
+        return process_images(samples, manifest, batch_size, is_done, load, process, overwrite, progress)
+    finally:
+        load.close()
 
 
 def _load_rgb(s: Sample) -> Image.Image:
@@ -218,6 +221,10 @@ class PrefetchedLoads:
         if error is not None:
             raise error
         return result
+
+    def close(self) -> None:
+        """Stop the workers now (dropping the DataLoader's iterator shuts them down), not at garbage collection."""
+        self.results, self.ahead = iter(()), {}
 
 
 def _identity(item):
