@@ -290,7 +290,8 @@ def bench_segmenter(a, checkpoint) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        data = generate(tmp / "toy", a.seg_images, seed=0, config=ToyWorldConfig(size=int(size * 1.25)), progress=False)
+        data = generate(tmp / "toy", a.seg_images, seed=0, config=ToyWorldConfig(size=int(size * 1.25)), progress=False,
+                        workers=a.workers)  # the rows do not depend on the worker count
         print(f"  toy world of {a.seg_images} images in {time.perf_counter() - t0:.1f} s", flush=True)
         train, weights = [], []
         for workers in (0, a.workers):
