@@ -10,7 +10,7 @@ The fit runs in scikit-learn (`method="sklearn"`, the reference) or as the same 
 the CPU for the EM). The torch fit is sklearn's GaussianMixture step by step: the same k-means
 initialisation (sklearn's own KMeans, seeded alike, on the CPU), then EM until the mean
 log-likelihood moves by less than 1e-3, at most 100 iterations, reg_covar 1e-6. The thresholds
-agree to rounding (tests/test_speed_paths.py; benchmarks/stage_speed.py on the demo's maps).
+agree to rounding (tests/test_speed_paths.py; benchmarks/speed_paths.py on the demo's maps).
 
 Why not a k-means in torch too: on maps with two likelihood optima sklearn's result depends on its
 k-means seed, and with the loose 1e-3 stopping rule even one optimum is reached at a point that
@@ -154,7 +154,8 @@ def binarize_maps(maps: torch.Tensor, valid: np.ndarray | None = None, orphan: b
     if not finite.all():
         _check_finite(maps[ok].cpu().numpy())
     threshold = gmm_thresholds_torch(maps.reshape(b, -1), ok.reshape(b, -1), seed, components)
-    mask = (maps.to(torch.float64) > threshold[:, None, None]) & ok
+    # compared in the maps' dtype, as numpy compares a float32 map with sklearn's Python-float threshold
+    mask = (maps > threshold.to(maps.dtype)[:, None, None]) & ok
     if orphan:
         mask = orphan_filter_torch(mask) & ok
     return mask.cpu().numpy()
