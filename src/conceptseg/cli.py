@@ -60,7 +60,8 @@ def _cmd_prelim(args) -> None:
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
-                       joint_attention=args.joint_attention, gmm_components=args.gmm_components)
+                       joint_attention=args.joint_attention, gmm_components=args.gmm_components, gmm=args.gmm,
+                       compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     print(f"prelim: {model.describe()}")
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
@@ -153,7 +154,7 @@ def _cmd_refine(args) -> None:
 
     cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
                        sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
-                       difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed)
+                       difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed, gmm=args.gmm)
     # the crop inpainter needs no model: it works on stage 1's canvas, read from its manifest
     model = None
     if args.inpainter == "model":
@@ -186,7 +187,8 @@ def _cmd_train_seg(args) -> None:
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
                          mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
-                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed)
+                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
+                         num_workers=args.num_workers)
     print(f"segmenter: {train_segmenter(cfg)}")
 
 
@@ -196,7 +198,7 @@ def _cmd_segment(args) -> None:
     seg = load_segmenter(args.segmenter, device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
     summary = run_segment(seg, args.images, args.out, outputs=args.output, cutouts=args.cutout, color=args.color,
                           background=args.background, rle=args.rle, batch_size=args.batch_size, overwrite=args.overwrite,
-                          split=args.split, shard=distributed.shard())
+                          split=args.split, shard=distributed.shard(), num_workers=args.num_workers)
     distributed.finish_per_image_stage(args.out)
     if args.rle and distributed.is_main():
         print(f"COCO RLE: {collect_rle(args.out)}")
@@ -340,6 +342,12 @@ def _limit(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def _add_gmm_arg(s) -> None:
+    s.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
+                   help="GMM threshold fit: sklearn, or torch (the same fit, its EM on the model's device; "
+                        "thresholds equal to rounding)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -395,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
     s.add_argument("--gmm-components", type=int, default=2,
                    help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
+    _add_gmm_arg(s)
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser pass with the capture (same maps; compiles once, pays off on long runs)")
+    s.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    s.add_argument("--channels-last", action="store_true", help="UNet weights and inputs in channels_last (same maps)")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
     s.set_defaults(func=_cmd_prelim)
 
@@ -442,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--difference-to", choices=["image", "reconstruction"], default="image",
                    help="compare the inpainted background with the image (the paper) or with its VAE reconstruction")
     s.add_argument("--batch-size", type=int, default=4)
+    _add_gmm_arg(s)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_refine)
@@ -476,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     s.add_argument("--checkpoint-every", type=int, default=1000)
     s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
+    s.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read images and cut batches (same result for any count)")
     s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_train_seg)
@@ -497,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rle", action="store_true", help="also COCO RLE: rle/<key>.json and OUT/masks_coco_rle.json (needs pycocotools)")
     s.add_argument("--provider", default="auto",
                    help="onnxruntime provider for an .onnx segmenter: auto (best available), cpu, cuda, tensorrt, coreml, ...")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes that read images ahead")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default=None)
     s.add_argument("--overwrite", action="store_true")

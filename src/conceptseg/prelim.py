@@ -15,23 +15,22 @@ on its finest attention grid); docs/families.md says what each family captures.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.data.readers import Sample, list_samples
+from conceptseg.geometry import Canvas, load_rgb, to_rgb
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
 from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
 from conceptseg.settings import execution_setting, stage_settings
-from conceptseg.thresholding import binarize
-
+from conceptseg.thresholding import GMM_METHODS, binarize, binarize_maps
 
 
 @dataclass
@@ -46,6 +45,15 @@ class PrelimConfig:
     # flow-matching families (SD 3.x, FLUX.1) only; docs/families.md
     sigma_grid: str = "sampler"  # T0 smallest sigmas of the default sampler's 50-step grid, or "uniform" k/50
     joint_attention: str = "text"  # image-to-text block renormalised over text keys, or "joint" softmax columns
+    # the GMM fit: "sklearn" or "torch" (the same algorithm and k-means start, EM on the maps' device;
+    # thresholds equal to rounding, so, like compile, not an output setting: thresholding.py)
+    gmm: str = execution_setting("sklearn")
+    # speed only (docs/speed.md): torch.compile of the denoiser pass with the capture; its mode
+    # ("reduce-overhead": CUDA graphs, "max-autotune") and backend; UNet weights in channels_last
+    compile: bool = execution_setting(False)
+    compile_mode: str | None = execution_setting(None)
+    compile_backend: str = execution_setting("inductor")
+    channels_last: bool = execution_setting(False)
 
     def __post_init__(self):
         self.concept = [self.concept] if isinstance(self.concept, str) else list(self.concept)
@@ -59,6 +67,8 @@ class PrelimConfig:
             raise ValueError(f"unknown sigma grid {self.sigma_grid!r}; use one of {', '.join(SIGMA_GRIDS)}")
         if self.joint_attention not in NORMALISATIONS:
             raise ValueError(f"unknown joint attention reading {self.joint_attention!r}; use one of {', '.join(NORMALISATIONS)}")
+        if self.gmm not in GMM_METHODS:
+            raise ValueError(f"unknown GMM method {self.gmm!r}; use one of {', '.join(GMM_METHODS)}")
 
     @property
     def full_prompt(self) -> str:
@@ -80,15 +90,43 @@ def image_noise(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def attention_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_groups: Sequence[Sequence[int]],
-                   timesteps: Sequence, noise: torch.Tensor, batch_size: int, **capture_options) -> torch.Tensor:
+                   timesteps: Sequence, noise: torch.Tensor, batch_size: int, *, forward: Callable | None = None,
+                   pad_to: int | None = None, channels_last: bool = False, **capture_options) -> torch.Tensor:
     """Mean over layers and timesteps of each token group's map: (N images, G groups, h, w), float32.
 
     latents (N, C, h, w); noise (N, T, C, h, w); cond the prompt's `model.text_conditioning` ((1, 77, D)
     text embedding for SD 1.x/2.x); timesteps the model's `noise_levels`; (h, w) the model's
     attention grid. capture_options: `normalisation` for joint-attention families.
+    `forward`: a replacement for `rows_maps` (its `torch.compile`d form, `compiled_rows_maps`);
+    `pad_to`: every pass gets exactly this many rows, a short last batch padded with copies of its
+    last row whose maps are dropped (static shapes: no recompiling, CUDA graphs replay);
+    `channels_last`: the noised latents in that layout (for a UNet whose weights are).
     """
     return _mean_maps(model, latents, cond, token_groups, timesteps, noise, batch_size, per_level=False,
-                      **capture_options)["all"]
+                      forward=forward, pad_to=pad_to, channels_last=channels_last, **capture_options)["all"]
+
+
+def rows_maps(model: DiffusionModel, store, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """One denoiser pass over B noised rows under `model.capture_attention`'s `store`: the layer mean
+    of the captured maps, (B, G, h, w).
+
+    The store is reset and read inside this function, so under torch.compile the running sum over
+    layers is traced into the graph and the maps leave as its return value: nothing written in the
+    compiled region is read after it (compiled code need not write such state back, and a CUDA-graph
+    replay reuses its output memory). The denoiser's own output is not used: the compiled graph drops
+    the layers after the last captured one. The noising stays outside (the schedule's table is a CPU
+    tensor, which would keep CUDA graphs off).
+    """
+    store.reset()
+    model.denoise(noisy, t, cond)
+    return store.pop_mean()
+
+
+def compiled_rows_maps(mode: str | None = None, backend: str = "inductor") -> Callable:
+    """`rows_maps` under torch.compile: one graph (fullgraph: a graph break is an error, not a silent
+    slow path), static shapes (callers pad batches: `attention_maps(..., pad_to=)`)."""
+    options = {"mode": mode} if mode is not None else {}
+    return torch.compile(rows_maps, fullgraph=True, dynamic=False, backend=backend, **options)
 
 
 def attention_maps_by_level(model: DiffusionModel, latents: torch.Tensor, cond: torch.Tensor,
@@ -103,25 +141,41 @@ def attention_maps_by_level(model: DiffusionModel, latents: torch.Tensor, cond: 
 @torch.no_grad()
 def _mean_maps(model: DiffusionModel, latents: torch.Tensor, cond, token_groups: Sequence[Sequence[int]],
                timesteps: Sequence, noise: torch.Tensor, batch_size: int, per_level: bool,
+               forward: Callable | None = None, pad_to: int | None = None, channels_last: bool = False,
                **capture_options) -> dict[str, torch.Tensor]:
     # `model`: any family's model (conceptseg.families); `timesteps`: its noise levels (sigmas for flow models)
+    if per_level and forward is not None:
+        raise ValueError("the per-level diagnostic runs eagerly only")
+    forward = forward or rows_maps
     n, t_count = latents.shape[0], len(timesteps)
     t_all = torch.tensor(timesteps, device=latents.device)
     rows = [(i, j) for i in range(n) for j in range(t_count)]
+    step_rows = min(batch_size, pad_to) if pad_to else batch_size
     totals: dict[str, torch.Tensor] = {}
     with model.capture_attention(token_groups, per_level=per_level, **capture_options) as store:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        for start in range(0, len(rows), step_rows):
+            chunk = rows[start : start + step_rows]
+            real = len(chunk)
+            if pad_to:
+                chunk = chunk + [chunk[-1]] * (pad_to - real)
             img = torch.tensor([i for i, _ in chunk], device=latents.device)
             step = torch.tensor([j for _, j in chunk], device=latents.device)
             t = t_all[step]
             eps = noise[img.cpu(), step.cpu()].to(latents.device, torch.float32)
-            model.denoise(model.add_noise(latents[img], eps, t), t, cond)
-            means = store.pop_level_means() if per_level else {"all": store.pop_mean()}
+            if per_level:
+                model.denoise(model.add_noise(latents[img], eps, t), t, cond)
+                means = store.pop_level_means()
+            else:
+                if forward is not rows_maps and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                    torch.compiler.cudagraph_mark_step_begin()  # the last pass's outputs were read: CUDA graphs may reuse them
+                noisy = model.add_noise(latents[img], eps, t)
+                if channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                means = {"all": forward(model, store, noisy, t, cond)}
             for key, m in means.items():
                 if key not in totals:
                     totals[key] = torch.zeros(n, *m.shape[1:], device=latents.device)
-                totals[key].index_add_(0, img, m)
+                totals[key].index_add_(0, img[:real], m[:real].float())  # padding rows dropped
     return {key: total / t_count for key, total in totals.items()}
 
 
@@ -133,6 +187,20 @@ class PrelimRunner:
         self.token_groups = model.concept_token_positions(config.full_prompt, config.concept)
         self.timesteps = model.noise_levels(config.steps, config.sigma_grid)  # sigmas for flow models
         self.cond = model.text_conditioning(config.full_prompt)
+        self.forward, self.pad_to = None, None
+        if config.channels_last:
+            if not hasattr(model, "unet"):
+                raise ValueError(f"channels_last is for UNet denoisers; {model.describe()} has none")
+            model.unet.to(memory_format=torch.channels_last)  # the same weights in another layout
+        if config.compile:
+            self.forward = compiled_rows_maps(config.compile_mode, config.compile_backend)
+            # static shapes: every pass has the rows of a full call (`images_per_call` images) or batch_size rows
+            self.pad_to = min(config.batch_size, self.images_per_call * len(self.timesteps))
+
+    @property
+    def images_per_call(self) -> int:
+        """How many images one call takes so that their rows fill (at most) one batch."""
+        return max(1, self.config.batch_size // len(self.timesteps))
 
     def encode(self, images: Sequence[Image.Image], keys: Sequence[str]) -> tuple[list[Canvas], torch.Tensor, torch.Tensor]:
         """Stage 1's inputs: each image's canvas, its latents (N, C, h, w) and its noise (N, T, C, h, w)."""
@@ -147,14 +215,18 @@ class PrelimRunner:
         lat = m.attention_resolution  # the latent grid for SD 1.x/2.x
         canvases, latents, noise = self.encode(images, keys)
         maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size,
+                              forward=self.forward, pad_to=self.pad_to, channels_last=cfg.channels_last,
                               normalisation=cfg.joint_attention)
-        maps = maps.sum(1).cpu().numpy().astype(np.float32)  # several words: their maps are summed
-        results = []
-        for canvas, amap in zip(canvases, maps):
-            valid = canvas.valid(lat)
-            mask_latent = binarize(amap, valid, orphan=cfg.orphan_filter, seed=cfg.seed, components=cfg.gmm_components)
-            results.append(PrelimResult(amap, mask_latent, canvas.restore(mask_latent), canvas))
-        return results
+        maps = maps.sum(1)  # several words: their maps are summed
+        valid = [c.valid(lat) for c in canvases]
+        options = {"orphan": cfg.orphan_filter, "seed": cfg.seed, "components": cfg.gmm_components}
+        if cfg.gmm == "torch":  # every map in one fit, where the maps are
+            masks = list(binarize_maps(maps, np.stack(valid), method="torch", **options))
+        maps = maps.cpu().numpy().astype(np.float32)
+        if cfg.gmm == "sklearn":
+            masks = [binarize(amap, v, **options) for amap, v in zip(maps, valid)]
+        return [PrelimResult(amap, mask_latent, canvas.restore(mask_latent), canvas)
+                for canvas, amap, mask_latent in zip(canvases, maps, masks)]
 
 
 def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.ndarray | str | Path],
@@ -169,7 +241,7 @@ def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.n
         else:
             pil.append(Image.fromarray(im) if isinstance(im, np.ndarray) else im)
             keys.append(str(i))
-    per_batch = max(1, runner.config.batch_size // len(runner.timesteps))
+    per_batch = runner.images_per_call
     return [r for s in range(0, len(pil), per_batch) for r in runner(pil[s : s + per_batch], keys[s : s + per_batch])]
 
 
@@ -198,5 +270,4 @@ def run_prelim(model: DiffusionModel, images: str | Path | Sequence, out: Path, 
             save_mask_png(out / "masks" / f"{s.key}.png", res.mask)
             manifest.record(s.key, "done", foreground=round(float(res.mask.mean()), 4))
 
-    per_batch = max(1, config.batch_size // len(runner.timesteps))
-    return process_images(samples, manifest, per_batch, is_done, lambda s: load_rgb(s.image), process, overwrite, progress)
+    return process_images(samples, manifest, runner.images_per_call, is_done, lambda s: load_rgb(s.image), process, overwrite, progress)

@@ -26,7 +26,7 @@ from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.settings import execution_setting, stage_settings
-from conceptseg.thresholding import binarize
+from conceptseg.thresholding import GMM_METHODS, binarize
 
 INPAINTERS = ("model", "crop")
 
@@ -47,6 +47,7 @@ class RefineConfig:
     difference_to: str = "image"
     batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
+    gmm: str = execution_setting("sklearn")  # g's GMM fit: "sklearn" or "torch" (equal to rounding: thresholding.py)
 
     def __post_init__(self):
         if self.inpainter not in INPAINTERS:
@@ -56,6 +57,8 @@ class RefineConfig:
         if self.guidance != 1.0 and self.concept_prompt is None and self.inpainter == "model":
             raise ValueError(f"guidance {self.guidance} needs concept_prompt (--concept-prompt): the prompt to guide away "
                              "from; guidance 1 (the paper) needs none")
+        if self.gmm not in GMM_METHODS:
+            raise ValueError(f"gmm must be one of {GMM_METHODS}, not {self.gmm!r}")
         if self.difference_to not in ("image", "reconstruction"):
             raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
 
@@ -151,7 +154,8 @@ class Refiner:
         results = []
         for i, canvas in enumerate(canvases):
             valid = canvas.valid(self.resolution)
-            mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed)
+            mask = regions[i] & binarize(diffs[i], valid, seed=cfg.seed, method=cfg.gmm,
+                                         device=self.model.device if self.model is not None else None)
             if cfg.postprocess:
                 mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask))
             results.append(RefineResult(canvas.restore(mask), canvas.restore_image(backgrounds[0][i]), diffs[i].astype(np.float32), canvas))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from conceptseg import coco_rle
 from conceptseg.cutout import OUTPUT_FOLDERS, cutout, load_background, over, parse_color
@@ -134,11 +135,13 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def run_segment(segmenter: Segmenter, images, out: Path, outputs: Sequence[str] = ("mask",), cutouts: bool = False,
                 color: str = "white", background: str | Path | None = None, rle: bool = False, batch_size: int = 16,
-                overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
+                overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1),
+                num_workers: int = 0) -> dict:
     """OUT/<folder>/<stem>.png for each kind in `outputs`: masks/ (0/255, original size), cutouts/
     (RGBA, `cutouts=True` adds it), on_color/ (the object over `color`), on_background/ (over the
     picture `background`, fitted to each image); with `rle`, rle/<stem>.json (COCO RLE, joined by
-    `collect_rle`). `images`: a file, a folder, a glob or a dataset spec."""
+    `collect_rle`). `images`: a file, a folder, a glob or a dataset spec. `num_workers` DataLoader
+    processes read the images ahead of the network (0: the main process reads them)."""
     out = Path(out)
     kinds = list(dict.fromkeys([*outputs, *(["rgba"] if cutouts else [])]))
     unknown = [k for k in kinds if k not in OUTPUT_FOLDERS]
@@ -175,7 +178,72 @@ def run_segment(segmenter: Segmenter, images, out: Path, outputs: Sequence[str] 
                 save_mask_png(out / "masks" / f"{s.key}.png", mask)
             manifest.record(s.key, "done", foreground=round(float(mask.mean()), 4))
 
-    return process_images(samples, manifest, batch_size, is_done, lambda s: load_rgb(s.image), process, overwrite, progress)
+    if num_workers == 0:
+        return process_images(samples, manifest, batch_size, is_done, _load_rgb, process, overwrite, progress)
+    load = PrefetchedLoads([s for s in samples if overwrite or not is_done(s)], _load_rgb, num_workers)
+    try:
+        return process_images(samples, manifest, batch_size, is_done, load, process, overwrite, progress)
+    finally:
+        load.close()
+
+
+def _load_rgb(s: Sample) -> Image.Image:
+    return load_rgb(s.image)
+
+
+class PrefetchedLoads:
+    """`load(sample)` answered from DataLoader workers that read `samples` ahead, in that order.
+
+    A stage asks for the samples in that order; a sample asked for again (a batch redone after
+    running out of memory, or one sample at a time after a failure) or out of order is loaded in the
+    calling process. A load's exception (an unreadable image) is raised at the call for its sample."""
+
+    def __init__(self, samples: list, load, num_workers: int):
+        self.position = {s.key: i for i, s in enumerate(samples)}
+        self.fetched = 0  # how many the workers have handed over
+        self.ahead: dict = {}  # key -> (result, exception), handed over but not yet asked for
+        self.load = load
+        self.results = iter(DataLoader(_Loads(samples, load), batch_size=None, num_workers=num_workers,
+                                       collate_fn=_identity))
+
+    def __call__(self, sample):
+        if sample.key in self.ahead:
+            result, error = self.ahead.pop(sample.key)
+        elif self.position.get(sample.key, -1) >= self.fetched:
+            while True:
+                key, result, error = next(self.results)
+                self.fetched += 1
+                if key == sample.key:
+                    break
+                self.ahead[key] = (result, error)
+        else:
+            return self.load(sample)
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Stop the workers now (dropping the DataLoader's iterator shuts them down), not at garbage collection."""
+        self.results, self.ahead = iter(()), {}
+
+
+def _identity(item):
+    return item
+
+
+class _Loads(Dataset):
+    def __init__(self, samples: list, load):
+        self.samples, self.load = samples, load
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        try:
+            return s.key, self.load(s), None
+        except Exception as e:  # noqa: BLE001  (any load error is handed to the caller, which raises it for this sample)
+            return s.key, None, e
 
 
 def collect_rle(out: Path, name: str = "masks_coco_rle.json") -> Path:

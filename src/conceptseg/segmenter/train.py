@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from conceptseg.data.readers import list_samples, load_mask
@@ -50,6 +51,9 @@ class TrainSegConfig:
     seed: int = 0
     progress: bool = execution_setting(True)
     split: str = "train"
+    # DataLoader worker processes that read the images and cut each step's batch (0: the main process);
+    # every batch is a function of (seed, step) alone, so the count does not change the result
+    num_workers: int = execution_setting(0)
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -58,6 +62,8 @@ class TrainSegConfig:
             raise ValueError(f"training needs at least 1 step, got steps={self.steps}")
         if self.nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS}, not {self.nonfinite_loss!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
 
 
 # the learning rate at `step` of `steps`, as a fraction of the base rate: a function of the step
@@ -68,29 +74,62 @@ LR_SCHEDULES = {
 }
 
 
-def load_pairs(sources: list, size: int, split: str = "train", progress: bool = True) -> tuple[list, list[str]]:
+def load_pairs(sources: list, size: int, split: str = "train", progress: bool = True,
+               num_workers: int = 0) -> tuple[list, list[str]]:
     """(image uint8 HxWx3, mask bool HxW) with the short side at `size`; problems named per file.
+    `num_workers` processes read and resize (the order of the pairs is the samples' either way).
 
     A source is a dataset spec, or a list of `Sample`s (what the pipeline passes)."""
     pairs, problems = [], []
     samples = [s for src in sources for s in (src if isinstance(src, list) else list_samples(src, split))]
-    for s in tqdm(samples, desc="loading masks", disable=not progress, leave=False):
+    loader = DataLoader(_PairReader(samples, size), batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    for pair, problem in tqdm(loader, total=len(samples), desc="loading masks", disable=not progress, leave=False):
+        if problem is not None:
+            problems.append(problem)
+        else:
+            pairs.append(pair)
+    return pairs, problems
+
+
+def _identity(item):
+    return item  # module level: worker processes may need to pickle it
+
+
+class _PairReader(Dataset):
+    """One sample's resized (image, mask), or its problem in words: (pair, None) or (None, problem)."""
+
+    def __init__(self, samples: list, size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s, size = self.samples[i], self.size
         if s.mask is None:
-            problems.append(f"{s.image}: no mask")
-            continue
+            return None, f"{s.image}: no mask"
         try:
             image = load_rgb(s.image)
             mask = load_mask(s)
         except (ImageReadError, OSError, ValueError) as e:
-            problems.append(str(e))
-            continue
+            return None, str(e)
         if mask.shape != (image.height, image.width):
-            problems.append(f"{s.image}: mask is {mask.shape[1]}x{mask.shape[0]}, image {image.width}x{image.height}")
-            continue
+            return None, f"{s.image}: mask is {mask.shape[1]}x{mask.shape[0]}, image {image.width}x{image.height}"
         im = np.asarray(resize_short_side(image, size, Image.Resampling.BICUBIC))
         m = np.asarray(resize_short_side(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)) > 127
-        pairs.append((im, m))
-    return pairs, problems
+        return (im, m), None
+
+
+class StepBatches(Dataset):
+    """Step `step`'s training batch (random crops and flips drawn from the step's own generator), so
+    batches can be cut ahead of time in worker processes and come out the same."""
+
+    def __init__(self, pairs: list, batch_size: int, size: int, seed: int, process_index: int):
+        self.pairs, self.batch_size, self.size, self.seed, self.process_index = pairs, batch_size, size, seed, process_index
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = step_rng(self.seed, 6, step, self.process_index)
+        return random_crop_batch(self.pairs, rng.integers(0, len(self.pairs), self.batch_size), self.size, rng)
 
 
 def random_crop_batch(pairs: list, idx, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +173,8 @@ def train_segmenter(cfg: TrainSegConfig) -> Path:
 
 def _train_segmenter(cfg: TrainSegConfig, accelerator) -> Path:
     out = Path(cfg.out)
-    pairs, problems = load_pairs(cfg.data, cfg.input_size, cfg.split, cfg.progress and accelerator.is_main_process)
+    pairs, problems = load_pairs(cfg.data, cfg.input_size, cfg.split, cfg.progress and accelerator.is_main_process,
+                                 cfg.num_workers)
     for p in problems:
         accelerator.print(f"skipped {p}")
     if len(pairs) < 2:
@@ -158,14 +198,15 @@ def _train_segmenter(cfg: TrainSegConfig, accelerator) -> Path:
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-seg",
                disable=not (cfg.progress and accelerator.is_main_process))
-    for step in bar:
-        rng = step_rng(cfg.seed, 6, step, accelerator.process_index)
-        x, y = random_crop_batch(train, rng.integers(0, len(train), cfg.batch_size), cfg.input_size, rng)
+    batches = DataLoader(StepBatches(train, cfg.batch_size, cfg.input_size, cfg.seed, accelerator.process_index),
+                         sampler=range(start, cfg.steps), batch_size=None, num_workers=cfg.num_workers,
+                         pin_memory=cfg.num_workers > 0 and accelerator.device.type == "cuda")
+    for step, (x, y) in zip(bar, batches):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * LR_SCHEDULES[cfg.lr_schedule](step, cfg.steps)
         with precision.autocast():
-            logits = net_p(x.to(accelerator.device))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(accelerator.device))
+            logits = net_p(x.to(accelerator.device, non_blocking=True))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(accelerator.device, non_blocking=True))
         if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
             optimizer.zero_grad()
             continue
