@@ -250,11 +250,17 @@ def measure(args) -> dict:
     runs = []
     for world in args.world_seeds:
         scenes = concept_scenes(args.out / f"scenes-world{world}", args.concept, world, args.scenes)
-        first = None
+        # stages 1-4 come from the base seed's folder once it has run (`--base-seed` lets seeds run in several processes)
+        base = args.out / f"world{world}-seg{args.base_seed if args.base_seed is not None else args.seg_seeds[0]}"
         for seg in args.seg_seeds:
             folder = args.out / f"world{world}-seg{seg}"
+            first = base if folder != base and (base / "table2_run.json").exists() else None
+            source = args.reuse_from / folder.name if args.reuse_from else None
+            if source and not folder.exists() and (source / "table2_run.json").exists():
+                # a lever's runs start as copies of the baseline's: the pipeline redoes only what the lever changes
+                shutil.copytree(source, folder, ignore=shutil.ignore_patterns("checkpoints", "table2_run.json", "*.old"))
+                first = None
             runs.append(run_one(folder, world, seg, first, args, scenes))
-            first = first or folder
     agg = aggregate(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = {
@@ -278,6 +284,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folders (default runs/table2/<reduced|full>)")
     p.add_argument("--world-seeds", type=int, nargs="+", default=[1234, 1235], help="toy-world seeds (1234: the demo's)")
     p.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2], help="segmenter seeds")
+    p.add_argument("--base-seed", type=int, default=None,
+                   help="the segmenter seed whose finished folder the others copy stages 1-4 from (default: the first)")
+    p.add_argument("--reuse-from", type=Path, default=None,
+                   help="another --out whose finished folders new ones start from (a lever measured against the baseline)")
     p.add_argument("--full", action="store_true", help="the paper's settings (demo --full) instead of the demo's reduced ones")
     p.add_argument("--num-images", type=int, default=None, help="toy-world images per world seed (default: the demo's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a pipeline override for every run (repeatable)")
