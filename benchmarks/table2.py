@@ -125,6 +125,16 @@ def _copy_shared_stages(src: Path, dst: Path) -> None:
     shutil.copy(src / "manifest.json", dst / "manifest.json")  # keeps the shared stages' timings
 
 
+# settings added after these runs began; at these values they are the old behaviour, so a record
+# written before they existed still matches
+ADDED_DEFAULTS = {"synth": {"filter": "none"}, "refine": {"difference": "color", "window": 5, "aggregate": "mean"}}
+
+
+def _config_key(config: dict) -> dict:
+    return {k: {n: v for n, v in section.items() if ADDED_DEFAULTS.get(k, {}).get(n, object()) != v}
+            if isinstance(section, dict) else section for k, section in config.items()}
+
+
 def run_one(out: Path, world: int, seg: int, first: Path | None, args, scenes: list[dict]) -> dict:
     """One (world, segmenter seed) run folder: pipeline, Table 2 rows, precision / recall of M_pre and
     M, concept-scene scores; cached in OUT/table2_run.json against the run's config."""
@@ -138,7 +148,7 @@ def run_one(out: Path, world: int, seg: int, first: Path | None, args, scenes: l
     config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if record.exists():
         cached = json.loads(record.read_text())
-        if cached["config"] == config and cached["scenes"] == len(scenes):
+        if _config_key(cached["config"]) == _config_key(config) and cached["scenes"] == len(scenes):
             return cached
 
     def ledger():

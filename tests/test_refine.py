@@ -182,3 +182,18 @@ def test_added_refine_settings_leave_old_fingerprints_unless_set():
     assert "difference" not in output_settings(RefineConfig()) and "window" not in output_settings(RefineConfig())
     assert output_settings(RefineConfig(difference="local_stats"))["difference"] == "local_stats"
     assert output_settings(RefineConfig(window=7))["window"] == 7
+    assert "aggregate" not in output_settings(RefineConfig()) and output_settings(RefineConfig(aggregate="min"))["aggregate"] == "min"
+
+
+def test_min_over_samples_keeps_only_what_every_inpainting_changes(tiny_model, textured):
+    """aggregate="min": the difference map is the smallest over the K inpaintings' maps."""
+    image = textured(32, 32, seed=3)
+    prelim = np.zeros((32, 32), bool)
+    prelim[4:20, 4:20] = True
+    one = [Refiner(tiny_model, RefineConfig(steps=2, seed=0))([image], [prelim], ["k"])[0].difference]
+    both = Refiner(tiny_model, RefineConfig(steps=2, samples=2, aggregate="min"))([image], [prelim], ["k"])[0]
+    mean = Refiner(tiny_model, RefineConfig(steps=2, samples=2))([image], [prelim], ["k"])[0]
+    assert (both.difference <= one[0] + 1e-5).all() and (both.difference <= mean.difference + 1e-5).all()
+    assert (both.difference < mean.difference - 1e-3).any()
+    with pytest.raises(ValueError, match="aggregate"):
+        RefineConfig(aggregate="max")

@@ -89,6 +89,9 @@ class RefineSection:
     samples: int = _default(RefineConfig, "samples")
     postprocess: bool = _default(RefineConfig, "postprocess")
     difference_to: str = _default(RefineConfig, "difference_to")
+    difference: str = _default(RefineConfig, "difference")
+    window: int = _default(RefineConfig, "window")
+    aggregate: str = _default(RefineConfig, "aggregate")
     batch_size: int = _default(RefineConfig, "batch_size")
     seed: int = _default(RefineConfig, "seed")
 

@@ -51,6 +51,9 @@ class RefineConfig:
     # over a `window` x `window` neighbourhood, in which one texture replaced by a similar one barely differs
     difference: str = added_setting("color")
     window: int = added_setting(5)  # for "local_stats"
+    # the K samples' difference maps: "mean" (averaged), or "min": a pixel differs only where it differs
+    # from every inpainting, so background that one sample happens to redraw differently is not foreground
+    aggregate: str = added_setting("mean")
     batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
 
@@ -66,6 +69,8 @@ class RefineConfig:
             raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
         if self.difference not in DIFFERENCES:
             raise ValueError(f"difference must be one of {DIFFERENCES}, not {self.difference!r}")
+        if self.aggregate not in ("mean", "min"):
+            raise ValueError(f"aggregate must be 'mean' or 'min', not {self.aggregate!r}")
 
 
 @dataclass
@@ -172,7 +177,8 @@ class Refiner:
                                        guidance=cfg.guidance, negative_prompt=cfg.concept_prompt, sampler=cfg.sampler,
                                        generator=_generators(cfg.seed, keys, k))
                 backgrounds.append(self.model.decode_latents(z))
-        diffs = np.mean([difference_map(reference, b, cfg.difference, cfg.window) for b in backgrounds], axis=0)
+        maps = [difference_map(reference, b, cfg.difference, cfg.window) for b in backgrounds]
+        diffs = np.min(maps, axis=0) if cfg.aggregate == "min" else np.mean(maps, axis=0)
         results = []
         for i, canvas in enumerate(canvases):
             valid = canvas.valid(self.resolution)
