@@ -10,7 +10,14 @@ from PIL import Image
 from conceptseg.cli import main
 from conceptseg.geometry import Canvas
 from conceptseg.inpaint import inpaint_background, sample_latents
-from conceptseg.refine import RefineConfig, Refiner, crop_inpaint, latent_mask, upsample
+from conceptseg.refine import (
+    RefineConfig,
+    Refiner,
+    crop_inpaint,
+    difference_map,
+    latent_mask,
+    upsample,
+)
 from conceptseg.thresholding import orphan_filter
 
 
@@ -148,3 +155,45 @@ def test_difference_to_image_or_reconstruction(tiny_model, textured):
     assert np.abs(paper.difference - recon.difference).max() > 1
     with pytest.raises(ValueError, match="difference_to"):
         RefineConfig(difference_to="other")
+
+
+def test_local_stats_difference_ignores_a_texture_swapped_for_a_like_one():
+    """Per-pixel colour difference sees one noise texture replaced by another of the same statistics as
+    a change everywhere; the local mean/std difference sees it only where the statistics change."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(100, 20, (2, 32, 32, 3))
+    bg = rng.normal(100, 20, (2, 32, 32, 3))  # "another plausible texture"
+    bg[:, 10:20, 10:20] = 220  # and a real change: an object's region filled with something else
+    color, local = difference_map(x, bg, "color"), difference_map(x, bg, "local_stats", window=5)
+    assert color.shape == local.shape == (2, 32, 32)
+    outside, inside = (slice(None), slice(0, 6), slice(0, 6)), (slice(None), slice(13, 17), slice(13, 17))
+    assert color[outside].mean() > 0.15 * color[inside].mean()  # the texture swap looks like a change
+    assert local[outside].mean() < 0.1 * local[inside].mean()  # here it does not
+    np.testing.assert_allclose(color, np.abs(x - bg).mean(-1), rtol=1e-5)
+    with pytest.raises(ValueError, match="difference"):
+        RefineConfig(difference="other")
+
+
+def test_added_refine_settings_leave_old_fingerprints_unless_set():
+    """`difference` and `window` were added after runs were made: at their defaults they are not in the
+    settings that fingerprint a stage, so finished runs are not redone; set, they are."""
+    from conceptseg.settings import output_settings
+
+    assert "difference" not in output_settings(RefineConfig()) and "window" not in output_settings(RefineConfig())
+    assert output_settings(RefineConfig(difference="local_stats"))["difference"] == "local_stats"
+    assert output_settings(RefineConfig(window=7))["window"] == 7
+    assert "aggregate" not in output_settings(RefineConfig()) and output_settings(RefineConfig(aggregate="min"))["aggregate"] == "min"
+
+
+def test_min_over_samples_keeps_only_what_every_inpainting_changes(tiny_model, textured):
+    """aggregate="min": the difference map is the smallest over the K inpaintings' maps."""
+    image = textured(32, 32, seed=3)
+    prelim = np.zeros((32, 32), bool)
+    prelim[4:20, 4:20] = True
+    one = [Refiner(tiny_model, RefineConfig(steps=2, seed=0))([image], [prelim], ["k"])[0].difference]
+    both = Refiner(tiny_model, RefineConfig(steps=2, samples=2, aggregate="min"))([image], [prelim], ["k"])[0]
+    mean = Refiner(tiny_model, RefineConfig(steps=2, samples=2))([image], [prelim], ["k"])[0]
+    assert (both.difference <= one[0] + 1e-5).all() and (both.difference <= mean.difference + 1e-5).all()
+    assert (both.difference < mean.difference - 1e-3).any()
+    with pytest.raises(ValueError, match="aggregate"):
+        RefineConfig(aggregate="max")

@@ -89,6 +89,9 @@ class RefineSection:
     samples: int = _default(RefineConfig, "samples")
     postprocess: bool = _default(RefineConfig, "postprocess")
     difference_to: str = _default(RefineConfig, "difference_to")
+    difference: str = _default(RefineConfig, "difference")
+    window: int = _default(RefineConfig, "window")
+    aggregate: str = _default(RefineConfig, "aggregate")
     batch_size: int = _default(RefineConfig, "batch_size")
     seed: int = _default(RefineConfig, "seed")
 
@@ -100,6 +103,9 @@ class SynthSection:
     guidance: float = _default(SynthConfig, "guidance")
     batch_size: int = _default(SynthConfig, "batch_size")
     seed: int = _default(SynthConfig, "seed")
+    # which pairs the D_s + D'_s U-Net trains on: "none" = all (the paper); "plausible" = those whose
+    # mask looks like one object of a size M has on D (synth_filter.py, a named deviation)
+    filter: str = "none"
 
 
 @dataclass
@@ -331,8 +337,11 @@ class Run:
         # name: (training data, the stages whose masks it trains on, what else decides the data)
         train_sets = {"unet_real": ([pairs(out / "refine" / "masks")], ("refine",), {})}
         if cfg.synth.num > 0:
-            train_sets["unet_real_synth"] = ([pairs(out / "refine" / "masks"), str(out / "synth")], ("refine", "synth"),
-                                             {"synth_num": cfg.synth.num})
+            synthetic, chosen = str(out / "synth"), {"synth_num": cfg.synth.num}
+            if cfg.synth.filter != "none":  # a fingerprint input only when set: the paper's runs keep theirs
+                synthetic = self._filtered_synth(train)
+                chosen.update(synth_filter=cfg.synth.filter, synth_kept=[s.key for s in synthetic])
+            train_sets["unet_real_synth"] = ([pairs(out / "refine" / "masks"), synthetic], ("refine", "synth"), chosen)
         if cfg.segmenter.train_on_prelim:
             train_sets["unet_prelim"] = ([pairs(out / "prelim" / "masks")], ("prelim",), {})
         truth = [s for s in train if s.mask is not None]
@@ -376,6 +385,19 @@ class Run:
         if distributed.is_main():
             write_metadata(out, config)
         return str(out)
+
+    def _filtered_synth(self, train: list[Sample]) -> list[Sample]:
+        from conceptseg.data.readers import list_samples
+        from conceptseg.synth_filter import FILTERS, plausible
+
+        if self.cfg.synth.filter not in FILTERS:
+            raise ValueError(f"synth.filter must be one of {FILTERS}, not {self.cfg.synth.filter!r}")
+        synthetic = list_samples(self.out / "synth", "all")
+        kept = plausible(synthetic, [self.out / "refine" / "masks" / f"{s.key}.png" for s in train])
+        self.counts["synth_filter"] = {"kept": len(kept), "of": len(synthetic)}
+        if distributed.is_main():
+            print(f"synth.filter={self.cfg.synth.filter}: training on {len(kept)} of {len(synthetic)} synthetic pairs")
+        return kept
 
     def _protocol(self) -> str:
         from conceptseg.evaluate import describe_protocol

@@ -25,10 +25,11 @@ from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
-from conceptseg.settings import execution_setting, stage_settings
+from conceptseg.settings import added_setting, execution_setting, stage_settings
 from conceptseg.thresholding import GMM_METHODS, binarize
 
 INPAINTERS = ("model", "crop")
+DIFFERENCES = ("color", "local_stats")
 
 
 @dataclass
@@ -45,6 +46,14 @@ class RefineConfig:
     # |x - x_bg| with x the image (the paper), or "reconstruction": the VAE's decoding of x, so the
     # VAE's own reconstruction error (large for small VAEs) does not count as foreground
     difference_to: str = "image"
+    # how x and x_bg are compared (`difference_map`): "color", the per-pixel mean over RGB of |x - x_bg|
+    # (the paper), or "local_stats", the difference of local mean and standard deviation per channel
+    # over a `window` x `window` neighbourhood, in which one texture replaced by a similar one barely differs
+    difference: str = added_setting("color")
+    window: int = added_setting(5)  # for "local_stats"
+    # the K samples' difference maps: "mean" (averaged), or "min": a pixel differs only where it differs
+    # from every inpainting, so background that one sample happens to redraw differently is not foreground
+    aggregate: str = added_setting("mean")
     batch_size: int = execution_setting(4)  # images per inpainting batch
     seed: int = 0
     gmm: str = execution_setting("sklearn")  # g's GMM fit: "sklearn" or "torch" (equal to rounding: thresholding.py)
@@ -61,6 +70,10 @@ class RefineConfig:
             raise ValueError(f"gmm must be one of {GMM_METHODS}, not {self.gmm!r}")
         if self.difference_to not in ("image", "reconstruction"):
             raise ValueError(f"difference_to must be 'image' or 'reconstruction', not {self.difference_to!r}")
+        if self.difference not in DIFFERENCES:
+            raise ValueError(f"difference must be one of {DIFFERENCES}, not {self.difference!r}")
+        if self.aggregate not in ("mean", "min"):
+            raise ValueError(f"aggregate must be 'mean' or 'min', not {self.aggregate!r}")
 
 
 @dataclass
@@ -119,6 +132,23 @@ def _generators(seed: int, keys: list[str], sample: int) -> list[torch.Generator
     return out
 
 
+def difference_map(x: np.ndarray, background: np.ndarray, kind: str = "color", window: int = 5) -> np.ndarray:
+    """(..., H, W, 3) images -> (..., H, W) float32 difference (`RefineConfig.difference`)."""
+    x, background = x.astype(np.float32), background.astype(np.float32)
+    if kind == "color":
+        return np.abs(x - background).mean(-1)
+    if kind != "local_stats":
+        raise ValueError(f"difference must be one of {DIFFERENCES}, not {kind!r}")
+    size = (1,) * (x.ndim - 3) + (window, window, 1)  # over H and W only
+
+    def mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean = ndimage.uniform_filter(a, size, mode="reflect")
+        return mean, np.sqrt(np.maximum(ndimage.uniform_filter(a * a, size, mode="reflect") - mean * mean, 0))
+
+    (mx, sx), (mb, sb) = mean_std(x), mean_std(background)
+    return (np.abs(mx - mb) + np.abs(sx - sb)).mean(-1)
+
+
 class Refiner:
     """Stage 3 for a (fine-tuned) model and a config: images + M_pre in, RefineResults out."""
 
@@ -150,7 +180,8 @@ class Refiner:
                                        guidance=cfg.guidance, negative_prompt=cfg.concept_prompt, sampler=cfg.sampler,
                                        generator=_generators(cfg.seed, keys, k))
                 backgrounds.append(self.model.decode_latents(z))
-        diffs = np.mean([np.abs(reference.astype(np.float32) - b.astype(np.float32)).mean(-1) for b in backgrounds], axis=0)
+        maps = [difference_map(reference, b, cfg.difference, cfg.window) for b in backgrounds]
+        diffs = np.min(maps, axis=0) if cfg.aggregate == "min" else np.mean(maps, axis=0)
         results = []
         for i, canvas in enumerate(canvases):
             valid = canvas.valid(self.resolution)

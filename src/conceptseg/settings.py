@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 EXECUTION = "execution"
+ADDED = "added"
 
 
 def execution_setting(default: Any = dataclasses.MISSING, **kwargs) -> Any:
@@ -22,12 +23,19 @@ def execution_setting(default: Any = dataclasses.MISSING, **kwargs) -> Any:
     return dataclasses.field(default=default, metadata={EXECUTION: True}, **kwargs)
 
 
+def added_setting(default: Any) -> Any:
+    """A dataclass field added after runs were made, whose default is the old behaviour: left out of
+    manifests and fingerprints while at its default, so finished runs are not redone for it."""
+    return dataclasses.field(default=default, metadata={ADDED: True})
+
+
 def output_settings(config: Any, base: str | Path | None = None) -> Any:
-    """`config` (a dataclass, nested ones too) as plain data, less its execution settings; absolute
-    paths inside `base` made relative to it."""
+    """`config` (a dataclass, nested ones too) as plain data, less its execution settings (and its
+    added settings while at their defaults); absolute paths inside `base` made relative to it."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: output_settings(getattr(config, f.name), base)
-                for f in dataclasses.fields(config) if not f.metadata.get(EXECUTION)}
+                for f in dataclasses.fields(config) if not f.metadata.get(EXECUTION)
+                and not (f.metadata.get(ADDED) and getattr(config, f.name) == f.default)}
     if isinstance(config, dict):
         return {k: output_settings(v, base) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
