@@ -222,8 +222,8 @@ def aggregate(runs: list[dict]) -> dict:
 def format_tables(agg: dict) -> str:
     from conceptseg.pipeline import ROW_NAMES
 
-    def pm(s, scale=100):
-        return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}"
+    def pm(s, scale=100, digits=1):
+        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
     worlds = list(next(iter(agg["rows"].values()))["iou_per_world"])
     n = next(iter(agg["rows"].values()))["iou"]["n"]
@@ -237,7 +237,7 @@ def format_tables(agg: dict) -> str:
                      f"ratio of means {100 * s['ratio_of_means']:.1f}%)")
     q = agg["mask_quality"]
     lines.append("\n| masks | precision | recall |\n|---|---|---|")
-    lines += [f"| {ROW_NAMES[k]} | {pm(q[k]['precision'], 1)} | {pm(q[k]['recall'], 1)} |" for k in q]
+    lines += [f"| {ROW_NAMES[k]} | {pm(q[k]['precision'], 1, 3)} | {pm(q[k]['recall'], 1, 3)} |" for k in q]
     lines.append("\n| U-Net (two-object scenes) | IoU vs concept | IoU vs all objects | other object marked | precision vs concept |")
     lines.append("|---|---|---|---|---|")
     for key, s in agg["concept_scenes"].items():
