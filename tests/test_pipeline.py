@@ -128,6 +128,7 @@ def test_a_plain_folder_of_test_images_is_segmented(tiny_model_dir, tmp_path, ma
     assert sorted(p.name for p in (tmp_path / "run" / "eval" / "unet_real" / "masks").iterdir()) == ["photo0.png", "photo1.png"]
 
 
+@pytest.mark.long
 def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_image):
     """`accelerate launch` with 2 CPU processes shards the per-image stages; outputs equal a single process's."""
     import os
@@ -156,6 +157,7 @@ def test_two_process_sharding_equals_one_process(tiny_model_dir, tmp_path, make_
     assert not list((tmp_path / "two").glob("manifest.shard-*"))
 
 
+@pytest.mark.long
 def test_two_process_run_equals_one_process(tiny_model_dir, tmp_path):
     """`accelerate launch -m conceptseg run` with 2 CPU processes: every per-image stage (prelim, refine,
     crop, synth, segment) is sharded and gives the same files as one process, and so the same table.

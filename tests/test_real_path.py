@@ -225,6 +225,7 @@ def test_the_run_manifest_survives_a_machine_without_git(monkeypatch):
     assert pipeline._git_commit() is None
 
 
+@pytest.mark.long
 def test_the_real_path_benchmark_runs_in_its_cpu_form(tmp_path):
     """benchmarks/real_path.py in its CPU form on Stanford Cars' layout (file names repeated across
     splits) with a v-prediction model: `conceptseg run` with configs/cars.yaml's settings scaled down,
