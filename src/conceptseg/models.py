@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from conceptseg import vae as vae_codec
+from conceptseg.vae import LatentCodec
 from conceptseg.schedules import DDPMObjective, ddpm_noised, timestep_grid
 from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 
@@ -51,7 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 @dataclass
-class DiffusionModel:
+class DiffusionModel(LatentCodec):
     """The parts of a latent diffusion model the pipeline uses, on one device and dtype.
 
     Also the SD 1.x/2.x member of the stage-1 interface every family gives (`conceptseg.families`).
@@ -125,14 +124,6 @@ class DiffusionModel:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
-    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mean, so deterministic."""
-        return vae_codec.encode(self.vae, images, self.device, self.dtype)
-
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> uint8 images (N, H, W, 3)."""
-        return vae_codec.decode(self.vae, latents)
-
     # ---- stages 2-4 (the interface of conceptseg.families)
 
     denoiser_name = "unet"
@@ -140,10 +131,6 @@ class DiffusionModel:
     @property
     def denoiser(self) -> UNet2DConditionModel:
         return self.unet
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     @property
     def objective(self) -> DDPMObjective:

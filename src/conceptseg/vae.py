@@ -26,3 +26,20 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
     if not torch.isfinite(x).all():  # NaN would become black pixels, and black would become foreground
         raise NonFiniteError("the decoded image holds NaN or infinite values")
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class LatentCodec:
+    """`encode_images`, `decode_latents` and `latent_channels` for a model with `vae`, `device` and
+    `dtype` (every family's model class mixes this in)."""
+
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> scaled latents (N, C, h, w); the posterior mode, so deterministic."""
+        return encode(self.vae, images, self.device, self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> uint8 images (N, H, W, 3)."""
+        return decode(self.vae, latents)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels

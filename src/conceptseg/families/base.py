@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from conceptseg import vae as vae_codec
+from conceptseg.vae import LatentCodec
 from conceptseg.tokenizer import concept_token_positions
 
 
 @dataclass
-class FamilyModel:
+class FamilyModel(LatentCodec):
     """Fields every family has; subclasses add their denoiser, encoders and tokenizers."""
 
     source: str
@@ -56,17 +55,6 @@ class FamilyModel:
 
     def describe(self) -> str:
         return f"{self.label} from {self.source}"
-
-    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images (N, H, W, 3) -> (z - shift) * scale, the posterior mean, as the family's pipelines form it."""
-        return vae_codec.encode(self.vae, images, self.device, self.dtype)
-
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        return vae_codec.decode(self.vae, latents)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     @property
     def denoiser(self) -> torch.nn.Module:
