@@ -19,7 +19,7 @@ def _cmd_toyworld(args) -> None:
         return
     from conceptseg.data.toyworld import ToyWorldConfig, generate
 
-    cfg = ToyWorldConfig(size=args.size)
+    cfg = ToyWorldConfig(world=args.world, size=args.size)
     if args.classes:
         cfg.classes = tuple(args.classes)
     out = generate(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
@@ -40,6 +40,7 @@ def _cmd_train_t2i(args) -> None:
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
+        forget_words=args.forget_word or [], checkpoints_total_limit=args.checkpoints_total_limit or None,
     )
     final = train_t2i(cfg)
     print(f"model: {final}\nsamples: {Path(args.out) / 'samples.png'}")
@@ -142,7 +143,7 @@ def _cmd_finetune(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
         mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
-        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit or None,
         nonfinite_loss=args.nonfinite_loss, report_to=args.report_to, seed=args.seed,
     )
     print(f"fine-tuned model: {finetune(cfg)}")
@@ -187,7 +188,7 @@ def _cmd_train_seg(args) -> None:
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
                          mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
-                         checkpoints_total_limit=args.checkpoints_total_limit, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
+                         checkpoints_total_limit=args.checkpoints_total_limit or None, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
                          num_workers=args.num_workers)
     print(f"segmenter: {train_segmenter(cfg)}")
 
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--domain", choices=["toy", "chest"], default="toy",
                    help="toy: objects on photo backgrounds; chest: radiographs with findings and reports")
+    s.add_argument("--world", default="v1", choices=["v1", "v2"],
+                   help="toy domain: v1 objects on photo textures; v2 structured scenes, large occluded objects, web-like captions")
     s.add_argument("--classes", nargs="+", help="subset of the toy classes, or of the chest findings (default: all)")
     s.add_argument("--workers", type=int, default=1, help="render rows in this many processes (same output)")
     s.set_defaults(func=_cmd_toyworld)
@@ -625,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-guidance", type=float, default=1.0)
     s.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
+    s.add_argument("--forget-word", action="append",
+                   help="fine-tuning: start this word's token embedding again from random (repeatable)")
+    s.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     s.set_defaults(func=_cmd_train_t2i)
     return p

@@ -55,6 +55,9 @@ class TrainT2IConfig:
     min_snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     train_text_encoder: bool | None = None  # default: from scratch yes, fine-tuning no
+    # fine-tuning: words whose token embeddings start again from random (the base model's meaning of
+    # them is dropped), e.g. ["background"] so that a model never learns the method's prompt as a caption
+    forget_words: list[str] = field(default_factory=list)
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
@@ -212,6 +215,11 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         ids_all = tokenize(captions)
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
+    if cfg.forget_words:
+        if from_scratch:
+            raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
+        forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
+
     trained = [unet] + ([text_encoder] if train_te else [])
     for mod in trained:
         mod.train().requires_grad_(True)
@@ -293,6 +301,19 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed))
     accelerator.wait_for_everyone()
     return final
+
+
+def forget_word_embeddings(text_encoder, tokenizer, words: list[str], seed: int) -> list[int]:
+    """Re-draw the token embeddings of `words` as CLIP initialises them (normal, std =
+    initializer_range x initializer_factor); returns the token ids. The fine-tuned model then reads
+    these words as it would a word it never saw."""
+    ids = sorted({i for w in words for i in tokenizer(w, add_special_tokens=False).input_ids})
+    table = text_encoder.get_input_embeddings().weight
+    std = text_encoder.config.initializer_range * text_encoder.config.initializer_factor
+    fresh = torch.randn(len(ids), table.shape[1], generator=torch.Generator().manual_seed(seed)) * std
+    with torch.no_grad():
+        table[ids] = fresh.to(table.dtype)
+    return ids
 
 
 def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):

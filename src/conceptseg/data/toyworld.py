@@ -25,12 +25,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from conceptseg.data import toyscenes
+
 CLASSES: tuple[str, ...] = ("star", "heart", "fish", "flower", "car")
 BACKGROUND_CAPTION = "a photo of a background"
 BACKGROUND_NAMES: tuple[str, ...] = (
     "brick", "grass", "gravel", "camera", "moon", "coins", "astronaut", "coffee",
     "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
 )
+WORLDS: dict[str, str] = {
+    "v1": "small objects on photo textures; empty scenes captioned 'a photo of a background'",
+    "v2": "large, sometimes cut or occluded objects in structured scenes of their usual habitat; web-like captions",
+}
 SUPERSAMPLE = 4
 MIN_EXTENT, MAX_EXTENT = 0.15, 0.60  # object bounding extent / image side
 
@@ -253,11 +259,12 @@ def _background_source(name: str) -> np.ndarray:
     return img[..., :3] if img.ndim == 3 else img
 
 
-def _render_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Random crop/scale/flip of a sample image, tinted or hue-shifted and colour-jittered; float HxWx3."""
+def _render_background(rng: np.random.Generator, size: int, source: str | None = None) -> np.ndarray:
+    """Random crop/scale/flip of a sample image (`source`, or one drawn from `rng`), tinted or
+    hue-shifted and colour-jittered; float HxWx3."""
     from skimage.color import hsv2rgb, rgb2hsv
 
-    src = _background_source(str(rng.choice(BACKGROUND_NAMES)))
+    src = _background_source(source or str(rng.choice(BACKGROUND_NAMES)))
     side = min(src.shape[:2])
     crop = max(16, int(side * rng.uniform(0.15, 1.0)))
     y0 = int(rng.integers(0, src.shape[0] - crop + 1))
@@ -288,13 +295,17 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _render(rng: np.random.Generator, classes: Sequence[str], size: int = 64) -> tuple[Scene, np.ndarray]:
-    """Render a scene; also return the uint8 background it was composited on (for testing)."""
+def _check_render_args(classes: Sequence[str], size: int) -> None:
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
     unknown = [c for c in classes if c not in _BUILDERS]
     if unknown:
         raise ValueError(f"unknown classes {unknown}; known: {CLASSES}")
+
+
+def _render(rng: np.random.Generator, classes: Sequence[str], size: int = 64) -> tuple[Scene, np.ndarray]:
+    """Render a scene; also return the uint8 background it was composited on (for testing)."""
+    _check_render_args(classes, size)
     background = _to_u8(_render_background(rng, size))
     image = background.copy()
     hi = {0: MAX_EXTENT, 1: MAX_EXTENT, 2: 0.5}.get(len(classes), 0.42)
@@ -326,9 +337,20 @@ def _render(rng: np.random.Generator, classes: Sequence[str], size: int = 64) ->
     return scene, background
 
 
-def render_scene(rng: np.random.Generator, classes: Sequence[str], size: int = 64) -> Scene:
-    """Render ``classes`` (in drawing order, later on top) over a random background at ``size`` px."""
-    return _render(rng, classes, size)[0]
+def render_scene(rng: np.random.Generator, classes: Sequence[str], size: int = 64, world: str = "v1") -> Scene:
+    """Render ``classes`` (in drawing order, later on top) over a random background at ``size`` px,
+    as world ``world`` draws scenes (v1: photo textures; v2: `toyscenes`)."""
+    if world == "v1":
+        return _render(rng, classes, size)[0]
+    return _render_v2(rng, classes, toyscenes.scene_spec(rng, classes), size)[0]
+
+
+def _render_v2(rng: np.random.Generator, classes: Sequence[str], spec: tuple[str, str | None, str],
+               size: int) -> tuple[Scene, np.ndarray]:
+    _check_render_args(classes, size)
+    scene, photo, text = spec
+    image, union, masks, background = toyscenes.render(rng, classes, scene, photo, size)
+    return Scene(image=image, mask=union, object_masks=masks, classes=list(classes), caption=text), background
 
 
 # ------------------------------------------------------------------------- datasets
@@ -338,6 +360,7 @@ def render_scene(rng: np.random.Generator, classes: Sequence[str], size: int = 6
 class ToyWorldConfig:
     """Dataset composition. Changing it changes the content of existing row indices."""
 
+    world: str = "v1"  # "v1": objects on photo textures; "v2": structured scenes (`toyscenes`), see WORLDS
     size: int = 64
     classes: tuple[str, ...] = CLASSES
     background_fraction: float = 0.1  # train rows with no object
@@ -366,19 +389,28 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _row_plan(seed: int, i: int, cfg: ToyWorldConfig):
+    """Row ``i``'s rng (positioned for rendering), classes, split and, in v2, its scene spec
+    (kind, photo, caption); depends only on (seed, i, cfg)."""
+    rng, classes, split = _row_spec(seed, i, cfg)
+    spec = toyscenes.scene_spec(rng, classes) if cfg.world == "v2" else None
+    return rng, classes, split, spec
+
+
 def _row_record(seed: int, i: int, cfg: ToyWorldConfig) -> dict:
     """Row ``i``'s metadata.jsonl record."""
-    _, classes, split = _row_spec(seed, i, cfg)
+    _, classes, split, spec = _row_plan(seed, i, cfg)
     mask_name = f"masks/{i:05d}.png"
     obj_names = [f"masks/{i:05d}_obj{k}.png" for k in range(len(classes))] if len(classes) > 1 else []
     return {
         "file_name": f"images/{i:05d}.png",
         "mask_file_name": mask_name,
-        "caption": caption_for(classes),
+        "caption": spec[2] if spec else caption_for(classes),
         "class": "+".join(classes) if classes else "background",
         "classes": classes,
         "object_mask_file_names": obj_names or [mask_name] * len(classes),
         "split": split,
+        **({"scene": spec[0]} if spec else {}),
     }
 
 
@@ -387,9 +419,9 @@ def _row_files(row: dict) -> list[str]:
 
 
 def _render_row(out: Path, seed: int, cfg: ToyWorldConfig, i: int) -> None:
-    rng, classes, _ = _row_spec(seed, i, cfg)
+    rng, classes, _, spec = _row_plan(seed, i, cfg)
     row = _row_record(seed, i, cfg)
-    scene = render_scene(rng, classes, cfg.size)
+    scene = _render_v2(rng, classes, spec, cfg.size)[0] if spec else _render(rng, classes, cfg.size)[0]
     if len(classes) > 1:
         for name, m in zip(row["object_mask_file_names"], scene.object_masks):
             _save_png(m.astype(np.uint8) * 255, out / name)
@@ -417,6 +449,8 @@ def generate(
     unknown = set(cfg.classes) - set(CLASSES)
     if unknown or not cfg.classes:
         raise ValueError(f"config.classes must be a non-empty subset of {CLASSES}, got {cfg.classes}")
+    if cfg.world not in WORLDS:
+        raise ValueError(f"unknown toy world {cfg.world!r}; known: {', '.join(WORLDS)}")
     if cfg.background_fraction + cfg.multi_object_fraction > 1.0:
         raise ValueError("background_fraction + multi_object_fraction must be <= 1")
     out = Path(out_dir)
