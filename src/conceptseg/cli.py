@@ -110,7 +110,8 @@ def _cmd_demo(args) -> None:
     from conceptseg.demo import demo_config
     from conceptseg.pipeline import Run, format_table, override_config
 
-    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images)
+    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images,
+                      world=args.world)
     cfg = override_config(cfg, args.set or [])
     metrics = Run(cfg).execute()
     print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
@@ -358,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("runs/demo"))
     s.add_argument("--concept", default="fish", help="toy-world class")
     s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
-    s.add_argument("--model", default=None, help="default: the embedded toy-world model")
+    s.add_argument("--model", default=None, help="default: the embedded toy-world model (embedded:toy; also embedded:toy-v1, embedded:toy-v2)")
+    s.add_argument("--world", choices=["v1", "v2"], default=None, help="toy world to draw (default: the one the embedded model knows; else v1)")
     s.add_argument("--device", default=None)
     s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")

@@ -43,6 +43,7 @@ ROW_NAMES = {
     "prelim": "preliminary masks M_pre",
     "crop": "crop-paste inpainting M_crop",
     "unet_prelim": "U-Net on (D, M_pre)",
+    "untuned": "refined masks M, model not fine-tuned",
     "refined": "refined masks M",
     "unet_real": "U-Net on D_s",
     "unet_real_synth": "U-Net on D_s + D'_s",
@@ -139,6 +140,9 @@ class RunConfig:
     test_split: str = "test"
     eval_protocol: str = "paper"  # "paper": short side to segmenter.input_size, centre crop (METHOD.md §5); "full": whole image
     baselines: bool = True  # the M_crop row
+    # the ablation that shows stage 2: M with the model BEFORE fine-tuning (same prompt, sampler and
+    # seeds as M), on the test images; its inpaintings sit in untuned/background beside refine/'s
+    untuned_row: bool = False
     prelim: PrelimSection = field(default_factory=PrelimSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     refine: RefineSection = field(default_factory=RefineSection)
@@ -323,6 +327,11 @@ class Run:
             self._stage("crop", lambda: self._per_image(run_refine, model=None, images=test, prelim_dir=out / "prelim",
                                                         out=out / "crop", config=crop_cfg, progress=self.progress),
                         out / "crop", crop_cfg, {"images": test_list}, upstream=("prelim",))
+        if cfg.untuned_row and test:
+            self._stage("untuned", lambda: self._per_image(run_refine, model=self.model, images=test, prelim_dir=out / "prelim",
+                                                          out=out / "untuned", config=refine_cfg, progress=self.progress),
+                        out / "untuned", refine_cfg, {"model": cfg.model, "dtype": cfg.dtype, "images": test_list},
+                        upstream=("prelim",))
         if cfg.synth.num > 0:
             sy = cfg.synth
             synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, guidance=sy.guidance,
@@ -409,7 +418,8 @@ class Run:
         run's protocol; metrics.json holds the rows, what each was scored on, and the protocol."""
         from conceptseg.evaluate import evaluate_samples
 
-        rows = {"prelim": self.out / "prelim", "crop": self.out / "crop", "refined": self.out / "refine"}
+        rows = {"prelim": self.out / "prelim", "crop": self.out / "crop", "untuned": self.out / "untuned",
+                "refined": self.out / "refine"}
         rows.update({name: self.out / "eval" / name for name in seg_dirs})
         metrics = {}
         for key in ROW_NAMES:
