@@ -242,9 +242,16 @@ def inference_activations(model: ModelSizes, rows: int) -> int:
 
 
 def capture_bytes(model: ModelSizes, rows: int) -> int:
-    """Stage 1's attention capture: fp32 scores, probabilities and their cast, heads x image x text tokens, one layer at a time."""
-    return 3 * 4 * rows * max(x.heads * (x.tokens - (x.text_tokens if x.kind in ("joint", "single") else 0)) * x.text_tokens
-                              for x in model.layers)
+    """Stage 1's attention capture, one layer at a time: fp32 scores, probabilities and their cast over
+    heads x image x text tokens (`attention.py`); joint blocks compute them in chunks (`joint_attention.py`)."""
+    from conceptseg.joint_attention import SCORE_BLOCK_ELEMENTS
+
+    def scores(x: Layer) -> int:
+        joint = x.kind in ("joint", "single")
+        full = rows * x.heads * (x.tokens - (x.text_tokens if joint else 0)) * x.text_tokens
+        return min(full, SCORE_BLOCK_ELEMENTS) if joint else full
+
+    return 3 * 4 * max(scores(x) for x in model.layers)
 
 
 def vae_bytes(model: ModelSizes, batch: int, dtype: torch.dtype) -> int:
@@ -626,3 +633,21 @@ def check_fits(config, device_memory_gb: float | None = None) -> None:
         said = "; ".join(f"{n}: predicted {plan.stages[n].memory / GiB:.1f} GB of {available:.1f} GB; to fit: "
                          + (" or ".join(plan.stages[n].knobs) or "no knob is enough") for n in over)
         raise PlanDoesNotFit(f"this config does not fit the device ({said}). `conceptseg plan` shows the whole plan")
+
+
+def write_config_folder(components: dict, pipeline: str, out: Path) -> Path:
+    """A diffusers folder of configs only (model_index.json, each network's config.json, the
+    scheduler's config; no weights, no tokenizer files): what `plan` reads. For tests and docs, from
+    components built on the meta device (`modeling.families.build_family_components(..., device="meta")`)."""
+    out = Path(out)
+    index = {"_class_name": pipeline}
+    for name, part in components.items():
+        library = type(part).__module__.split(".")[0]
+        index[name] = [library, type(part).__name__]
+        if hasattr(part, "save_config"):  # diffusers models and schedulers
+            part.save_config(out / name)
+        elif hasattr(part, "config") and hasattr(part.config, "save_pretrained"):  # transformers models
+            part.config.save_pretrained(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
