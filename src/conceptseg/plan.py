@@ -152,6 +152,9 @@ def read_model(model: str | Path | None) -> ModelSizes:
 
     source, local = model_folder(model)
     index = read_model_index(source, local)
+    if index is None and not local:
+        raise FileNotFoundError(f"model {source}: not a local folder, and its model_index.json is neither in the hub cache "
+                                "nor online; pass a diffusers folder (its configs alone are enough)")
     if index is None:  # an SD 1.x/2.x folder without model_index.json, as load_model accepts
         index = {"vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder": ["transformers", "CLIPTextModel"]}
