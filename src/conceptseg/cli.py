@@ -136,6 +136,17 @@ def _cmd_run(args) -> None:
     print(f"\nrun folder: {cfg.out}")
 
 
+def _cmd_plan(args) -> None:
+    import json
+
+    from conceptseg.pipeline import load_config
+    from conceptseg.plan import format_plan, plan_json, plan_run, visible_device_memory_gb
+
+    cfg = load_config(args.config, args.set or [])
+    plan = plan_run(cfg, args.device_memory_gb or visible_device_memory_gb(), images=args.images)
+    print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
+
+
 def _cmd_finetune(args) -> None:
     from conceptseg.finetune import FinetuneConfig, finetune
 
@@ -377,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("plan", help="each stage's predicted peak device memory and disk for a run config, from the model's configs alone")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, as `run` takes it (repeatable)")
+    s.add_argument("--json", action="store_true", help='print {"device_memory_gb": {stage: GB}, "disk_gb": {stage: GB}, ...}')
+    s.add_argument("--device-memory-gb", type=float, default=None,
+                   help="device memory to fit, GiB (default: the visible CUDA device's, else none: no knobs)")
+    s.add_argument("--images", type=int, default=None, help="images to assume where the config's datasets cannot be listed")
+    s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("toyworld", help="generate a procedural known-truth world (images, exact masks, captions or reports)")
     s.add_argument("--out", type=Path, required=True)

@@ -1,0 +1,150 @@
+"""`conceptseg plan`: parameter counts of the published architectures from config-only folders (built
+with the benchmarks' builders on the meta device, written as configs without weights), the plan's
+arithmetic at real size, the knobs, `check_fits`, the CLI, and the toy model's prediction against
+the peak RSS of a real fine-tune on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptseg.pipeline import load_config
+from conceptseg.plan import GiB, PlanDoesNotFit, check_fits, lora_parameters, plan_run, read_model, write_config_folder
+
+PUBLISHED = {  # diffusers' published checkpoints, parameters in millions
+    "sd15": {"unet": 859.5, "text_encoder": 123.1, "vae": 83.7},
+    "sdxl": {"unet": 2567.5, "text_encoder": 123.1, "text_encoder_2": 694.7, "vae": 83.7},
+    "flux": {"transformer": 11901.4, "text_encoder_2": 4762.3, "text_encoder": 123.1, "vae": 83.8},
+}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+
+
+@pytest.fixture(scope="module")
+def config_folders(tmp_path_factory) -> dict[str, Path]:
+    """Config-only folders of SD 1.5, SDXL base 1.0 and FLUX.1-dev: no weights anywhere."""
+    from conceptseg.modeling.diffusion import build_components
+    from conceptseg.modeling.families import build_family_components
+
+    root = tmp_path_factory.mktemp("configs")
+    with torch.device("meta"):
+        sd15 = build_components("sd15")
+    parts = {"sd15": sd15, "sdxl": build_family_components("sdxl", "full", device="meta"),
+             "flux": build_family_components("flux", "full", device="meta")}
+    return {name: write_config_folder(p, PIPELINES[name], root / name) for name, p in parts.items()}
+
+
+def _plan(folder: Path, *sets: str, memory: float | None = 80.0):
+    cfg = load_config(None, ["concept=bird", f"images={folder}/no-images", f"model={folder}", *sets])
+    return plan_run(cfg, memory)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts_from_configs_alone(config_folders, name):
+    folder = config_folders[name]
+    assert not [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".json"], "weights in a config-only folder"
+    counts = read_model(folder).parameters
+    for component, millions in PUBLISHED[name].items():
+        assert counts[component] / 1e6 == pytest.approx(millions, rel=0.01), component
+
+
+def test_flux_full_does_not_fit_and_lora_does(config_folders):
+    full = _plan(config_folders["flux"], "finetune.method=full", "finetune.mixed_precision=bf16", "finetune.batch_size=1",
+                 "finetune.gradient_checkpointing=true")
+    assert full.stages["finetune"].memory > 150 * GiB  # fp32 weights, gradients, 2 AdamW states, EMA: 16 B x 11.9 B
+    assert not full.fits("finetune") and any("LoRA" in k for k in full.stages["finetune"].knobs)
+    lora = _plan(config_folders["flux"], "finetune.method=lora", "finetune.mixed_precision=bf16", "finetune.batch_size=1",
+                 "finetune.gradient_checkpointing=true")
+    assert lora.stages["finetune"].memory < 80 * GiB and lora.fits("finetune")
+    assert lora.stages["finetune"].disk_total < 2 * GiB  # adapters-only checkpoints
+
+
+def test_sdxl_lora_1024_batch_1_fits_80_gb(config_folders):
+    plan = _plan(config_folders["sdxl"], "finetune.method=lora", "finetune.mixed_precision=bf16", "finetune.batch_size=1")
+    assert plan.model.resolution == 1024
+    assert plan.stages["finetune"].memory < 80 * GiB and plan.fits("finetune")
+
+
+def test_knobs_shrink_the_stage_they_name(config_folders):
+    """Each knob lowers the prediction where it applies (SDXL full at 1024 px, batch 4, peaks in the forward pass)."""
+    base = ("finetune.method=full", "finetune.mixed_precision=bf16", "finetune.batch_size=4")
+    memory = lambda *s: _plan(config_folders["sdxl"], *base, *s, memory=None).stages["finetune"].memory  # noqa: E731
+    full = memory()
+    for knob in ("finetune.gradient_checkpointing=true", "finetune.batch_size=1", "finetune.optimizer=adamw-8bit",
+                 "finetune.method=lora"):
+        assert memory(knob) < full, knob
+
+
+def test_lora_count_is_what_finetune_trains():
+    """The planner's LoRA count equals the trainable parameters `finetune` creates with peft."""
+    from conceptseg.finetune import FinetuneConfig, trainable_parameters
+    from conceptseg.modeling.diffusion import build_components
+    from conceptseg.modeling.families import build_family_components
+
+    for parts in (build_components("tiny"), build_family_components("flux", "tiny")):
+        denoiser = parts.get("unet") or parts["transformer"]
+        expected = lora_parameters(denoiser, 4)
+        cfg = FinetuneConfig("bird", [], Path("."), Path("."), method="lora", lora_rank=4)
+        assert sum(p.numel() for p in trainable_parameters(denoiser, cfg)) == expected > 0
+
+
+def test_check_fits_names_stage_memory_and_knobs(config_folders):
+    cfg = load_config(None, ["concept=bird", "images=x", f"model={config_folders['flux']}", "finetune.method=full",
+                             "finetune.mixed_precision=bf16"])
+    with pytest.raises(PlanDoesNotFit) as e:
+        check_fits(cfg, device_memory_gb=80)
+    said = str(e.value)
+    assert "finetune: predicted" in said and "of 80.0 GB" in said and "finetune.method=lora" in said
+    check_fits(load_config(None, ["concept=bird", "images=x"]), device_memory_gb=80)  # the toy model fits
+
+
+def test_cli_json_on_the_embedded_model(capsys):
+    from conceptseg.cli import main
+
+    assert main(["plan", "configs/toy.yaml", "--json", "--device-memory-gb", "80"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stages = {"prelim", "finetune", "refine", "synth", "segmenter", "evaluation"}
+    assert set(out["device_memory_gb"]) == set(out["disk_gb"]) == stages
+    assert all(out["fits"].values()) and out["parameters"]["unet"] > 0
+
+
+MEASURE = textwrap.dedent("""
+    import json, os, resource, sys
+    from pathlib import Path
+    import numpy as np, torch
+    from PIL import Image
+    import accelerate, diffusers.training_utils  # library code loaded before the baseline
+    from conceptseg.finetune import FinetuneConfig, finetune
+
+    work, batch = Path(sys.argv[1]), int(sys.argv[2])
+    (work / "images").mkdir(parents=True); (work / "prelim" / "masks").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(work / "images" / f"{i}.png")
+        mask = np.zeros((64, 64), np.uint8); mask[16:48, 16:48] = 255
+        Image.fromarray(mask).save(work / "prelim" / "masks" / f"{i}.png")
+    torch.set_num_threads(1)
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    finetune(FinetuneConfig("fish", images=work / "images", prelim=work / "prelim", out=work / "out", steps=2,
+                            batch_size=batch, checkpoint_every=1000, progress=False))
+    print(json.dumps({"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set size from /proc")
+def test_toy_finetune_prediction_within_2x_of_cpu_peak_rss(tmp_path):
+    """A real fine-tune of the embedded model (batch 16, 2 steps, fp32 on the CPU) in a fresh process:
+    its peak RSS growth against the plan for the same settings on the CPU."""
+    batch = 16
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "w"), str(batch)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    cfg = load_config(None, ["concept=fish", "images=x", "device=cpu", f"finetune.batch_size={batch}"])
+    predicted = plan_run(cfg).stages["finetune"].memory
+    assert 0.5 < measured / predicted < 2.0, (measured / 2**20, predicted / 2**20)
