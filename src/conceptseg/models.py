@@ -40,6 +40,13 @@ def embedded_model_path(name: str = "toy_model") -> Path:
     return Path(str(resources.files("conceptseg") / "assets" / name))
 
 
+def embedded_folder(model: str | Path | None) -> Path | None:
+    """The assets folder of an embedded model name (None: the default), or None for any other model."""
+    if model is not None and str(model) not in EMBEDDED_MODELS:
+        return None
+    return embedded_model_path(EMBEDDED_MODELS[str(model or EMBEDDED_MODEL)][0])
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -204,8 +211,8 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     torch_dtype = resolve_dtype(dtype, device)
     if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
         return _load_lora(Path(model), device, torch_dtype)
-    if model is None or str(model) in EMBEDDED_MODELS:
-        path = embedded_model_path(EMBEDDED_MODELS[str(model or EMBEDDED_MODEL)][0])
+    if embedded_folder(model) is not None:
+        path = embedded_folder(model)
         if not path.is_dir():
             raise ModelLoadError(f"the embedded model {model or EMBEDDED_MODEL} is not installed at {path}; pass --model "
                                  f"(installed: {', '.join(n for n, (d, _) in EMBEDDED_MODELS.items() if embedded_model_path(d).is_dir())})")

@@ -110,10 +110,10 @@ def lora_parameters(denoiser: torch.nn.Module, rank: int, targets=LORA_TARGETS) 
 
 def model_folder(model: str | Path | None) -> tuple[str | Path, bool]:
     """(where the configs are, whether it is local): the embedded models, a LoRA fine-tune's base, a folder or a hub id."""
-    from conceptseg.models import EMBEDDED_CHEST_MODEL, EMBEDDED_MODEL, LORA_CONFIG_FILE, embedded_model_path
+    from conceptseg.models import LORA_CONFIG_FILE, embedded_folder
 
-    if model is None or str(model) in (EMBEDDED_MODEL, EMBEDDED_CHEST_MODEL):
-        return embedded_model_path("chest_model" if str(model) == EMBEDDED_CHEST_MODEL else "toy_model"), True
+    if embedded_folder(model) is not None:
+        return embedded_folder(model), True
     path = Path(model)
     if (path / LORA_CONFIG_FILE).exists():
         return model_folder(json.loads((path / LORA_CONFIG_FILE).read_text())["base_model"])
