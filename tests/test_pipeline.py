@@ -112,14 +112,17 @@ def _outputs(run: Path) -> dict:
 
 def test_a_moved_run_redoes_nothing_nor_do_execution_settings(tiny_model_dir, tmp_path):
     """Manifests held absolute paths, so a moved run redid stages 3 and 4; batch sizes, checkpoint
-    cadence and gradient checkpointing were part of the fingerprints."""
+    cadence and gradient checkpointing were part of the fingerprints; the model was recorded by its
+    path, so a moved model folder redid everything."""
     import shutil
 
-    Run(_tiny_demo(tmp_path / "run", tiny_model_dir), progress=False).execute()
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    Run(_tiny_demo(tmp_path / "run", tmp_path / "model"), progress=False).execute()
     shutil.move(tmp_path / "run", tmp_path / "moved")
+    shutil.move(tmp_path / "model", tmp_path / "models" / "tiny")
     before = _outputs(tmp_path / "moved")
     metrics = json.loads((tmp_path / "moved" / "metrics.json").read_text())
-    cfg = override_config(_tiny_demo(tmp_path / "moved", tiny_model_dir),
+    cfg = override_config(_tiny_demo(tmp_path / "moved", tmp_path / "models" / "tiny"),
                           ["refine.batch_size=3", "prelim.batch_size=7", "synth.batch_size=2", "finetune.checkpoint_every=1",
                            "finetune.gradient_checkpointing=true", "segmenter.checkpoint_every=1",
                            "finetune.checkpoints_total_limit=5"])
@@ -360,3 +363,60 @@ def test_train_and_test_folders_that_reuse_file_names(tiny_model_dir, tmp_path, 
         "00000.png", "00001.png", "00002.png", "00003.png", "test_00000.png", "test_00001.png"]
     assert sorted(p.name for p in (run / "eval" / "unet_real" / "masks").iterdir()) == ["test_00000.png", "test_00001.png"]
     assert metrics["unet_real"]["evaluated"] == 2 and metrics["crop"]["evaluated"] == 2
+
+
+def test_a_model_is_recorded_by_its_content(tmp_path):
+    """A model folder's identity: its small files' content and its weight files' names and sizes,
+    not its path, nor the `_name_or_path` a re-saved config keeps, nor hidden files."""
+    import shutil
+
+    from conceptseg.settings import model_identity
+
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (base / "unet" / "config.json").write_text(json.dumps({"sample_size": 8, "_name_or_path": "/somewhere"}))
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
+    identity = model_identity(base)
+    assert identity.startswith("content:") and model_identity(None) == "embedded:toy" and model_identity("org/model") == "org/model"
+    shutil.copytree(base, tmp_path / "elsewhere" / "copy")
+    (tmp_path / "elsewhere" / "copy" / ".cache").mkdir()
+    (tmp_path / "elsewhere" / "copy" / "unet" / "config.json").write_text(json.dumps({"_name_or_path": "/moved", "sample_size": 8}))
+    assert model_identity(tmp_path / "elsewhere" / "copy") == identity
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "conceptseg_lora.json").write_text(json.dumps({"base_model": str(base), "rank": 4}))
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"y" * 10)
+    moved_lora = tmp_path / "lora2"
+    shutil.copytree(lora, moved_lora)
+    (moved_lora / "conceptseg_lora.json").write_text(json.dumps({"base_model": str(tmp_path / "elsewhere" / "copy"), "rank": 4}))
+    assert model_identity(moved_lora) == model_identity(lora)  # its base by the base's content
+
+    (base / "unet" / "config.json").write_text(json.dumps({"sample_size": 16}))
+    assert model_identity(base) != identity
+    assert model_identity(moved_lora) != model_identity(lora)
+    shutil.copy(tmp_path / "elsewhere" / "copy" / "unet" / "config.json", base / "unet" / "config.json")
+    assert model_identity(base) == identity
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 101)
+    assert model_identity(base) != identity
+
+
+def test_run_takes_clean(tmp_path, monkeypatch):
+    """`conceptseg run CONFIG --clean` hands `clean` to the run."""
+    from conceptseg import cli, pipeline
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, clean=False):
+            seen["clean"] = clean
+
+        def execute(self):
+            return {}
+
+    monkeypatch.setattr(pipeline, "Run", Recorder)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"concept": "bird", "images": str(tmp_path), "out": str(tmp_path / "run")}))
+    for extra, clean in (([], False), (["--clean"], True)):
+        assert cli.main(["run", str(config), *extra]) == 0 and seen["clean"] is clean
