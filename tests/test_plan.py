@@ -148,3 +148,16 @@ def test_toy_finetune_prediction_within_2x_of_cpu_peak_rss(tmp_path):
     cfg = load_config(None, ["concept=fish", "images=x", "device=cpu", f"finetune.batch_size={batch}"])
     predicted = plan_run(cfg).stages["finetune"].memory
     assert 0.5 < measured / predicted < 2.0, (measured / 2**20, predicted / 2**20)
+
+
+def test_run_refuses_a_config_that_does_not_fit_before_loading_anything(config_folders, tmp_path, monkeypatch):
+    """`conceptseg run` calls check_fits first: FLUX full fine-tuning on an 80 GB GPU stops at once."""
+    from conceptseg import plan
+    from conceptseg.pipeline import Run
+
+    monkeypatch.setattr(plan, "visible_device_memory_gb", lambda: 80.0)
+    cfg = load_config(None, ["concept=bird", "images=x", f"model={config_folders['flux']}", "finetune.method=full",
+                             "finetune.mixed_precision=bf16", "device=cuda", f"out={tmp_path / 'run'}"])
+    with pytest.raises(PlanDoesNotFit, match="finetune.method=lora"):
+        Run(cfg, progress=False).execute()
+    assert not (tmp_path / "run").exists()  # nothing was written

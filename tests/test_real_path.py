@@ -183,7 +183,7 @@ def test_execution_settings_are_not_output_settings(tmp_path):
 
     ft = FinetuneConfig("bird", images=[], prelim=tmp_path / "run" / "prelim", out=tmp_path / "run" / "finetune")
     settings = output_settings(ft, tmp_path / "run")
-    for execution in ("checkpoint_every", "gradient_checkpointing", "latent_cache", "checkpoints_total_limit", "progress"):
+    for execution in ("checkpoint_every", "gradient_checkpointing", "checkpoints_total_limit", "progress"):
         assert execution not in settings
     assert settings["prelim"] == "prelim" and settings["out"] == "finetune"  # relative to the run: a moved run keeps them
     assert settings["steps"] == 1000 and settings["mixed_precision"] == "no"

@@ -130,7 +130,7 @@ def _cmd_run(args) -> None:
     from conceptseg.pipeline import Run, format_table, load_config
 
     cfg = load_config(args.config, args.set or [])
-    metrics = Run(cfg).execute()
+    metrics = Run(cfg, clean=args.clean).execute()
     if metrics:
         print(f"\n{format_table(metrics)}")
     print(f"\nrun folder: {cfg.out}")
@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    s.add_argument("--clean", action="store_true",
+                   help="once the run has finished, remove the <stage>.old folders (the previous outputs of redone stages)")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("plan", help="each stage's predicted peak device memory and disk for a run config, from the model's configs alone")

@@ -196,7 +196,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
     # >0: precompute this many augmented views per image, encode once: a speed setting, so a run
     # may turn it on or off and resume (the views are the same augmentations of the same images)
-    latent_cache: int = execution_setting(0)
+    latent_cache: int = 0
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     nonfinite_loss: str = "stop"  # "stop": a NaN/inf loss ends training with a named error; "skip": that batch is skipped
