@@ -1,4 +1,5 @@
-"""`conceptseg` command line: one subcommand per stage."""
+"""`conceptseg` command line: one subcommand per stage, and the commands that use, score and
+reproduce the result (grouped in `conceptseg --help` by COMMAND_GROUPS)."""
 
 from __future__ import annotations
 
@@ -387,10 +388,35 @@ def _add_gmm_arg(s) -> None:
                         "thresholds equal to rounding)")
 
 
+# `conceptseg --help` lists the subcommands in these groups, in this order; every subcommand is in one.
+COMMAND_GROUPS = (
+    ("the pipeline's stages", ("run", "prelim", "finetune", "refine", "synth", "train-seg")),
+    ("using the result", ("segment", "serve", "share", "remove", "composite", "export-onnx")),
+    ("experiments and evaluation", ("demo", "evaluate", "medical", "evaluate-findings", "fid")),
+    ("toy worlds and training", ("toyworld", "train-t2i", "eval-toy-model")),
+)
+
+_DESCRIPTION = ("Foreground/background segmentation of a concept named in words, distilled from a text-to-image\n"
+                "diffusion model without segmentation labels (Dombrowski et al., ICCV 2023).")
+
+
+def _grouped_commands(sub) -> str:
+    """The subcommands under COMMAND_GROUPS' titles, as git and docker list theirs."""
+    helps = {a.dest: a.help or "" for a in sub._choices_actions}  # argparse keeps each add_parser(help=...) here
+    width = max(map(len, helps)) + 2
+    lines = [_DESCRIPTION, ""]
+    for title, names in COMMAND_GROUPS:
+        lines.append(f"{title}:")
+        lines.extend(f"  {name:<{width}}{helps[name]}" for name in names if name in helps)
+        lines.append("")
+    return "\n".join(lines + ["`conceptseg COMMAND --help` shows a command's options."])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
+    p = argparse.ArgumentParser(prog="conceptseg", usage="conceptseg [-h] [--debug] COMMAND [options]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="conceptseg")
 
     s = sub.add_parser("demo", help="run the pipeline on held-out toy-world images with the embedded model and score it")
     s.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -671,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     s.set_defaults(func=_cmd_train_t2i)
+    p.description = _grouped_commands(sub)
     return p
 
 
