@@ -402,7 +402,7 @@ def _add_gmm_arg(s) -> None:
 
 # `conceptseg --help` lists the subcommands in these groups, in this order; every subcommand is in one.
 COMMAND_GROUPS = (
-    ("the pipeline's stages", ("run", "prelim", "finetune", "refine", "synth", "train-seg")),
+    ("the pipeline's stages", ("run", "plan", "prelim", "finetune", "refine", "synth", "train-seg")),
     ("using the result", ("segment", "serve", "share", "remove", "composite", "export-onnx")),
     ("experiments and evaluation", ("demo", "evaluate", "medical", "evaluate-findings", "fid")),
     ("toy worlds and training", ("toyworld", "train-t2i", "eval-toy-model")),
