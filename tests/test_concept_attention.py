@@ -75,7 +75,7 @@ def _reference_block(block, rec, concepts, rotary):
     """One joint block's concept map (B, N, C) and the concepts' next residual, from its weights."""
     attn, temb = block.attn, rec["temb"]
     img = _ada_zero(rec["hidden_states"], block.norm1, temb)[0]
-    if block.context_pre_only:
+    if getattr(block, "context_pre_only", False):
         scale, shift = _linear(F.silu(temb), block.norm1_context.linear).chunk(2, dim=1)
         txt, c_in, gates = _modulate(rec["encoder_hidden_states"], scale, shift), _modulate(concepts, scale, shift), None
     else:

@@ -94,7 +94,7 @@ class ConceptStream:
     def enter_block(self, index: int, block, args, kwargs) -> None:
         """The text branch's pre-attention norm and modulation of the concept tokens (the block's `temb`)."""
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        if block.context_pre_only:  # SD 3's last block: AdaLayerNormContinuous, no text output
+        if getattr(block, "context_pre_only", False):  # SD 3's last block: AdaLayerNormContinuous, no text output
             self.pending = (index, block, block.norm1_context(self.residual, temb), None)
         else:
             normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.residual, emb=temb)
