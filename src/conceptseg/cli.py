@@ -62,7 +62,7 @@ def _cmd_prelim(args) -> None:
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
-                       joint_attention=args.joint_attention, gmm_components=args.gmm_components, gmm=args.gmm,
+                       joint_attention=args.joint_attention, maps=args.maps, gmm_components=args.gmm_components, gmm=args.gmm,
                        compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     print(f"prelim: {model.describe()}")
@@ -492,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
     s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
+    s.add_argument("--maps", default="cross-attention", choices=["cross-attention", "concept-attention"],
+                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; SD 3.x / FLUX only: "
+                        "several --concept words then compete per pixel and the first is the foreground; "
+                        "docs/concept_attention.md)")
     s.add_argument("--gmm-components", type=int, default=2,
                    help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
     _add_gmm_arg(s)
