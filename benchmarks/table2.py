@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_STAGES = ("data", "prelim", "finetune", "refine", "crop", "synth")  # what segmenter seeds share
+SHARED_STAGES = ("data", "prelim", "finetune", "refine", "crop", "untuned", "synth")  # what segmenter seeds share
 SCENE_SEED_TAG = 31  # scene k of world W is drawn from default_rng([W, 31, k]): never a toy-world row
 
 
