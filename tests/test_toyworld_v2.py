@@ -140,3 +140,17 @@ def test_forget_word_redraws_only_its_embedding_and_the_fine_tune_resumes(tiny_m
     assert not torch.allclose(row, before[ids[0]])  # the base model's "background" is gone
     with pytest.raises(ValueError, match="forget_words applies to fine-tuning"):
         _run_quiet(TrainT2IConfig(out=tmp_path / "scratch", steps=1, data=data, preset="tiny", forget_words=["x"], progress=False))
+
+
+def test_the_embedded_v2_model_forgot_background_and_draws_its_world() -> None:
+    """`embedded:toy-v2` loads by name, shares v1's VAE, holds a re-drawn "background" embedding,
+    and the demo draws world v2 for it (v1 for the default model)."""
+    from conceptseg.demo import demo_world
+    from conceptseg.models import load_model
+
+    v1, v2 = (load_model(name, device="cpu", dtype="fp32") for name in ("embedded:toy-v1", "embedded:toy-v2"))
+    assert all(torch.equal(a, b) for a, b in zip(v1.vae.parameters(), v2.vae.parameters()))
+    (token,) = v2.tokenizer(BACKGROUND_NOUN, add_special_tokens=False).input_ids
+    e1, e2 = (m.text_encoder.get_input_embeddings().weight[token] for m in (v1, v2))
+    assert not torch.allclose(e1, e2, atol=1e-3)
+    assert (demo_world("embedded:toy-v2"), demo_world(None), demo_world("embedded:toy")) == ("v2", "v1", "v1")
