@@ -33,7 +33,7 @@ from conceptseg.io import save_png, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
 from conceptseg.settings import execution_setting
-from conceptseg.schedules import diffusion_target
+from conceptseg.schedules import diffusion_target, scheduler_from_config
 from conceptseg.training import (Precision, check_finite, last_checkpoint, min_snr_weight, publish, resume,
                                  save_checkpoint, step_rng, trainer_accelerator, write_folder)
 
@@ -344,7 +344,7 @@ def sample_grid(model_dir: Path, prompts: list[str], per_prompt: int, guidance: 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_config(DDIMScheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for i, prompt in enumerate(prompts):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from accelerate import Accelerator
 
-from conceptseg.io import write_json
+from conceptseg.io import publish, write_folder, write_json  # noqa: F401  (trainers import them from here)
 
 
 @lru_cache(maxsize=1)
@@ -249,20 +249,3 @@ class TrainLog:
         self.flush()
         if self.tracker:
             self.tracker.finish()
-
-
-def write_folder(dest: Path, write) -> Path:
-    """`write(tmp)` fills a fresh temporary folder beside `dest`, which then takes `dest`'s place: a
-    reader never sees half of it, and a killed run leaves only a `.tmp` folder that the next one clears."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
-
-
-def publish(src: Path, dest: Path) -> Path:
-    """Copy a finished folder into place atomically."""
-    return write_folder(dest, lambda tmp: shutil.copytree(src, tmp))
