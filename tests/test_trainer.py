@@ -1,0 +1,100 @@
+"""What every trainer shares (`conceptseg.training`): optimiser steps with gradient clipping and
+accumulation, checkpoints checked against the run's settings, and folders swapped into place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptseg.io import write_folder
+from conceptseg.training import CheckpointMismatch, Checkpoints, OptimiserSteps, Precision, trainer_accelerator
+
+
+def _sgd_steps(max_grad_norm, accumulation=1):
+    """One optimiser step of SGD (lr 1) on a loss whose gradient has norm 1000 * sqrt(10) per micro-batch."""
+    with trainer_accelerator(accumulation) as accelerator:
+        p = torch.nn.Parameter(torch.zeros(10))
+        optimizer = torch.optim.SGD([p], lr=1.0)
+        updates = OptimiserSteps(accelerator, Precision("no", accelerator.device), optimizer, [p], accumulation, max_grad_norm)
+        for i in range(accumulation):
+            with updates.micro_batch(i):
+                updates.backward((p * 1000).sum())
+            if i < accumulation - 1:
+                with pytest.raises(RuntimeError, match="does not end an accumulation"):
+                    updates.update()
+        assert updates.update()
+        return p.detach().clone()
+
+
+def test_gradients_are_clipped_to_max_grad_norm():
+    assert torch.linalg.vector_norm(_sgd_steps(None)) == pytest.approx(1000 * 10**0.5)
+    assert torch.linalg.vector_norm(_sgd_steps(1.0)) == pytest.approx(1.0)
+    assert torch.linalg.vector_norm(_sgd_steps(1.0, accumulation=2)) == pytest.approx(1.0)
+
+
+def test_an_accumulated_step_averages_its_micro_batches():
+    torch.testing.assert_close(_sgd_steps(None, accumulation=2), _sgd_steps(None, accumulation=1))
+
+
+def test_every_trainer_clips_by_default_as_diffusers_or_not_at_all_as_the_paper():
+    from conceptseg.finetune import FinetuneConfig
+    from conceptseg.segmenter.train import TrainSegConfig
+    from conceptseg.train_t2i import TrainT2IConfig
+
+    assert FinetuneConfig("bird", [], ".", ".").max_grad_norm == 1.0
+    assert TrainT2IConfig(data=".", out=".").max_grad_norm == 1.0
+    assert TrainSegConfig(data=[], out=".").max_grad_norm is None  # the paper's segmenter recipe: plain Adam
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FinetuneConfig("bird", [], ".", ".", max_grad_norm=0)
+
+
+def test_a_checkpoint_is_checked_against_the_settings_but_steps_may_grow(tmp_path):
+    with trainer_accelerator() as accelerator:
+        checkpoints = Checkpoints(accelerator, tmp_path / "out", {"lr": 1e-4, "method": "full", "seed": 0})
+        ckpt = tmp_path / "out" / "checkpoints" / "step-000004"
+        checkpoints.check(ckpt, {"step": 4, "settings": {"lr": 1e-4, "method": "full", "seed": 0}}, steps=8)
+        checkpoints.check(ckpt, {"step": 4}, steps=8)  # made before checkpoints recorded settings
+        with pytest.raises(CheckpointMismatch, match=r"step-000004.*seed: 1 there, 0 now"):
+            checkpoints.check(ckpt, {"step": 4, "settings": {"lr": 1e-4, "method": "full", "seed": 1}}, steps=8)
+        with pytest.raises(CheckpointMismatch, match="past this run's steps=2"):
+            checkpoints.check(ckpt, {"step": 4, "settings": checkpoints.settings}, steps=2)
+
+
+def _folder(path: Path, text: str) -> None:
+    path.mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+        (path / name).write_text(text)
+
+
+def _complete(path: Path) -> str:
+    texts = {(path / n).read_text() for n in ("a.txt", "b.txt")}
+    assert len(texts) == 1 and sorted(p.name for p in path.iterdir()) == ["a.txt", "b.txt"]
+    return texts.pop()
+
+
+def test_a_failed_folder_swap_leaves_the_old_folder_complete(tmp_path, monkeypatch):
+    dest = tmp_path / "model"
+    _folder(dest, "old")
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if self.name == ".model.tmp":
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        write_folder(dest, lambda tmp: _folder(tmp, "new"))
+    assert _complete(dest) == "old"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    write_folder(dest, lambda tmp: _folder(tmp, "new"))
+    assert _complete(dest) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_swap_killed_between_its_renames_is_restored(tmp_path):
+    dest = tmp_path / "model"
+    _folder(tmp_path / ".model.old", "old")  # what a kill after the first rename leaves
+    write_folder(dest, lambda tmp: _folder(tmp, "new"))
+    assert _complete(dest) == "new" and not (tmp_path / ".model.old").exists()
