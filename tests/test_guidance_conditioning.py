@@ -8,12 +8,28 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-from conceptseg.schedules import DDPMObjective, scheduler_from_config
+from conceptseg.schedules import DDPMObjective
 
 PROMPT = "a photo of a bird"
 # SD 1.5's scheduler_config.json as the hub first shipped it: PNDM, no clip_sample key
 SD15_PNDM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from conceptseg.modeling.families import build_family_components, save_family_model
+
+    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
+    save_family_model("sdxl", build_family_components("sdxl", "tiny", seed=0), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_dir):
+    from conceptseg.models import load_model
+
+    return load_model(sdxl_dir, device="cpu", dtype="fp32")
 
 
 def _sdxl_pipeline(model, **config):
@@ -22,12 +38,12 @@ def _sdxl_pipeline(model, **config):
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
-def test_sdxl_empty_prompt_conditioning_is_the_pipelines_negative_row(tiny_family_models, force_zeros):
+def test_sdxl_empty_prompt_conditioning_is_the_pipelines_negative_row(sdxl, force_zeros):
     """`StableDiffusionXLPipeline.encode_prompt` gives zeros for the unconditional row when
     `force_zeros_for_empty_prompt` (the default); the refiner's False encodes the empty prompt."""
     import dataclasses
 
-    model = dataclasses.replace(tiny_family_models["sdxl"], force_zeros_for_empty_prompt=force_zeros)
+    model = dataclasses.replace(sdxl, force_zeros_for_empty_prompt=force_zeros)
     pipe = _sdxl_pipeline(model, force_zeros_for_empty_prompt=force_zeros)
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
@@ -39,13 +55,18 @@ def test_sdxl_empty_prompt_conditioning_is_the_pipelines_negative_row(tiny_famil
     assert bool(negative.eq(0).all()) is force_zeros
 
 
-def test_sdxl_loaded_from_a_folder_keeps_the_pipelines_setting(tiny_family_dirs):
-    from conceptseg.models import load_model
+def test_sdxl_loaded_from_a_folder_keeps_the_pipelines_setting(sdxl, sdxl_dir):
+    import json
 
-    assert load_model(tiny_family_dirs["sdxl"], device="cpu", dtype="fp32").force_zeros_for_empty_prompt is True
+    assert json.loads((sdxl_dir / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
+    cond = sdxl.conditioning(["", PROMPT])
+    assert cond.prompt_embeds[0].eq(0).all() and cond.pooled[0].eq(0).all() and not cond.pooled[1].eq(0).all()
+    assert sdxl.force_zeros_for_empty_prompt is True
 
 
 def test_ddim_and_dpm_from_a_pndm_config_do_not_clip_latents():
+    from conceptseg.schedules import scheduler_from_config
+
     pndm = PNDMScheduler(**SD15_PNDM)
     assert "clip_sample" not in pndm.config
     for cls in (DDIMScheduler, DDPMScheduler):

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptseg.io import write_folder
-from conceptseg.training import CheckpointMismatch, Checkpoints, OptimiserSteps, Precision, trainer_accelerator
+from conceptseg import io
 
 
 def _sgd_steps(max_grad_norm, accumulation=1):
     """One optimiser step of SGD (lr 1) on a loss whose gradient has norm 1000 * sqrt(10) per micro-batch."""
+    from conceptseg.training import OptimiserSteps, Precision, trainer_accelerator
+
     with trainer_accelerator(accumulation) as accelerator:
         p = torch.nn.Parameter(torch.zeros(10))
         optimizer = torch.optim.SGD([p], lr=1.0)
@@ -51,6 +52,8 @@ def test_every_trainer_clips_by_default_as_diffusers_or_not_at_all_as_the_paper(
 
 
 def test_a_checkpoint_is_checked_against_the_settings_but_steps_may_grow(tmp_path):
+    from conceptseg.training import CheckpointMismatch, Checkpoints, trainer_accelerator
+
     with trainer_accelerator() as accelerator:
         checkpoints = Checkpoints(accelerator, tmp_path / "out", {"lr": 1e-4, "method": "full", "seed": 0})
         ckpt = tmp_path / "out" / "checkpoints" / "step-000004"
@@ -86,15 +89,15 @@ def test_a_failed_folder_swap_leaves_the_old_folder_complete(tmp_path, monkeypat
 
     monkeypatch.setattr(Path, "rename", failing)
     with pytest.raises(OSError, match="disk went away"):
-        write_folder(dest, lambda tmp: _folder(tmp, "new"))
+        io.write_folder(dest, lambda tmp: _folder(tmp, "new"))
     assert _complete(dest) == "old"
     monkeypatch.setattr(Path, "rename", real_rename)
-    write_folder(dest, lambda tmp: _folder(tmp, "new"))
+    io.write_folder(dest, lambda tmp: _folder(tmp, "new"))
     assert _complete(dest) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_a_swap_killed_between_its_renames_is_restored(tmp_path):
     dest = tmp_path / "model"
     _folder(tmp_path / ".model.old", "old")  # what a kill after the first rename leaves
-    write_folder(dest, lambda tmp: _folder(tmp, "new"))
+    io.write_folder(dest, lambda tmp: _folder(tmp, "new"))
     assert _complete(dest) == "new" and not (tmp_path / ".model.old").exists()

@@ -248,8 +248,10 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
 
         from diffusers.training_utils import cast_training_params
 
-        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.random.fork_rng():  # the adapters' random start is the run's seed's, so runs repeat
+            torch.manual_seed(cfg.seed)
+            denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
     else:
         denoiser.requires_grad_(True)
