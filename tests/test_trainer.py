@@ -101,3 +101,27 @@ def test_a_swap_killed_between_its_renames_is_restored(tmp_path):
     _folder(tmp_path / ".model.old", "old")  # what a kill after the first rename leaves
     io.write_folder(dest, lambda tmp: _folder(tmp, "new"))
     assert _complete(dest) == "new" and not (tmp_path / ".model.old").exists()
+
+
+def test_a_checkpoint_that_fails_to_load_on_another_process_is_skipped_on_this_one(tmp_path, monkeypatch):
+    """The processes agree (a gathered flag) on whether a checkpoint loaded: one that failed on any
+    process is set aside on all of them, which go on to the one before it together."""
+    from conceptseg import training
+
+    with training.trainer_accelerator() as accelerator:
+        net = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        net, optimizer = accelerator.prepare(net, optimizer)
+        checkpoints = training.Checkpoints(accelerator, tmp_path, {"lr": 0.1}, total_limit=None)
+        checkpoints.save(1)
+        checkpoints.save(2)
+        votes = []
+
+        def other_process_failed_on_step_2(acc, ok):
+            votes.append(ok)
+            return ok and len(votes) > 1
+
+        monkeypatch.setattr(training, "all_ranks", other_process_failed_on_step_2)
+        assert checkpoints.resume(steps=4)[0] == 1
+        assert votes == [True, True]  # this process loaded both; the other's failure decided
+        assert (tmp_path / "checkpoints" / "step-000002.damaged").exists()

@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
-from conceptseg.io import save_png, write_json
+from conceptseg.io import save_png, write_folder, write_json
 from conceptseg.families.base import select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
-from conceptseg.io import write_folder
 from conceptseg.report import picture_grid
 from conceptseg.schedules import TrainingBatch
 from conceptseg.settings import execution_setting

@@ -73,6 +73,11 @@ class TrainT2IConfig:
     progress: bool = execution_setting(True)
 
 
+# settings of what is made after the UNet's training (the decoder's fine-tuning, the sample grid):
+# its checkpoints do not depend on them
+AFTER_THE_UNET = ("decoder_steps", "sample_prompts", "samples_per_prompt", "sample_guidance")
+
+
 def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[str]]:
     rows = [r for r in read_imagefolder(cfg.data) if r.split != "test"]
     if not rows:
@@ -270,8 +275,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     ema.to(accelerator.device)
     _add_missing_ema_file(out, train_te, accelerator)
     updates = OptimiserSteps(accelerator, precision, optimizer, params, cfg.gradient_accumulation, cfg.max_grad_norm, ema, lr_sched)
-    checkpoints = Checkpoints(accelerator, out, checkpoint_settings(cfg, out, lr=lr, train_text_encoder=train_te), ema,
-                              cfg.checkpoints_total_limit)
+    settings = checkpoint_settings(cfg, out, AFTER_THE_UNET, lr=lr, train_text_encoder=train_te)
+    checkpoints = Checkpoints(accelerator, out, settings, ema, cfg.checkpoints_total_limit)
     start, state = checkpoints.resume(cfg.steps)
     precision.load_state(state)
 

@@ -209,16 +209,18 @@ UNCHECKED_SETTINGS = ("steps", "out")
 _DIGEST_OVER = 2000  # characters of JSON: a longer value (a pipeline's sample list) is recorded as its digest
 
 
-def checkpoint_settings(config, out: Path, **resolved) -> dict:
+def checkpoint_settings(config, out: Path, after_training: tuple[str, ...] = (), **resolved) -> dict:
     """What a checkpoint records and a resume compares: the config's output settings
     (`settings.output_settings`, the one definition of what changes outputs), with the values the
     trainer resolved (`resolved`: a default learning rate, the model's source) in place, paths
-    relative to the folder holding OUT, less `UNCHECKED_SETTINGS`."""
+    relative to the folder holding OUT, less `UNCHECKED_SETTINGS` and the settings of what is made
+    `after_training` from the checkpoints (a sample grid, say)."""
     import hashlib
 
     from conceptseg.settings import stage_settings
 
-    settings = {k: v for k, v in stage_settings(config, out, **resolved).items() if k not in UNCHECKED_SETTINGS}
+    unchecked = set(UNCHECKED_SETTINGS) | set(after_training)
+    settings = {k: v for k, v in stage_settings(config, out, **resolved).items() if k not in unchecked}
     for k, v in settings.items():
         text = json.dumps(v, sort_keys=True, default=str)
         if len(text) > _DIGEST_OVER:

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.readers import list_samples, load_mask
 from conceptseg.geometry import ImageReadError, load_rgb, resize_short_side, to_model_input
-from conceptseg.io import write_json
+from conceptseg.io import write_folder, write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
 from conceptseg.segmenter.predict import save_segmenter
-from conceptseg.io import write_folder
 from conceptseg.settings import added_setting, execution_setting
 from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Precision, check_finite, checkpoint_settings,
                                  step_rng, trainer_accelerator)
