@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gradient-checkpointing", action="store_true")
     s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
-                   help="precompute this many augmented views per image and encode them once (0: encode every step)")
+                   help="precompute this many augmented views per image, encode them once and train on those fixed "
+                        "views (faster; other training data than a fresh crop and flip each step, the default 0)")
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
     s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",

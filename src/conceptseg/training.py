@@ -1,6 +1,8 @@
-"""What the training commands share: the process's one Accelerator, mixed precision per trainer,
-the diffusion target, checkpoints that resume (the newest loadable one) and are pruned, per-step
-data order, the training log.
+"""What the training commands (finetune, train-t2i, train-seg) share: the process's one
+Accelerator, mixed precision per trainer, the optimiser step (`OptimiserSteps`: gradient
+accumulation, clipping, EMA; a step is one optimiser update), checkpoints (`Checkpoints`: checked
+against the run's settings before they resume, adapter-only for LoRA, the same decision on every
+process, pruned), per-step data order, the training log.
 
 accelerate keeps one `AcceleratorState` per process and refuses a second `Accelerator` with another
 mixed precision, yet `conceptseg run` fine-tunes in bf16 and trains segmenters in fp32 in one
