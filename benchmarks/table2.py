@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_STAGES = ("data", "prelim", "finetune", "refine", "crop", "synth")  # what segmenter seeds share
+SHARED_STAGES = ("data", "prelim", "finetune", "refine", "crop", "untuned", "synth")  # what segmenter seeds share
 SCENE_SEED_TAG = 31  # scene k of world W is drawn from default_rng([W, 31, k]): never a toy-world row
 
 
@@ -60,7 +60,7 @@ def precision_recall(counts) -> dict:
     return {"precision": counts.tp / max(counts.tp + counts.fp, 1), "recall": counts.tp / max(counts.tp + counts.fn, 1)}
 
 
-def concept_scenes(folder: Path, concept: str, world_seed: int, num: int, size: int = 64) -> list[dict]:
+def concept_scenes(folder: Path, concept: str, world_seed: int, num: int, size: int = 64, world: str = "v1") -> list[dict]:
     """`num` held-out scenes of the concept and one other class (random class, random drawing order),
     written once as PNGs; returns [{image, concept, other}] paths."""
     from conceptseg.data.toyworld import CLASSES, render_scene
@@ -75,7 +75,7 @@ def concept_scenes(folder: Path, concept: str, world_seed: int, num: int, size: 
             classes = [concept, str(rng.choice(others))]
             if rng.random() < 0.5:
                 classes.reverse()
-            scene = render_scene(rng, classes, size)
+            scene = render_scene(rng, classes, size, world=world)
             save_mask_png(paths["concept"], scene.object_masks[classes.index(concept)])
             save_mask_png(paths["other"], scene.object_masks[1 - classes.index(concept)])
             save_png(paths["image"], scene.image)  # written last: its presence marks a complete scene
@@ -109,7 +109,8 @@ def _seed_config(out: Path, world: int, seg: int, args):
     from conceptseg.demo import demo_config
     from conceptseg.pipeline import override_config
 
-    cfg = demo_config(out, args.concept, full=args.full, model=args.model, device=args.device, seed=world, num_images=args.num_images)
+    cfg = demo_config(out, args.concept, full=args.full, model=args.model, device=args.device, seed=world, num_images=args.num_images,
+                      world=args.world)
     return override_config(cfg, [*(args.set or []), f"segmenter.seed={seg}"])
 
 
@@ -256,10 +257,13 @@ def measure(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from conceptseg.demo import demo_world
+
     t0 = time.perf_counter()
     runs = []
     for world in args.world_seeds:
-        scenes = concept_scenes(args.out / f"scenes-world{world}", args.concept, world, args.scenes)
+        scenes = concept_scenes(args.out / f"scenes-world{world}", args.concept, world, args.scenes,
+                                world=args.world or demo_world(args.model))
         # stages 1-4 come from the base seed's folder once it has run (`--base-seed` lets seeds run in several processes)
         base = args.out / f"world{world}-seg{args.base_seed if args.base_seed is not None else args.seg_seeds[0]}"
         for seg in args.seg_seeds:
@@ -303,7 +307,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a pipeline override for every run (repeatable)")
     p.add_argument("--concept", default="fish")
     p.add_argument("--scenes", type=int, default=200, help="two-object scenes per world seed for concept vs saliency")
-    p.add_argument("--model", default=None, help="default: the embedded toy-world model")
+    p.add_argument("--model", default=None, help="default: the embedded toy-world model (embedded:toy-v2: world v2)")
+    p.add_argument("--world", choices=["v1", "v2"], default=None, help="toy world (default: the one the embedded model knows)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--progress", action="store_true")

@@ -118,3 +118,47 @@ def test_onnx_segmenter_matches_torch_and_picks_providers(segmenter_dir, photos,
     out = tmp_path / "out"
     assert main(["segment", "--segmenter", str(onnx_path), "--provider", "auto", "--images", str(photos), "--out", str(out)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "b.png")) == 255, expected[1] > 0.5)
+
+
+def test_segment_takes_a_run_or_any_folder_of_its_segmenter_stage(photos, tmp_path, capsys):
+    from test_share import make_run
+
+    torch.manual_seed(0)
+    run = make_run(tmp_path / "run", UNet(width=4))
+    best = run / "segmenter" / "unet_real" / "model"
+    for how in (["--run", str(run)], ["--segmenter", str(run)], ["--segmenter", str(run / "segmenter")]):
+        assert main(["segment", *how, "--images", str(photos / "a.png"), "--out", str(tmp_path / "o" / how[0] / str(len(how[1])))]) == 0
+        said = capsys.readouterr().out
+        assert f"segment: segmenter {best} (U-Net on D_s, the run's best: IoU 76.3" in said, said
+    stage = run / "segmenter" / "unet_real_synth"
+    assert main(["segment", "--segmenter", str(stage), "--images", str(photos / "a.png"), "--out", str(tmp_path / "stage")]) == 0
+    assert f"segmenter {stage / 'model'} (the model of stage folder {stage})" in capsys.readouterr().out
+    assert main(["segment", "--run", str(stage), "--images", str(photos / "a.png"), "--out", str(tmp_path / "stage2")]) == 0
+    assert f"segmenter {stage / 'model'}" in capsys.readouterr().out
+    assert _masks(tmp_path / "stage") == ["a.png"]
+    # a folder of the run that holds no segmenter, and a folder in no run: one line naming what to pass
+    assert main(["segment", "--segmenter", str(run / "prelim"), "--images", str(photos), "--out", str(tmp_path / "x")]) == 2
+    assert f"is a folder of run {run} but holds no segmenter" in capsys.readouterr().err
+    assert main(["segment", "--run", str(photos), "--images", str(photos), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a run folder nor inside one" in capsys.readouterr().err
+    assert main(["export-onnx", "--segmenter", str(stage), "--out", str(tmp_path / "s.onnx"), "--no-check"]) == 0
+
+
+def test_best_row_reads_the_runs_scores(tmp_path):
+    import shutil
+
+    from test_share import make_run
+
+    from conceptseg.runs import best_row, pick_model, resolve_model
+
+    run = make_run(tmp_path / "tie", UNet(width=4), {"unet_real": 0.7, "unet_real_synth": 0.7, "unet_prelim": 0.5})
+    assert best_row(run)[0] == "unet_real_synth"  # a tie: the row the run's report shows
+    (run / "metrics.json").unlink()
+    assert best_row(run) == ("unet_real_synth", "U-Net on D_s + D'_s; the run has no scores, so the segmenter its report shows")
+    only_sup = make_run(tmp_path / "sup", UNet(width=4), {"supervised": 0.9})
+    shutil.rmtree(only_sup / "segmenter" / "unet_real")
+    with pytest.raises(FileNotFoundError, match="no trained segmenter of the method"):
+        best_row(only_sup)
+    with pytest.raises(FileNotFoundError, match="has no fine-tuned model yet"):
+        pick_model(run)
+    assert resolve_model(None).source is None and resolve_model("user/sd").source == "user/sd"

@@ -86,3 +86,26 @@ def test_composite_command_given_or_generated_background(tiny_model_dir, tmp_pat
     made = Image.open(generated / "backgrounds" / "a.png")
     result = np.asarray(Image.open(generated / "composites" / "a.png"))
     np.testing.assert_array_equal(result[~mask], np.asarray(fit(made, (36, 28)))[~mask])
+
+
+def test_remove_and_composite_take_a_run(tiny_model_dir, tmp_path, make_image, capsys):
+    """`--run RUN`: the run's best segmenter makes the masks and its fine-tuned model inpaints."""
+    import torch
+    from test_share import make_run
+
+    from conceptseg.modeling.segmenter import UNet
+
+    torch.manual_seed(0)
+    run = make_run(tmp_path / "run", UNet(width=4), model_dir=tiny_model_dir)
+    image = make_image(tmp_path / "images" / "a.png", 30, 20, seed=1)
+    assert main(["remove", "--run", str(run), "--images", str(image), "--out", str(tmp_path / "removed"),
+                 "--steps", "2", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"remove: segmenter {run / 'segmenter' / 'unet_real' / 'model'}" in said
+    assert f"remove: model {run / 'finetune' / 'model'} (the run's fine-tuned model)" in said
+    assert Image.open(tmp_path / "removed" / "removed" / "a.png").size == (30, 20)
+    assert main(["composite", "--run", str(run), "--images", str(image), "--out", str(tmp_path / "comp"),
+                 "--steps", "2", "--device", "cpu"]) == 0
+    assert "composite: model " in capsys.readouterr().out and (tmp_path / "comp" / "composites" / "a.png").exists()
+    assert main(["composite", "--images", str(image), "--out", str(tmp_path / "none")]) == 2
+    assert "no masks: give --masks DIR, --segmenter SEGMENTER or --run RUN" in capsys.readouterr().err

@@ -263,14 +263,14 @@ def test_latent_cache_changes_the_training_data(stage1_folder, tmp_path):
     assert output_settings(_cfg(stage1_folder, tmp_path))["latent_cache"] == 0
 
 
-def test_finetune_clips_gradients_at_diffusers_default(stage1_folder, tmp_path, monkeypatch):
+def test_finetune_clips_gradients_when_asked(stage1_folder, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     calls = []
     real = Accelerator.clip_grad_norm_
     monkeypatch.setattr(Accelerator, "clip_grad_norm_",
                         lambda self, params, max_norm, *a, **k: calls.append(max_norm) or real(self, params, max_norm, *a, **k))
-    finetune(_cfg(stage1_folder, tmp_path / "clipped", steps=2, batch_size=1, gradient_accumulation=2))
+    finetune(_cfg(stage1_folder, tmp_path / "clipped", steps=2, batch_size=1, gradient_accumulation=2, max_grad_norm=1.0))
     assert calls == [1.0, 1.0]  # once per optimiser step, after its micro-batches
-    finetune(_cfg(stage1_folder, tmp_path / "unclipped", steps=1, max_grad_norm=None))
+    finetune(_cfg(stage1_folder, tmp_path / "unclipped", steps=1))  # the default: the paper's, no clipping
     assert calls == [1.0, 1.0]

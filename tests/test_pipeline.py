@@ -59,7 +59,9 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert list(metrics) == list(ROW_NAMES)  # every row of the paper's table
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved) == set(ROW_NAMES) | {"protocol"} and "centre crop 32x32" in saved["protocol"]
-    assert (tmp_path / "run" / "report.html").read_text().count("<img src='data:image/png;base64,") == 2
+    # best, worst, and the stage-2 ablation (the demo's untuned row: inpaintings before and after fine-tuning)
+    assert (tmp_path / "run" / "report.html").read_text().count("<img src='data:image/png;base64,") == 3
+    assert (tmp_path / "run" / "grid_ablation.png").exists() and (tmp_path / "run" / "untuned" / "background").is_dir()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     n_test = manifest["counts"]["images"]["test"]
     for key in ROW_NAMES:
@@ -91,6 +93,17 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert stamp("unet_prelim") == segmenters["unet_prelim"] and stamp("supervised") == segmenters["supervised"]
     assert not (tmp_path / "run" / "prelim.old").exists()
 
+    # the latent cache changes the training data (fixed views per image instead of a fresh crop and
+    # flip per step): an output setting, so turning it on redoes fine-tuning and all downstream of it
+    segmenters = {name: stamp(name) for name in segmenters}
+    cfg.finetune.latent_cache = 2
+    Run(cfg, progress=False).execute()
+    old_state = tmp_path / "run" / "finetune.old" / "checkpoints" / "step-000003" / "state.json"
+    assert old_state.exists()  # one .old per stage: the steps=3 model replaced the steps=2 one
+    assert not (tmp_path / "run" / "finetune.old.old").exists()
+    assert stamp("unet_real") != segmenters["unet_real"] and (tmp_path / "run" / "refine.old").exists()
+    assert stamp("unet_prelim") == segmenters["unet_prelim"] and not (tmp_path / "run" / "prelim.old").exists()
+
 
 def _outputs(run: Path) -> dict:
     """Every output file of a run but its run-level records, with its modification time."""
@@ -101,16 +114,19 @@ def _outputs(run: Path) -> dict:
 
 def test_a_moved_run_redoes_nothing_nor_do_execution_settings(tiny_model_dir, tmp_path):
     """Manifests held absolute paths, so a moved run redid stages 3 and 4; batch sizes, checkpoint
-    cadence, gradient checkpointing and the latent cache were part of the fingerprints."""
+    cadence and gradient checkpointing were part of the fingerprints; the model was recorded by its
+    path, so a moved model folder redid everything."""
     import shutil
 
-    Run(_tiny_demo(tmp_path / "run", tiny_model_dir), progress=False).execute()
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    Run(_tiny_demo(tmp_path / "run", tmp_path / "model"), progress=False).execute()
     shutil.move(tmp_path / "run", tmp_path / "moved")
+    shutil.move(tmp_path / "model", tmp_path / "models" / "tiny")
     before = _outputs(tmp_path / "moved")
     metrics = json.loads((tmp_path / "moved" / "metrics.json").read_text())
-    cfg = override_config(_tiny_demo(tmp_path / "moved", tiny_model_dir),
+    cfg = override_config(_tiny_demo(tmp_path / "moved", tmp_path / "models" / "tiny"),
                           ["refine.batch_size=3", "prelim.batch_size=7", "synth.batch_size=2", "finetune.checkpoint_every=1",
-                           "finetune.gradient_checkpointing=true", "finetune.latent_cache=2", "segmenter.checkpoint_every=1",
+                           "finetune.gradient_checkpointing=true", "segmenter.checkpoint_every=1",
                            "finetune.checkpoints_total_limit=5"])
     Run(cfg, progress=False).execute()
     assert _outputs(tmp_path / "moved") == before  # not one file rewritten
@@ -250,3 +266,159 @@ def test_killed_anywhere_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, 
     assert len(masks) > 20 and masks == {p.relative_to(run) for p in run.rglob("*.png") if "masks" in p.parts}
     assert [m for m in masks if (run / m).read_bytes() != (straight / m).read_bytes()] == []
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_resolved_value_change_redoes_stage_one_and_everything_downstream(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`dtype: auto` resolving differently (another device) redid stage 1 through its manifest while
+    the ledger, which fingerprinted `auto` as written, kept fine-tuning and refinement built from
+    the old M_pre. Simulated by a resolver that makes `auto` bf16."""
+    import torch
+
+    from conceptseg import models
+
+    cfg = override_config(_tiny_demo(tmp_path / "run", tiny_model_dir, num_images=10),
+                          ["synth.num=2", "segmenter.train_on_prelim=true"])
+    Run(cfg, progress=False).execute()
+    run = tmp_path / "run"
+    supervised = (run / "segmenter" / "supervised" / "model" / "model.safetensors").stat().st_mtime_ns
+
+    resolve = models.resolve_dtype
+    monkeypatch.setattr(models, "resolve_dtype", lambda dtype, device: torch.bfloat16 if dtype in (None, "auto") else resolve(dtype, device))
+    capsys.readouterr()
+    Run(cfg, progress=False).execute()
+    redone = ["prelim", "finetune", "refine", "crop", "synth", "segmenter/unet_real", "segmenter/unet_real_synth",
+              "segmenter/unet_prelim", "eval/unet_real", "eval/unet_real_synth", "eval/unet_prelim"]
+    assert [s for s in redone if not (run / f"{s}.old").is_dir()] == []
+    assert json.loads((run / "prelim" / "manifest.json").read_text())["settings"]["dtype"] == "bfloat16"
+    # the upper bound reads no stage of the run: kept
+    assert not (run / "segmenter" / "supervised.old").exists() and not (run / "eval" / "supervised.old").exists()
+    assert (run / "segmenter" / "supervised" / "model" / "model.safetensors").stat().st_mtime_ns == supervised
+    said = capsys.readouterr().out
+    assert "finetune: a stage it reads was redone; redoing it. Its previous outputs are in finetune.old" in said
+    assert "`conceptseg run --clean` removes it" in said
+
+    before = _outputs(run)
+    Run(cfg, progress=False, clean=True).execute()  # unchanged: nothing redone, and the .old folders go
+    assert _outputs(run) == {k: v for k, v in before.items() if ".old" not in str(k)}
+    assert not list(run.rglob("*.old"))
+
+
+def test_the_ledger_cascades_redos_and_keeps_one_old_folder_per_stage(tmp_path):
+    """A stage redone because its folder's manifest disagrees (same fingerprint: a lost or edited
+    ledger) marks everything downstream stale on disk, so a run interrupted after it still redoes
+    them; a second redo replaces `<stage>.old`."""
+    from conceptseg.io import SettingsChanged
+    from conceptseg.pipeline import Ledger, RunConfig, Stage
+
+    run = Run(RunConfig(concept="bird", images="unused", out=str(tmp_path / "run"), device="cpu"), progress=False)
+    made = []
+
+    def stage(name, upstream=(), value=1, refuse=False):
+        folder = tmp_path / "run" / name
+
+        def make():
+            if refuse and (folder / "out.txt").exists():
+                raise SettingsChanged(f"{folder} holds outputs made with other settings (x); pass --overwrite")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "out.txt").write_text(f"{name} {value} {len(made)}")
+            made.append(name)
+
+        def run_it():
+            return run._per_image(lambda out, shard: make(), out=folder) if refuse else make()
+
+        return Stage(name, folder, run_it, {"value": value}, upstream=upstream)
+
+    for s in (stage("a"), stage("b", ("a",)), stage("c", ("b",)), stage("d")):
+        run._stage(s)
+    run._stage(stage("a", refuse=True))  # redone by its manifest, fingerprint unchanged; then the run is "killed"
+    assert (tmp_path / "run" / "a.old").is_dir()
+    assert {n: Ledger(tmp_path / "run").fingerprint(n) for n in "bcd"} == {"b": "stale", "c": "stale", "d": run.ledger.fingerprint("d")}
+
+    again = Run(run.cfg, progress=False)
+    made.clear()
+    run = again
+    for s in (stage("a"), stage("b", ("a",)), stage("c", ("b",)), stage("d")):
+        run._stage(s)
+    assert made == ["a", "b", "c", "d"]  # stages simply run again; b and c were set aside first
+    assert (tmp_path / "run" / "b.old").is_dir() and (tmp_path / "run" / "c.old").is_dir()
+    assert not (tmp_path / "run" / "d.old").exists()
+    run._stage(stage("b", ("a",), value=2))
+    assert (tmp_path / "run" / "b.old" / "out.txt").read_text().startswith("b 1")  # the newest old outputs
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".old")) == ["a.old", "b.old", "c.old"]
+    assert len(run.remove_old_outputs()) == 3 and not list((tmp_path / "run").glob("*.old"))
+
+
+def test_train_and_test_folders_that_reuse_file_names(tiny_model_dir, tmp_path, make_image):
+    """`images: folder:A` and `test_images: folder:B,masks=...` both holding 00001.png was refused
+    ("train and test images share keys but are different files")."""
+    for i in range(4):
+        make_image(tmp_path / "A" / f"{i:05d}.png", 48, 48, seed=i)
+    for i in range(2):
+        make_image(tmp_path / "B" / f"{i:05d}.png", 48, 48, seed=10 + i)
+        make_image(tmp_path / "Bm" / f"{i:05d}.png", 48, 48, seed=10 + i, mode="L")
+    cfg = override_config(_tiny_demo(tmp_path / "run", tiny_model_dir),
+                          [f"images=folder:{tmp_path / 'A'}", f"test_images=folder:{tmp_path / 'B'},masks={tmp_path / 'Bm'}",
+                           "synth.num=0", "segmenter.supervised=false", "segmenter.train_on_prelim=false"])
+    metrics = Run(cfg, progress=False).execute()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "prelim" / "masks").iterdir()) == [
+        "00000.png", "00001.png", "00002.png", "00003.png", "test_00000.png", "test_00001.png"]
+    assert sorted(p.name for p in (run / "eval" / "unet_real" / "masks").iterdir()) == ["test_00000.png", "test_00001.png"]
+    assert metrics["unet_real"]["evaluated"] == 2 and metrics["crop"]["evaluated"] == 2
+
+
+def test_a_model_is_recorded_by_its_content(tmp_path):
+    """A model folder's identity: its small files' content and its weight files' names and sizes,
+    not its path, nor the `_name_or_path` a re-saved config keeps, nor hidden files."""
+    import shutil
+
+    from conceptseg.settings import model_identity
+
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (base / "unet" / "config.json").write_text(json.dumps({"sample_size": 8, "_name_or_path": "/somewhere"}))
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
+    identity = model_identity(base)
+    assert identity.startswith("content:") and model_identity(None) == "embedded:toy" and model_identity("org/model") == "org/model"
+    shutil.copytree(base, tmp_path / "elsewhere" / "copy")
+    (tmp_path / "elsewhere" / "copy" / ".cache").mkdir()
+    (tmp_path / "elsewhere" / "copy" / "unet" / "config.json").write_text(json.dumps({"_name_or_path": "/moved", "sample_size": 8}))
+    assert model_identity(tmp_path / "elsewhere" / "copy") == identity
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "conceptseg_lora.json").write_text(json.dumps({"base_model": str(base), "rank": 4}))
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"y" * 10)
+    moved_lora = tmp_path / "lora2"
+    shutil.copytree(lora, moved_lora)
+    (moved_lora / "conceptseg_lora.json").write_text(json.dumps({"base_model": str(tmp_path / "elsewhere" / "copy"), "rank": 4}))
+    assert model_identity(moved_lora) == model_identity(lora)  # its base by the base's content
+
+    (base / "unet" / "config.json").write_text(json.dumps({"sample_size": 16}))
+    assert model_identity(base) != identity
+    assert model_identity(moved_lora) != model_identity(lora)
+    shutil.copy(tmp_path / "elsewhere" / "copy" / "unet" / "config.json", base / "unet" / "config.json")
+    assert model_identity(base) == identity
+    (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 101)
+    assert model_identity(base) != identity
+
+
+def test_run_takes_clean(tmp_path, monkeypatch):
+    """`conceptseg run CONFIG --clean` hands `clean` to the run."""
+    from conceptseg import cli, pipeline
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, clean=False):
+            seen["clean"] = clean
+
+        def execute(self):
+            return {}
+
+    monkeypatch.setattr(pipeline, "Run", Recorder)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"concept": "bird", "images": str(tmp_path), "out": str(tmp_path / "run")}))
+    for extra, clean in (([], False), (["--clean"], True)):
+        assert cli.main(["run", str(config), *extra]) == 0 and seen["clean"] is clean

@@ -350,6 +350,29 @@ def test_folder_errors(tmp_path):
         read_dataset(f"folder:{tmp_path / 'imgs'}")
 
 
+def test_train_and_test_sources_are_keyed_apart(tmp_path):
+    """Two folders that both hold 00001.png: the test images are keyed `test_<key>`; the keys of
+    sources that do not collide (and a test image that is one of the training images) stay as they are."""
+    from conceptseg.data.readers import keyed_apart, list_samples
+
+    for name in ("00001.png", "00002.png"):
+        write_image(tmp_path / "A" / name, 5, 3)
+    write_image(tmp_path / "B" / "00001.png", 5, 3, value=20)
+    write_image(tmp_path / "B" / "00003.png", 5, 3, value=30)
+    write_image(tmp_path / "C" / "x.png", 5, 3)
+    train = list_samples(tmp_path / "A")
+    assert [s.key for s in train] == ["00001", "00002"]
+    test = keyed_apart(train, list_samples(tmp_path / "B"))
+    assert [(s.key, s.image.parent.name) for s in test] == [("test_00001", "B"), ("test_00003", "B")]
+    distinct = list_samples(tmp_path / "C")
+    assert keyed_apart(train, distinct) is distinct  # no collision: today's keys
+    same = [train[0], *list_samples(tmp_path / "B")]  # 00001 is A's own file: it keeps its key
+    assert [s.key for s in keyed_apart(train, same)] == ["00001", "test_00001", "test_00003"]
+    write_image(tmp_path / "A" / "test_00003.png", 5, 3)  # the prefixed name is taken too: refused, naming both
+    with pytest.raises(ValueError, match="test_00003.*rename one"):
+        keyed_apart(list_samples(tmp_path / "A"), list_samples(tmp_path / "B"))
+
+
 # ---------------------------------------------------------------- this project's imagefolder
 
 def test_imagefolder(tmp_path):

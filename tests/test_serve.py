@@ -149,3 +149,34 @@ def test_page_in_a_headless_browser_shows_the_result(serve, tmp_path):
     assert page.std() > 0 and tinted_pixels(page) == 0  # the page alone: no result
     result = shot("/?example")
     assert tinted_pixels(result) > 256 * 150  # the overlay, shown 256 px wide (192 px high)
+
+
+def test_serve_takes_a_run_or_its_stage_folders(tmp_path, segmenter, tiny_model_dir, monkeypatch, capsys):
+    """`serve --segmenter runs/x/segmenter/unet_real` (not only .../model), `--run runs/x`, and
+    `--model runs/x/finetune`: each resolved, and what was taken printed."""
+    import conceptseg.serve
+    from conceptseg.cli import main
+    from test_share import make_run
+
+    run = make_run(tmp_path / "run", segmenter.net, model_dir=tiny_model_dir)
+    apps = []
+
+    class NoServer:
+        server_address = ("127.0.0.1", 7860)
+
+        def serve_forever(self):
+            pass
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(conceptseg.serve, "make_server", lambda app, host, port: apps.append(app) or NoServer())
+    stage = run / "segmenter" / "unet_real"
+    assert main(["serve", "--segmenter", str(stage), "--device", "cpu"]) == 0
+    assert apps[-1].source == str(stage / "model") and apps[-1].model is None
+    assert f"conceptseg serving {stage / 'model'} on http://127.0.0.1:7860/" in capsys.readouterr().out
+    assert main(["serve", "--run", str(run), "--model", str(run / "finetune"), "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert apps[-1].source == str(stage / "model") and "the run's best: IoU 76.3" in said
+    assert f"model {run / 'finetune' / 'model'} (the model of stage folder {run / 'finetune'})" in said
+    assert apps[-1].model is not None and apps[-1].model.source == str((run / "finetune" / "model").resolve())

@@ -67,6 +67,38 @@ def _fake_run(root, net):
     write_json(root / "segmenter" / "unet_real" / "train_config.json", {"steps": 300, "width": 4, "input_size": 32, "lr": 0.002})
 
 
+def make_run(root, net, scores=None, model_dir=None):
+    """A run folder as `conceptseg run` lays it out (stages.json, manifest.json, metrics.json,
+    segmenter/<row>/model, finetune/model), with `scores` as each segmenter row's IoU."""
+    import shutil
+
+    scores = {"unet_real": 0.763, "unet_real_synth": 0.70, "supervised": 0.91} if scores is None else scores
+    _fake_run(root, net)
+    write_json(root / "stages.json", {"prelim": "0" * 16})
+    write_json(root / "metrics.json", {"protocol": "paper", **{r: {"acc": 0.9, "iou": v, "miou": 0.8} for r, v in scores.items()}})
+    for row in scores:
+        save_segmenter(net, root / "segmenter" / row / "model", 32)
+    write_json(root / "prelim" / "manifest.json", {"stage": "prelim", "settings": {}, "images": {}})
+    if model_dir is not None:
+        shutil.copytree(model_dir, root / "finetune" / "model")
+    return root
+
+
+def test_share_picks_the_best_scored_segmenter_or_the_stage_folder_given(net, tmp_path, capsys):
+    run = make_run(tmp_path / "run", net)
+    assert main(["share", "--run", str(run), "--out", str(tmp_path / "best")]) == 0
+    said = capsys.readouterr().out
+    # unet_real (IoU 76.3) beats unet_real_synth (70.0), which the report would show; supervised is not the method's
+    assert f"segmenter {run / 'segmenter' / 'unet_real' / 'model'}" in said and "IoU 76.3" in said and "saved unet_real " in said
+    assert "\"U-Net on D_s\" of the table" in (tmp_path / "best" / "README.md").read_text()
+    assert main(["share", "--run", str(run / "segmenter" / "unet_real_synth"), "--out", str(tmp_path / "synth")]) == 0
+    assert "saved unet_real_synth " in capsys.readouterr().out
+    assert "\"U-Net on D_s + D'_s\" of the table" in (tmp_path / "synth" / "README.md").read_text()
+    assert main(["share", "--run", str(run), "--row", "supervised", "--out", str(tmp_path / "sup")]) == 0
+    assert main(["share", "--run", str(run), "--row", "unet_prelim", "--out", str(tmp_path / "none")]) == 2
+    assert "run " + str(run) + " has these segmenters: supervised, unet_real, unet_real_synth" in capsys.readouterr().err
+
+
 def test_share_writes_a_model_card_from_the_run(net, tmp_path, textured):
     run, out = tmp_path / "run", tmp_path / "shared"
     _fake_run(run, net)

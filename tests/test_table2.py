@@ -38,7 +38,7 @@ def test_two_segmenter_seeds_share_stages_1_to_4_and_are_aggregated(tiny_model_d
               for s in (0, 1))
     assert w0 != w1
     agg = report["aggregate"]
-    assert set(agg["rows"]) == {"prelim", "crop", "unet_prelim", "refined", "unet_real", "unet_real_synth", "supervised"}
+    assert set(agg["rows"]) == {"prelim", "crop", "unet_prelim", "untuned", "refined", "unet_real", "unet_real_synth", "supervised"}
     ious = [r["rows"]["unet_real"]["iou"] for r in report["runs"]]
     assert agg["rows"]["unet_real"]["iou"]["mean"] == pytest.approx(np.mean(ious))
     assert agg["rows"]["unet_real"]["iou"]["std"] == pytest.approx(np.std(ious, ddof=1))

@@ -1,4 +1,5 @@
-"""`conceptseg` command line: one subcommand per stage."""
+"""`conceptseg` command line: one subcommand per stage, and the commands that use, score and
+reproduce the result (grouped in `conceptseg --help` by COMMAND_GROUPS)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _cmd_prelim(args) -> None:
 
     cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
                        seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
-                       joint_attention=args.joint_attention, gmm_components=args.gmm_components, gmm=args.gmm,
+                       joint_attention=args.joint_attention, maps=args.maps, gmm_components=args.gmm_components, gmm=args.gmm,
                        compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     print(f"prelim: {model.describe()}")
@@ -110,7 +111,8 @@ def _cmd_demo(args) -> None:
     from conceptseg.demo import demo_config
     from conceptseg.pipeline import Run, format_table, override_config
 
-    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images)
+    cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images,
+                      world=args.world)
     cfg = override_config(cfg, args.set or [])
     metrics = Run(cfg).execute()
     print(f"\nheld-out toy-world '{args.concept}' images, pooled over all pixels (%):\n{format_table(metrics)}")
@@ -129,10 +131,21 @@ def _cmd_run(args) -> None:
     from conceptseg.pipeline import Run, format_table, load_config
 
     cfg = load_config(args.config, args.set or [])
-    metrics = Run(cfg).execute()
+    metrics = Run(cfg, clean=args.clean).execute()
     if metrics:
         print(f"\n{format_table(metrics)}")
     print(f"\nrun folder: {cfg.out}")
+
+
+def _cmd_plan(args) -> None:
+    import json
+
+    from conceptseg.pipeline import load_config
+    from conceptseg.plan import format_plan, plan_json, plan_run, visible_device_memory_gb
+
+    cfg = load_config(args.config, args.set or [])
+    plan = plan_run(cfg, args.device_memory_gb or visible_device_memory_gb(), images=args.images)
+    print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
 
 
 def _cmd_finetune(args) -> None:
@@ -193,10 +206,34 @@ def _cmd_train_seg(args) -> None:
     print(f"segmenter: {train_segmenter(cfg)}")
 
 
+def _say(args, picked) -> str | None:
+    """Print what a run folder or stage folder was taken to mean; return what to load."""
+    if picked.note:
+        print(f"{args.command}: {picked.note}", flush=True)
+    return picked.source
+
+
+def _segmenter_source(args) -> str:
+    """--segmenter (a segmenter, a run's stage folder or the run, an .onnx file, a hub id), else --run's best."""
+    from conceptseg.runs import resolve_segmenter, segmenter_of_run
+
+    return _say(args, resolve_segmenter(args.segmenter) if args.segmenter is not None else segmenter_of_run(args.run))
+
+
+def _model_source(args, from_run: bool = True) -> str | None:
+    """--model (a run's stage folder or the run: its fine-tuned model), else --run's fine-tuned model
+    (`from_run`), else None: the embedded model."""
+    from conceptseg.runs import pick_model, resolve_model
+
+    if args.model is None and from_run and getattr(args, "run", None) is not None:
+        return _say(args, pick_model(args.run))
+    return _say(args, resolve_model(args.model))
+
+
 def _cmd_segment(args) -> None:
     from conceptseg.segmenter.predict import collect_rle, load_segmenter, run_segment
 
-    seg = load_segmenter(args.segmenter, device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
+    seg = load_segmenter(_segmenter_source(args), device=args.device or distributed.device(), threshold=args.threshold, provider=args.provider)
     summary = run_segment(seg, args.images, args.out, outputs=args.output, cutouts=args.cutout, color=args.color,
                           background=args.background, rle=args.rle, batch_size=args.batch_size, overwrite=args.overwrite,
                           split=args.split, shard=distributed.shard(), num_workers=args.num_workers)
@@ -209,18 +246,20 @@ def _cmd_segment(args) -> None:
 def _cmd_export_onnx(args) -> None:
     from conceptseg.segmenter.predict import export_onnx, load_segmenter
 
-    diff = export_onnx(load_segmenter(args.segmenter), args.out, check=not args.no_check)
+    diff = export_onnx(load_segmenter(_segmenter_source(args)), args.out, check=not args.no_check)
     print(f"wrote {args.out}" + (f" (max abs difference to torch: {diff:.2e})" if diff is not None else ""))
 
 
 def _edit_inputs(args):
     from conceptseg.edit import EditConfig, MaskSource
 
+    if args.masks is None and args.segmenter is None and args.run is None:
+        raise ValueError("no masks: give --masks DIR, --segmenter SEGMENTER or --run RUN")
     segmenter = None
-    if args.segmenter is not None:
+    if args.masks is None:
         from conceptseg.segmenter.predict import load_segmenter
 
-        segmenter = load_segmenter(args.segmenter, device=args.device or distributed.device())
+        segmenter = load_segmenter(_segmenter_source(args), device=args.device or distributed.device())
     cfg = EditConfig(prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                      **({"grow": args.grow, "concept_prompt": args.concept_prompt} if args.command == "remove" else {"feather": args.feather}))
     return MaskSource(args.masks, segmenter), cfg
@@ -231,7 +270,7 @@ def _cmd_remove(args) -> None:
     from conceptseg.models import load_model
 
     masks, cfg = _edit_inputs(args)
-    model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+    model = load_model(_model_source(args), device=args.device or distributed.device(), dtype=args.dtype)
     summary = run_remove(model, args.images, masks, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     print(f"remove: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/removed")
@@ -245,7 +284,7 @@ def _cmd_composite(args) -> None:
     if args.background is None:
         from conceptseg.models import load_model
 
-        model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
+        model = load_model(_model_source(args), device=args.device or distributed.device(), dtype=args.dtype)
     summary = run_composite(args.images, masks, args.out, cfg, background=args.background, model=model, overwrite=args.overwrite,
                             split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -255,9 +294,11 @@ def _cmd_composite(args) -> None:
 def _add_edit_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--images", required=True, help="an image file, a folder, a quoted glob, or a dataset spec with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
-    where = s.add_mutually_exclusive_group(required=True)
+    where = s.add_mutually_exclusive_group()
     where.add_argument("--masks", type=Path, help="folder of <stem>.png masks (refine's OUT/masks, segment's OUT/masks)")
-    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, hub id or .onnx)")
+    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, a run's segmenter/<row>, hub id or .onnx)")
+    s.add_argument("--run", type=Path, help="a run folder: its best segmenter (unless --masks or --segmenter) and its "
+                                            "fine-tuned model (unless --model)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--prompt", default="a photo of a background", help="what the model inpaints or generates")
     s.add_argument("--steps", type=int, default=50, help="sampling steps")
@@ -267,22 +308,29 @@ def _add_edit_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--overwrite", action="store_true")
 
 
+def _add_segmenter_args(s: argparse.ArgumentParser, what: str) -> None:
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--segmenter", help=what + "; a run's segmenter/<row> folder or the run folder itself also work")
+    which.add_argument("--run", type=Path, help="a run folder of `conceptseg run` or `demo`: the segmenter it scored best")
+
+
 def _cmd_serve(args) -> None:
     from conceptseg.serve import App, make_server
     from conceptseg.segmenter.predict import load_segmenter
 
     device = args.device or distributed.device()
-    seg = load_segmenter(args.segmenter, device=device, threshold=args.threshold, provider=args.provider)
+    source = _segmenter_source(args)
+    seg = load_segmenter(source, device=device, threshold=args.threshold, provider=args.provider)
     model = None
     if args.model is not None:
         from conceptseg.models import load_model
 
-        model = load_model(args.model, device=device, dtype=args.dtype)
+        model = load_model(_model_source(args, from_run=False), device=device, dtype=args.dtype)
     if args.example is not None and not Path(args.example).is_file():
         raise FileNotFoundError(f"example image {args.example} not found")
-    server = make_server(App(seg, model, args.example, str(args.segmenter)), args.host, args.port)
+    server = make_server(App(seg, model, args.example, source), args.host, args.port)
     host, port = server.server_address[:2]
-    print(f"conceptseg serving {args.segmenter} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+    print(f"conceptseg serving {source} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -292,12 +340,15 @@ def _cmd_serve(args) -> None:
 
 
 def _cmd_share(args) -> None:
-    from conceptseg.segmenter.card import best_row, model_card
+    from conceptseg.runs import pick_segmenter, require_run, segmenter_of_run
+    from conceptseg.segmenter.card import model_card
     from conceptseg.segmenter.predict import load_segmenter
 
-    row = args.row or best_row(args.run)
-    seg = load_segmenter(Path(args.run) / "segmenter" / row / "model")
-    card = model_card(args.run, row)
+    run = require_run(args.run)
+    picked = pick_segmenter(run, args.row) if args.row else segmenter_of_run(args.run)
+    seg = load_segmenter(_say(args, picked))
+    card = model_card(run, picked.row)
+    row = picked.row
     print(f"saved {row} with its model card: {seg.save_pretrained(args.out, card)}")
     if args.push_to_hub:
         print(f"pushed: {seg.push_to_hub(args.push_to_hub, card, private=args.private)}")
@@ -358,16 +409,42 @@ def _add_gmm_arg(s) -> None:
                         "thresholds equal to rounding)")
 
 
+# `conceptseg --help` lists the subcommands in these groups, in this order; every subcommand is in one.
+COMMAND_GROUPS = (
+    ("the pipeline's stages", ("run", "plan", "prelim", "finetune", "refine", "synth", "train-seg")),
+    ("using the result", ("segment", "serve", "share", "remove", "composite", "export-onnx")),
+    ("experiments and evaluation", ("demo", "evaluate", "medical", "evaluate-findings", "fid")),
+    ("toy worlds and training", ("toyworld", "train-t2i", "eval-toy-model")),
+)
+
+_DESCRIPTION = ("Foreground/background segmentation of a concept named in words, distilled from a text-to-image\n"
+                "diffusion model without segmentation labels (Dombrowski et al., ICCV 2023).")
+
+
+def _grouped_commands(sub) -> str:
+    """The subcommands under COMMAND_GROUPS' titles, as git and docker list theirs."""
+    helps = {a.dest: a.help or "" for a in sub._choices_actions}  # argparse keeps each add_parser(help=...) here
+    width = max(map(len, helps)) + 2
+    lines = [_DESCRIPTION, ""]
+    for title, names in COMMAND_GROUPS:
+        lines.append(f"{title}:")
+        lines.extend(f"  {name:<{width}}{helps[name]}" for name in names if name in helps)
+        lines.append("")
+    return "\n".join(lines + ["`conceptseg COMMAND --help` shows a command's options."])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conceptseg", description=__doc__)
+    p = argparse.ArgumentParser(prog="conceptseg", usage="conceptseg [-h] [--debug] COMMAND [options]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="conceptseg")
 
     s = sub.add_parser("demo", help="run the pipeline on held-out toy-world images with the embedded model and score it")
     s.add_argument("--out", type=Path, default=Path("runs/demo"))
     s.add_argument("--concept", default="fish", help="toy-world class")
     s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
-    s.add_argument("--model", default=None, help="default: the embedded toy-world model")
+    s.add_argument("--model", default=None, help="default: the embedded toy-world model (embedded:toy; also embedded:toy-v1, embedded:toy-v2)")
+    s.add_argument("--world", choices=["v1", "v2"], default=None, help="toy world to draw (default: the one the embedded model knows; else v1)")
     s.add_argument("--device", default=None)
     s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
@@ -383,7 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    s.add_argument("--clean", action="store_true",
+                   help="once the run has finished, remove the <stage>.old folders (the previous outputs of redone stages)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("plan", help="each stage's predicted peak device memory and disk for a run config, from the model's configs alone")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, as `run` takes it (repeatable)")
+    s.add_argument("--json", action="store_true", help='print {"device_memory_gb": {stage: GB}, "disk_gb": {stage: GB}, ...}')
+    s.add_argument("--device-memory-gb", type=float, default=None,
+                   help="device memory to fit, GiB (default: the visible CUDA device's, else none: no knobs)")
+    s.add_argument("--images", type=int, default=None, help="images to assume where the config's datasets cannot be listed")
+    s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("toyworld", help="generate a procedural known-truth world (images, exact masks, captions or reports)")
     s.add_argument("--out", type=Path, required=True)
@@ -413,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
     s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
+    s.add_argument("--maps", default="cross-attention", choices=["cross-attention", "concept-attention"],
+                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; SD 3.x / FLUX only: "
+                        "several --concept words then compete per pixel and the first is the foreground; "
+                        "docs/concept_attention.md)")
     s.add_argument("--gmm-components", type=int, default=2,
                    help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
     _add_gmm_arg(s)
@@ -439,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-rank", type=int, default=8)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
-    _add_clip_arg(s, 1.0)
+    _add_clip_arg(s, None)
     s.add_argument("--gradient-checkpointing", action="store_true")
     s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
@@ -513,8 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train_seg)
 
     s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, cut-outs, new backgrounds")
-    s.add_argument("--segmenter", required=True,
-                   help="folder made by train-seg (OUT/model), a saved or hub segmenter, or an .onnx file from export-onnx")
+    _add_segmenter_args(s, "folder made by train-seg (OUT or OUT/model), a saved or hub segmenter, or an .onnx file from export-onnx")
     s.add_argument("--images", required=True,
                    help="an image file, a folder, a quoted glob ('shots/*.jpg'), or a dataset spec (cub:ROOT) with --split")
     s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
@@ -536,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("export-onnx", help="export a trained segmenter to ONNX, checked against torch")
-    s.add_argument("--segmenter", type=Path, required=True)
+    s.add_argument("--segmenter", required=True, help="segmenter folder (train-seg's OUT or OUT/model, a run's segmenter/<row>, or the run)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=_cmd_export_onnx)
@@ -556,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_composite)
 
     s = sub.add_parser("serve", help="an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /")
-    s.add_argument("--segmenter", required=True, help="segmenter folder, hub id or .onnx file (as for segment)")
+    _add_segmenter_args(s, "segmenter folder, hub id or .onnx file (as for segment)")
     s.add_argument("--model", default=None, help="diffusers folder or hub id: also serve stage 1 (the attention map and M_pre of a word)")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     s.add_argument("--example", type=Path, help="an image the page offers as an example (/?example loads it at once)")
@@ -568,9 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("share", help="a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed")
-    s.add_argument("--run", type=Path, required=True, help="run folder of `conceptseg run` or `demo`")
+    s.add_argument("--run", type=Path, required=True,
+                   help="run folder of `conceptseg run` or `demo` (or its segmenter/<row> folder: that segmenter)")
     s.add_argument("--row", choices=["unet_real", "unet_real_synth", "unet_prelim", "supervised"],
-                   help="which segmenter (default: unet_real_synth if trained, else unet_real)")
+                   help="which segmenter (default: the method's segmenter with the best IoU in the run's metrics.json)")
     s.add_argument("--out", type=Path, required=True, help="folder to write (config.json, model.safetensors, README.md)")
     s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face Hub (needs a login: hf auth login)")
     s.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
@@ -646,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     s.set_defaults(func=_cmd_train_t2i)
+    p.description = _grouped_commands(sub)
     return p
 
 

@@ -6,7 +6,7 @@ stage 1 with each finding's word, per-finding AUC against the boxes for the embe
 and for the toy model it was fine-tuned from, beside the centre prior and a wrong finding's word.
 
 It generates a toy world of one class that the model never saw (seed 1234; the model trained on
-seed 0), runs every stage on its train split with settings reduced to finish in minutes on 2 CPU
+seed 0; world v1 or v2, the one the model knows: `--world`), runs every stage on its train split with settings reduced to finish in minutes on 2 CPU
 cores, and prints the paper's Table 2 for it, scored on the held-out test split against the known
 truth. `--full` uses the paper's settings instead.
 """
@@ -40,14 +40,25 @@ FULL = dict(
 )
 
 
+def demo_world(model: str | None) -> str:
+    """The toy world the demo draws: the one an embedded model was trained on; v1 for other models."""
+    from conceptseg.models import EMBEDDED_MODEL, EMBEDDED_MODELS
+
+    world = EMBEDDED_MODELS.get(str(model or EMBEDDED_MODEL), ("", "v1"))[1]
+    return world if world in ("v1", "v2") else "v1"
+
+
 def demo_config(out: Path, concept: str = "fish", full: bool = False, model: str | None = None,
-                device: str | None = None, seed: int = 1234, num_images: int | None = None) -> RunConfig:
+                device: str | None = None, seed: int = 1234, num_images: int | None = None,
+                world: str | None = None) -> RunConfig:
     settings = FULL if full else REDUCED
     data = Path(out) / "data"
     generate(data, num_images or settings["num_images"], seed=seed, progress=False,
-             config=ToyWorldConfig(classes=(concept,), background_fraction=0.0, multi_object_fraction=0.0))
+             config=ToyWorldConfig(world=world or demo_world(model), classes=(concept,), background_fraction=0.0,
+                                   multi_object_fraction=0.0))
+    # untuned_row: the ablation that shows what stage 2 adds (M with the model before fine-tuning)
     return RunConfig(concept=[concept], images=f"imagefolder:{data}", split="train", test_images=f"imagefolder:{data}",
-                     test_split="test", out=str(out), model=model, device=device,
+                     test_split="test", out=str(out), model=model, device=device, untuned_row=True,
                      **{k: v for k, v in settings.items() if k != "num_images"})
 
 

@@ -10,8 +10,8 @@ Images and M_pre are augmented jointly (short side to the model's resolution, ra
 the mask comes to the latent grid by 8x8 mean-pool + round). The whole denoiser (UNet or
 transformer) is trained (the paper) or LoRA adapters (peft); VAE and text encoders are frozen; EMA
 on; AdamW 1e-4 constant (a rate that does not depend on `steps`, so a run whose `steps` grows
-continues from its last checkpoint); gradients clipped to norm 1 (`max_grad_norm`, diffusers'
-default). A step is one optimiser update (of `gradient_accumulation` micro-batches).
+continues from its last checkpoint); gradients unclipped as in the paper's code (`max_grad_norm`
+clips them; diffusers' scripts use 1). A step is one optimiser update (of `gradient_accumulation` micro-batches).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from conceptseg.families.base import select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
 from conceptseg.report import picture_grid
 from conceptseg.schedules import TrainingBatch
-from conceptseg.settings import execution_setting
+from conceptseg.settings import added_setting, execution_setting
 from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Precision, TrainLog, adapter_checkpoints,
                                  check_finite, checkpoint_settings, step_rng, trainer_accelerator, with_ema_weights)
 
@@ -195,7 +195,9 @@ class FinetuneConfig:
     lora_rank: int = 8
     mixed_precision: str = "no"
     gradient_accumulation: int = 1  # micro-batches per optimiser step
-    max_grad_norm: float | None = 1.0  # clip gradients to this norm (diffusers' default); None: no clipping
+    # clip gradients to this norm; None (the paper's reference code, and what earlier runs did): no
+    # clipping; 1.0 is diffusers' training scripts' default
+    max_grad_norm: float | None = added_setting(None)
     gradient_checkpointing: bool = execution_setting(False)
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
     # >0: precompute this many augmented views per image and encode them once (faster), then train on

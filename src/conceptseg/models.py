@@ -19,6 +19,14 @@ from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 EMBEDDED_MODEL = "embedded:toy"
 EMBEDDED_CHEST_MODEL = "embedded:chest"  # the toy model fine-tuned on chest-world reports (docs/medical.md)
+# The models that ship with the package: name -> (assets folder, the toy world it knows). "embedded:toy"
+# is the default; "toy-v1" / "toy-v2" name a version (docs/toy_model.md).
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    EMBEDDED_MODEL: ("toy_model", "v1"),
+    "embedded:toy-v1": ("toy_model", "v1"),
+    "embedded:toy-v2": ("toy_model_v2", "v2"),
+    EMBEDDED_CHEST_MODEL: ("chest_model", "chest"),
+}
 # A LoRA fine-tune (stage 2) is saved as diffusers' LoRA weights file plus this note of its base model.
 LORA_CONFIG_FILE = "conceptseg_lora.json"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -30,6 +38,13 @@ class ModelLoadError(RuntimeError):
 
 def embedded_model_path(name: str = "toy_model") -> Path:
     return Path(str(resources.files("conceptseg") / "assets" / name))
+
+
+def embedded_folder(model: str | Path | None) -> Path | None:
+    """The assets folder of an embedded model name (None: the default), or None for any other model."""
+    if model is not None and str(model) not in EMBEDDED_MODELS:
+        return None
+    return embedded_model_path(EMBEDDED_MODELS[str(model or EMBEDDED_MODEL)][0])
 
 
 def default_device() -> torch.device:
@@ -196,10 +211,11 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
     torch_dtype = resolve_dtype(dtype, device)
     if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
         return _load_lora(Path(model), device, torch_dtype)
-    if model is None or str(model) in (EMBEDDED_MODEL, EMBEDDED_CHEST_MODEL):
-        path = embedded_model_path("chest_model" if str(model) == EMBEDDED_CHEST_MODEL else "toy_model")
+    if embedded_folder(model) is not None:
+        path = embedded_folder(model)
         if not path.is_dir():
-            raise ModelLoadError(f"the embedded default model is not installed at {path}; pass --model")
+            raise ModelLoadError(f"the embedded model {model or EMBEDDED_MODEL} is not installed at {path}; pass --model "
+                                 f"(installed: {', '.join(n for n, (d, _) in EMBEDDED_MODELS.items() if embedded_model_path(d).is_dir())})")
         source, local = str(model or EMBEDDED_MODEL), True
     else:
         path = Path(model)
@@ -278,14 +294,14 @@ TOY_WORLD_WARNING = (
 def warn_if_not_toy_world(model: DiffusionModel, sizes) -> bool:
     """Warn (once per call site) when the embedded model meets an image that is not a toy-world image;
     `sizes` are (width, height) pairs. Returns whether it warned."""
-    if model.source != EMBEDDED_MODEL:
+    if EMBEDDED_MODELS.get(model.source, ("", "chest"))[1] == "chest":  # only the toy-world models
         return False
     limit = 2 * model.resolution
     for w, h in sizes:
         if w != h or w > limit:
             import warnings
 
-            warnings.warn(TOY_WORLD_WARNING.format(model=EMBEDDED_MODEL, size=(w, h), limit=limit), UserWarning, stacklevel=3)
+            warnings.warn(TOY_WORLD_WARNING.format(model=model.source, size=(w, h), limit=limit), UserWarning, stacklevel=3)
             return True
     return False
 

@@ -7,11 +7,14 @@
     segmenter/  stage 5: U-Nets on (D, M_pre), (D, M), (D, M) + (D', D'_m), and on truth if known
     eval/       stage 6: each segmenter applied to the test images, every row scored; metrics.json
 
-A stage whose outputs are complete and whose settings are unchanged is skipped; per-image stages
-resume image by image; trainers resume from their last checkpoint. Each stage's fingerprint (its
-settings, its input images, and the fingerprints of the stages it reads) is kept in `stages.json`;
-a stage whose fingerprint changed is redone, its old folder kept beside it as `<name>.old`, and so
-is every stage downstream of it.
+The run is a graph of declared stages (`Stage`: its config, the values the run resolved, its inputs
+and the stages it reads). A stage whose outputs are complete and whose fingerprint is unchanged is
+skipped; per-image stages resume image by image; trainers resume from their last checkpoint. One
+function (`fingerprint`) computes a stage's fingerprint from the same resolved settings its manifest
+records (the model's content identity, the dtype `auto` became on this device; `settings`), its
+input files and the fingerprints of the stages it reads; `stages.json` keeps them. A stage whose
+fingerprint changed is redone, and so is every stage downstream of it; its old folder is kept
+beside it as `<name>.old` (one per stage: the next redo replaces it; `run --clean` removes them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +33,21 @@ from typing import Any
 import torch
 import yaml
 
-from conceptseg import distributed
-from conceptseg.data.readers import Sample, list_samples
+from conceptseg import distributed, models
+from conceptseg.data.readers import Sample, keyed_apart, list_samples
 from conceptseg.finetune import FinetuneConfig
 from conceptseg.io import SettingsChanged, library_versions, write_json
 from conceptseg.prelim import PrelimConfig
 from conceptseg.refine import RefineConfig
 from conceptseg.segmenter.train import TrainSegConfig
-from conceptseg.settings import output_settings
+from conceptseg.settings import resolved_settings
 from conceptseg.synth import SynthConfig
 
 ROW_NAMES = {
     "prelim": "preliminary masks M_pre",
     "crop": "crop-paste inpainting M_crop",
     "unet_prelim": "U-Net on (D, M_pre)",
+    "untuned": "refined masks M, model not fine-tuned",
     "refined": "refined masks M",
     "unet_real": "U-Net on D_s",
     "unet_real_synth": "U-Net on D_s + D'_s",
@@ -73,6 +78,7 @@ class FinetuneSection:
     lora_rank: int = _default(FinetuneConfig, "lora_rank")
     mixed_precision: str = _default(FinetuneConfig, "mixed_precision")
     gradient_accumulation: int = _default(FinetuneConfig, "gradient_accumulation")
+    max_grad_norm: float | None = _default(FinetuneConfig, "max_grad_norm")
     gradient_checkpointing: bool = _default(FinetuneConfig, "gradient_checkpointing")
     optimizer: str = _default(FinetuneConfig, "optimizer")
     latent_cache: int = _default(FinetuneConfig, "latent_cache")
@@ -139,6 +145,9 @@ class RunConfig:
     test_split: str = "test"
     eval_protocol: str = "paper"  # "paper": short side to segmenter.input_size, centre crop (METHOD.md §5); "full": whole image
     baselines: bool = True  # the M_crop row
+    # the ablation that shows stage 2: M with the model BEFORE fine-tuning (same prompt, sampler and
+    # seeds as M), on the test images; its inpaintings sit in untuned/background beside refine/'s
+    untuned_row: bool = False
     prelim: PrelimSection = field(default_factory=PrelimSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     refine: RefineSection = field(default_factory=RefineSection)
@@ -197,59 +206,140 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# ---------------------------------------------------------------- the stage graph
+
+@dataclass
+class Stage:
+    """One stage of `conceptseg run`, as the run declares it.
+
+    What decides its outputs: `config`'s output settings and `resolved`, the values the run resolved
+    (the model, the dtype `auto` became), both recorded as its manifest records them
+    (`settings.resolved_settings`); `inputs` (its input files' keys and sizes, ...); and `upstream`,
+    the stages whose outputs it reads. `run` makes its outputs in `folder`, resuming what is there."""
+
+    name: str
+    folder: Path
+    run: Callable[[], Any]
+    config: Any = None
+    resolved: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    upstream: tuple[str, ...] = ()
+
+
+def fingerprint(stage: Stage, run_folder: Path, upstream: list[str | None]) -> str:
+    """The one definition of what a stage depends on: its resolved settings (paths relative to the
+    run folder, so a moved run keeps them), its inputs and its upstream stages' fingerprints."""
+    settings = resolved_settings(stage.config, run_folder, **stage.resolved)
+    return _digest({"settings": settings, "inputs": stage.inputs, "upstream": upstream})
+
+
+STALE = "stale"  # the ledger's mark on a stage downstream of a redone one: it matches no fingerprint
+
+
+class Ledger:
+    """`stages.json`: per stage, its fingerprint, its folder (relative to the run) and the stages it
+    reads. A redone stage marks every stage downstream of it stale, on disk at once, so they are
+    redone too, even by a later run if this one is interrupted."""
+
+    def __init__(self, run_folder: Path):
+        self.path = run_folder / "stages.json"
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        # a bare string is the entry of a run made before folders and upstream stages were recorded
+        self.entries: dict[str, dict] = {name: e if isinstance(e, dict) else {"fingerprint": e} for name, e in data.items()}
+
+    def fingerprint(self, name: str) -> str | None:
+        return self.entries.get(name, {}).get("fingerprint")
+
+    def record(self, name: str, fingerprint: str, folder: str, upstream: tuple[str, ...]) -> None:
+        self.entries[name] = {"fingerprint": fingerprint, "folder": folder, "upstream": list(upstream)}
+
+    def downstream(self, name: str) -> list[str]:
+        """Every recorded stage that reads `name`, directly or through others."""
+        found: list[str] = []
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            for other, entry in self.entries.items():
+                if current in entry.get("upstream", ()) and other not in found:
+                    found.append(other)
+                    frontier.append(other)
+        return found
+
+    def mark_downstream_stale(self, name: str) -> None:
+        for other in self.downstream(name):
+            self.entries[other]["fingerprint"] = STALE
+        self.save()
+
+    def folders(self) -> list[str]:
+        return [e["folder"] for e in self.entries.values() if "folder" in e]
+
+    def save(self) -> None:
+        write_json(self.path, self.entries)
+
+
 # ---------------------------------------------------------------- the run
 
 class Run:
-    def __init__(self, cfg: RunConfig, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+    """`conceptseg run`: the stages of one config into its run folder. `clean`: once the run has
+    finished, remove the `<stage>.old` folders that redone stages left."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True, clean: bool = False):
+        self.cfg, self.progress, self.clean = cfg, progress, clean
         self.out = Path(cfg.out)
         self.timings: dict[str, float] = {}
         self.counts: dict[str, Any] = {}
         self.folders: dict[str, Path] = {}
         self.peak_cuda_mb: dict[str, float] = {}
         self._model = None
-        ledger = self.out / "stages.json"
-        self.fingerprints: dict[str, str] = json.loads(ledger.read_text()) if ledger.exists() else {}
+        self._current = ""  # the stage running now
+        self.ledger = Ledger(self.out)
+        # resolved once, here: what the stages run on and what their fingerprints record
+        self.device = torch.device(cfg.device or distributed.device())
+        self.dtype = models.resolve_dtype(cfg.dtype, self.device)
 
     @property
     def model(self):
-        from conceptseg.models import load_model
-
         if self._model is None:
-            self._model = load_model(self.cfg.model, device=self.cfg.device or distributed.device(), dtype=self.cfg.dtype)
+            self._model = models.load_model(self.cfg.model, device=self.device, dtype=self.dtype)
         return self._model
 
-    def _stage(self, name: str, fn, folder: Path, config, inputs: dict | None = None, upstream: tuple[str, ...] = ()):
-        """Run one stage into `folder`. Its fingerprint is the stage config's output settings (the
-        same definition its manifest records: `settings.output_settings`, paths relative to the run
-        folder), `inputs` (input files' names and sizes, ...) and the upstream stages' fingerprints.
-        If it differs from the last run's, the folder is moved aside first: the stage starts over."""
-        settings = output_settings(config, self.out) if config is not None else {}
-        fingerprint = _digest({"settings": settings, "inputs": inputs or {}, "upstream": [self.fingerprints[u] for u in upstream]})
-        old = self.fingerprints.get(name)
-        self.fingerprints[name] = fingerprint
-        self.folders[name] = folder
+    def _stage(self, stage: Stage):
+        """Run one stage into its folder. A fingerprint that differs from the ledger's (or an entry
+        marked stale) means the stage starts over: its folder is moved aside, and every stage
+        downstream of it is marked stale."""
+        fp = fingerprint(stage, self.out, [self.ledger.fingerprint(u) for u in stage.upstream])
+        old = self.ledger.fingerprint(stage.name)
+        self.folders[stage.name] = stage.folder
         if distributed.is_main():
-            print(f"\n== {name}", flush=True)
-            if old is not None and old != fingerprint and folder.exists():
-                print(f"{name}: settings or inputs changed, redoing it (the old outputs are in {folder.name}.old)")
-                _move_aside(folder)
-            write_json(self.out / "stages.json", self.fingerprints)  # before running: an interrupted stage resumes
+            print(f"\n== {stage.name}", flush=True)
+            if old is not None and old != fp:
+                if stage.folder.exists():
+                    self._set_aside(stage.name, stage.folder, "a stage it reads was redone" if old == STALE
+                                    else "settings or inputs changed")
+                self.ledger.mark_downstream_stale(stage.name)
+            self.ledger.record(stage.name, fp, stage.folder.relative_to(self.out).as_posix(), stage.upstream)
+            self.ledger.save()  # before running: an interrupted stage resumes
         distributed.barrier()
+        self._current = stage.name
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        result = fn()
+        result = stage.run()
         distributed.barrier()
-        self.timings[name] = round(time.perf_counter() - t0, 2)
+        self.timings[stage.name] = round(time.perf_counter() - t0, 2)
         if cuda:
-            self.peak_cuda_mb[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.peak_cuda_mb[stage.name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if result is not None:
-            self.counts[name] = result
+            self.counts[stage.name] = result
         if distributed.is_main():
             self._write_manifest()
         return result
+
+    def _set_aside(self, name: str, folder: Path, reason: str) -> None:
+        _move_aside(folder)
+        print(f"{name}: {reason}; redoing it. Its previous outputs are in {folder.name}.old (one per stage: the next "
+              f"redo replaces it; `conceptseg run --clean` removes it)", flush=True)
 
     def _write_manifest(self) -> None:
         write_json(self.out / "manifest.json", {"config": asdict(self.cfg), "versions": library_versions(),
@@ -257,11 +347,10 @@ class Run:
                                                  "disk_bytes": {k: _disk_use(f) for k, f in self.folders.items()},
                                                  "peak_cuda_mb": self.peak_cuda_mb})
 
-    @staticmethod
-    def _per_image(run_stage, **kwargs):
+    def _per_image(self, run_stage, **kwargs):
         """A per-image stage, sharded over processes. Its manifest's settings and the stage's
         fingerprint are one definition, so a folder holding other settings means the ledger was
-        lost or edited: the folder is moved aside and the stage redone."""
+        lost or edited: the folder is moved aside and the stage redone, and so is all downstream."""
         kwargs["shard"] = distributed.shard()
         out = Path(kwargs["out"])
         try:
@@ -269,8 +358,8 @@ class Run:
         except SettingsChanged as e:
             distributed.barrier()
             if distributed.is_main():
-                print(f"{e}; redoing it (the old outputs are in {out.name}.old)")
-                _move_aside(out)
+                self._set_aside(self._current, out, str(e).split(";")[0])
+                self.ledger.mark_downstream_stale(self._current)
             distributed.barrier()
             result = run_stage(**kwargs)
         distributed.finish_per_image_stage(out)
@@ -282,55 +371,90 @@ class Run:
         return out / "model" if (out / "model").exists() else train()
 
     def execute(self) -> dict:
+        """Every stage in order, each skipped, resumed or redone as its fingerprint says; the rows
+        scored where the test images have truth (the metrics returned; {} when none is scored)."""
+        from conceptseg.plan import check_fits
+
+        check_fits(self.cfg)  # a config whose plan exceeds the visible GPU is refused up front, naming the knobs
+        self.out.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            _remove_temporaries(self.out)
+        distributed.barrier()
+        train, test = self._samples()
+        tuned = self._stages_1_to_4(train, test)
+        seg_dirs = self._segmenters(train)
+        metrics = self._segment_and_score(test, seg_dirs, tuned) if test else {}
+        if self.clean and distributed.is_main():
+            self.remove_old_outputs()
+        distributed.barrier()
+        return metrics
+
+    def remove_old_outputs(self) -> list[Path]:
+        """Delete the `<stage>.old` folders that redone stages left (`conceptseg run --clean`)."""
+        removed = [self.out / f"{folder}.old" for folder in self.ledger.folders() if (self.out / f"{folder}.old").is_dir()]
+        for old in removed:
+            shutil.rmtree(old)
+        if removed:
+            print(f"removed the previous outputs of redone stages: {', '.join(p.relative_to(self.out).as_posix() for p in removed)}")
+        return removed
+
+    def _samples(self) -> tuple[list[Sample], list[Sample]]:
+        """D and the test images, keyed apart where their file names collide (`readers.keyed_apart`)."""
+        cfg = self.cfg
+        train = list_samples(cfg.images, cfg.split)
+        test = keyed_apart(train, list_samples(cfg.test_images, cfg.test_split)) if cfg.test_images else []
+        self.counts["images"] = {"train": len(train), "test": len(test)}
+        return train, test
+
+    def _stages_1_to_4(self, train: list[Sample], test: list[Sample]):
+        """prelim, finetune, refine, crop, synth; returns the fine-tuned model."""
         from conceptseg.finetune import finetune
-        from conceptseg.models import load_model
         from conceptseg.prelim import run_prelim
         from conceptseg.refine import run_refine
-        from conceptseg.segmenter.predict import load_segmenter, run_segment
-        from conceptseg.segmenter.train import train_segmenter
 
         cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        if distributed.is_main():
-            _remove_temporaries(out)
-        distributed.barrier()
-        train = list_samples(cfg.images, cfg.split)
-        test = list_samples(cfg.test_images, cfg.test_split) if cfg.test_images else []
         train_keys = {s.key for s in train}
-        clashing = [s.key for s in test if s.key in train_keys and s.image not in {t.image for t in train if t.key == s.key}]
-        if clashing:
-            raise ValueError(f"train and test images share keys but are different files (e.g. {clashing[:3]}): outputs are "
-                             "named by key; give the test images a dataset spec or folder whose names differ")
-        both = train + [s for s in test if s.key not in train_keys]
-        self.counts["images"] = {"train": len(train), "test": len(test)}
-        train_list, test_list = _file_list(train), _file_list(test)  # (key, size): inputs to fingerprints
+        both = train + [s for s in test if s.key not in train_keys]  # a key shared by both is one file
+        images, train_list, test_list = {"images": _file_list(both)}, {"images": _file_list(train)}, {"images": _file_list(test)}
+        run_dtype = {"dtype": self.dtype}  # the stages that run a model at the run's dtype
 
         prelim_cfg = PrelimConfig(cfg.concept, prompt=cfg.prompt, **asdict(cfg.prelim))
-        self._stage("prelim", lambda: self._per_image(run_prelim, model=self.model, images=both, out=out / "prelim",
-                                                      config=prelim_cfg, progress=self.progress),
-                    out / "prelim", prelim_cfg, {"model": cfg.model, "dtype": cfg.dtype, "images": _file_list(both)})
+        self._stage(Stage("prelim", out / "prelim", lambda: self._per_image(
+            run_prelim, model=self.model, images=both, out=out / "prelim", config=prelim_cfg, progress=self.progress),
+            prelim_cfg, {"model": cfg.model, **run_dtype}, images))
         ft_cfg = FinetuneConfig(cfg.concept, images=train, prelim=out / "prelim", out=out / "finetune", model=cfg.model,
                                 prompt=cfg.prompt, progress=self.progress, **asdict(cfg.finetune))
-        tuned_dir = self._stage("finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)), out / "finetune",
-                                dataclasses.replace(ft_cfg, images=[]), {"images": train_list}, upstream=("prelim",))
-        tuned = load_model(tuned_dir, device=self.model.device, dtype=self.model.dtype)
+        tuned_dir = self._stage(Stage("finetune", out / "finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)),
+                                      dataclasses.replace(ft_cfg, images=[]), {"model": cfg.model}, train_list, ("prelim",)))
+        tuned = models.load_model(tuned_dir, device=self.device, dtype=self.dtype)
         refine_cfg = RefineConfig(**asdict(cfg.refine))
-        self._stage("refine", lambda: self._per_image(run_refine, model=tuned, images=both, prelim_dir=out / "prelim",
-                                                      out=out / "refine", config=refine_cfg, progress=self.progress),
-                    out / "refine", refine_cfg, {"images": _file_list(both)}, upstream=("prelim", "finetune"))
+        self._stage(Stage("refine", out / "refine", lambda: self._per_image(
+            run_refine, model=tuned, images=both, prelim_dir=out / "prelim", out=out / "refine", config=refine_cfg,
+            progress=self.progress), refine_cfg, run_dtype, images, ("prelim", "finetune")))
         if cfg.baselines and test:
             crop_cfg = dataclasses.replace(refine_cfg, inpainter="crop")
-            self._stage("crop", lambda: self._per_image(run_refine, model=None, images=test, prelim_dir=out / "prelim",
-                                                        out=out / "crop", config=crop_cfg, progress=self.progress),
-                        out / "crop", crop_cfg, {"images": test_list}, upstream=("prelim",))
+            self._stage(Stage("crop", out / "crop", lambda: self._per_image(
+                run_refine, model=None, images=test, prelim_dir=out / "prelim", out=out / "crop", config=crop_cfg,
+                progress=self.progress), crop_cfg, {}, test_list, ("prelim",)))
+        if cfg.untuned_row and test:  # the same refinement with the model before fine-tuning
+            self._stage(Stage("untuned", out / "untuned", lambda: self._per_image(
+                run_refine, model=self.model, images=test, prelim_dir=out / "prelim", out=out / "untuned", config=refine_cfg,
+                progress=self.progress), refine_cfg, {"model": cfg.model, **run_dtype}, test_list, ("prelim",)))
         if cfg.synth.num > 0:
             sy = cfg.synth
             synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, guidance=sy.guidance,
                                     refine=refine_cfg, prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
             # grows by index: a larger `num` keeps the images made so far (num is not an output setting)
-            self._stage("synth", lambda: self._synth(tuned, synth_cfg), out / "synth", synth_cfg, upstream=("finetune",))
+            self._stage(Stage("synth", out / "synth", lambda: self._synth(tuned, synth_cfg), synth_cfg, run_dtype,
+                              upstream=("finetune",)))
+        return tuned
 
-        # stage 5: one U-Net per training set
+    def _segmenters(self, train: list[Sample]) -> dict[str, Path]:
+        """Stage 5: one U-Net per training set; their folders by row name."""
+        from conceptseg.segmenter.train import train_segmenter
+
+        cfg, out = self.cfg, self.out
+
         def pairs(mask_dir: Path) -> list[Sample]:
             return [dataclasses.replace(s, mask=mask_dir / f"{s.key}.png") for s in train]
 
@@ -351,18 +475,22 @@ class Run:
         seg_dirs = {}
         for name, (data, upstream, data_inputs) in train_sets.items():
             seg_cfg = TrainSegConfig(data=data, out=out / "segmenter" / name, progress=self.progress, **sg)
-            seg_dirs[name] = self._stage(f"segmenter/{name}", lambda c=seg_cfg: self._trainer(c.out, lambda: train_segmenter(c)),
-                                         seg_cfg.out, dataclasses.replace(seg_cfg, data=[]), {**data_inputs, "images": train_list},
-                                         upstream=upstream)
+            seg_dirs[name] = self._stage(Stage(f"segmenter/{name}", seg_cfg.out,
+                                               lambda c=seg_cfg: self._trainer(c.out, lambda: train_segmenter(c)),
+                                               dataclasses.replace(seg_cfg, data=[]), {},
+                                               {**data_inputs, "images": _file_list(train)}, upstream))
+        return seg_dirs
 
-        if not test:
-            return {}
-        # stage 6: segment the test images, score every row that has truth to score against
+    def _segment_and_score(self, test: list[Sample], seg_dirs: dict[str, Path], tuned) -> dict:
+        """Stage 6: segment the test images, score every row that has truth to score against."""
+        from conceptseg.segmenter.predict import load_segmenter, run_segment
+
+        cfg, out = self.cfg, self.out
         for name, folder in seg_dirs.items():
-            seg = load_segmenter(folder, device=self.model.device)
-            self._stage(f"segment/{name}", lambda s=seg, n=name: self._per_image(
+            seg = load_segmenter(folder, device=self.device)
+            self._stage(Stage(f"segment/{name}", out / "eval" / name, lambda s=seg, n=name: self._per_image(
                 run_segment, segmenter=s, images=test, out=out / "eval" / n, progress=self.progress),
-                out / "eval" / name, None, {"images": test_list}, upstream=(f"segmenter/{name}",))
+                inputs={"images": _file_list(test)}, upstream=(f"segmenter/{name}",)))
         metrics = {}
         scorable = [s for s in test if s.mask is not None or s.box is not None]
         if distributed.is_main() and scorable:  # scoring and the report are one process's job
@@ -387,7 +515,6 @@ class Run:
         return str(out)
 
     def _filtered_synth(self, train: list[Sample]) -> list[Sample]:
-        from conceptseg.data.readers import list_samples
         from conceptseg.synth_filter import FILTERS, plausible
 
         if self.cfg.synth.filter not in FILTERS:
@@ -409,7 +536,8 @@ class Run:
         run's protocol; metrics.json holds the rows, what each was scored on, and the protocol."""
         from conceptseg.evaluate import evaluate_samples
 
-        rows = {"prelim": self.out / "prelim", "crop": self.out / "crop", "refined": self.out / "refine"}
+        rows = {"prelim": self.out / "prelim", "crop": self.out / "crop", "untuned": self.out / "untuned",
+                "refined": self.out / "refine"}
         rows.update({name: self.out / "eval" / name for name in seg_dirs})
         metrics = {}
         for key in ROW_NAMES:

@@ -25,11 +25,12 @@ from PIL import Image
 
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
+from conceptseg.concept_attention import MAP_KINDS, check_supports_concept_attention, embed_concepts, foreground_map
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
 from conceptseg.joint_attention import NORMALISATIONS
 from conceptseg.models import DiffusionModel, warn_if_not_toy_world
 from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
-from conceptseg.settings import execution_setting, stage_settings
+from conceptseg.settings import added_setting, execution_setting, stage_settings
 from conceptseg.thresholding import GMM_METHODS, binarize, binarize_maps
 
 
@@ -45,6 +46,10 @@ class PrelimConfig:
     # flow-matching families (SD 3.x, FLUX.1) only; docs/families.md
     sigma_grid: str = "sampler"  # T0 smallest sigmas of the default sampler's 50-step grid, or "uniform" k/50
     joint_attention: str = "text"  # image-to-text block renormalised over text keys, or "joint" softmax columns
+    # "cross-attention" (the paper's; default) or "concept-attention" (ConceptAttention, SD 3.x / FLUX.1 only:
+    # docs/concept_attention.md); there several words compete per pixel and the first is the foreground
+    maps: str = added_setting("cross-attention")
+    concept_layers: tuple[int, ...] | None = added_setting(None)  # concept-attention: joint blocks averaged (None: all; -1: the last)
     # the GMM fit: "sklearn" or "torch" (the same algorithm and k-means start, EM on the maps' device;
     # thresholds equal to rounding, so, like compile, not an output setting: thresholding.py)
     gmm: str = execution_setting("sklearn")
@@ -67,6 +72,12 @@ class PrelimConfig:
             raise ValueError(f"unknown sigma grid {self.sigma_grid!r}; use one of {', '.join(SIGMA_GRIDS)}")
         if self.joint_attention not in NORMALISATIONS:
             raise ValueError(f"unknown joint attention reading {self.joint_attention!r}; use one of {', '.join(NORMALISATIONS)}")
+        if self.maps not in MAP_KINDS:
+            raise ValueError(f"unknown map kind {self.maps!r}; use one of {', '.join(MAP_KINDS)}")
+        if self.maps == "concept-attention" and self.compile:
+            raise ValueError("compile is not available with concept-attention maps; drop --compile")
+        if self.concept_layers is not None:
+            self.concept_layers = tuple(int(i) for i in self.concept_layers)
         if self.gmm not in GMM_METHODS:
             raise ValueError(f"unknown GMM method {self.gmm!r}; use one of {', '.join(GMM_METHODS)}")
 
@@ -184,7 +195,15 @@ class PrelimRunner:
 
     def __init__(self, model: DiffusionModel, config: PrelimConfig):
         self.model, self.config = model, config
-        self.token_groups = model.concept_token_positions(config.full_prompt, config.concept)
+        self.capture_options = {"normalisation": config.joint_attention}
+        if config.maps == "concept-attention":
+            check_supports_concept_attention(model)
+            # one concept token per word: the groups index the concept tokens, not the prompt
+            self.token_groups = [[i] for i in range(len(config.concept))]
+            self.capture_options.update(maps=config.maps, concepts=embed_concepts(model, config.concept),
+                                        concept_layers=config.concept_layers)
+        else:
+            self.token_groups = model.concept_token_positions(config.full_prompt, config.concept)
         self.timesteps = model.noise_levels(config.steps, config.sigma_grid)  # sigmas for flow models
         self.cond = model.text_conditioning(config.full_prompt)
         self.forward, self.pad_to = None, None
@@ -216,9 +235,12 @@ class PrelimRunner:
         canvases, latents, noise = self.encode(images, keys)
         maps = attention_maps(m, latents, self.cond, self.token_groups, self.timesteps, noise, cfg.batch_size,
                               forward=self.forward, pad_to=self.pad_to, channels_last=cfg.channels_last,
-                              normalisation=cfg.joint_attention)
-        maps = maps.sum(1)  # several words: their maps are summed
+                              **self.capture_options)
         valid = [c.valid(lat) for c in canvases]
+        if cfg.maps == "concept-attention":  # the words compete (softmax) and the first is the foreground
+            maps = foreground_map(maps, 1, len(cfg.concept) > 1, np.stack(valid))
+        else:
+            maps = maps.sum(1)  # several words: their maps are summed
         options = {"orphan": cfg.orphan_filter, "seed": cfg.seed, "components": cfg.gmm_components}
         if cfg.gmm == "torch":  # every map in one fit, where the maps are
             masks = list(binarize_maps(maps, np.stack(valid), method="torch", **options))

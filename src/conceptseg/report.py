@@ -103,6 +103,10 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
             pictures[name] = grid(items)
             save_png(run / f"grid_{name}.png", pictures[name])
 
+    if (run / "untuned" / "background").is_dir():  # stage 2's ablation: the same holes, filled before and after fine-tuning
+        pictures["stage 2 ablation"] = _ablation_grid(run, [item for item in sorted(scored, key=lambda x: x[1].key)][:count])
+        save_png(run / "grid_ablation.png", pictures["stage 2 ablation"])
+
     def embed(a: np.ndarray) -> str:
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, format="PNG")
@@ -114,7 +118,9 @@ def run_report(run_dir, samples, metrics: dict, timings: dict, row_names: dict, 
         + f"<td>{m.get('evaluated', '-')}</td><td>{m.get('missing', '-')}</td></tr>"
         for k, m in metrics.items())
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
-    grids = "".join(f"<h2>{name} test images by IoU of M</h2><img src='{embed(a)}'>" for name, a in pictures.items())
+    captions = {"stage 2 ablation": "stage 2 ablation: the first test images, inpainted by the model before and after fine-tuning"}
+    grids = "".join(f"<h2>{captions.get(name, f'{name} test images by IoU of M')}</h2><img src='{embed(a)}'>"
+                    for name, a in pictures.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>conceptseg run</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
@@ -125,6 +131,22 @@ td:first-child{{text-align:left}}img{{max-width:100%;image-rendering:pixelated}}
 {grids}
 <h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""
     write_text(run / "report.html", page)
+
+
+def _ablation_grid(run, items) -> np.ndarray:
+    """image | M_pre | inpainting by the untuned model | its M | inpainting by the fine-tuned model | M."""
+    from conceptseg.geometry import load_rgb
+
+    rows = []
+    for _, s, truth in items:
+        image = np.asarray(load_rgb(s.image))
+        row = [image, _load_mask(run / "prelim" / "masks" / f"{s.key}.png")]
+        for stage in ("untuned", "refine"):
+            background = run / stage / "background" / f"{s.key}.png"
+            row += [np.asarray(load_rgb(background)) if background.exists() else image,
+                    _load_mask(run / stage / "masks" / f"{s.key}.png")]
+        rows.append([x if x is not None else np.zeros(truth.shape, bool) for x in row])
+    return picture_grid(rows, ["image", "M_pre", "untuned inpainting", "M, untuned", "tuned inpainting", "M"])
 
 
 def line_plot(xs: list[float], series: dict[str, list[float]], title: str, width: int = 480, height: int = 300,

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.data.toyworld import CLASSES, caption_for, render_scene
+from conceptseg.data.toyworld import CLASSES, caption_for, load_rows, render_scene
 from conceptseg.geometry import Canvas, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
 from conceptseg.models import DiffusionModel
@@ -40,6 +40,7 @@ class ToyEvalConfig:
     binding_scenes: int = 100
     parts: tuple[str, ...] = PARTS  # which measurements to make (several processes can split them)
     seed: int = 0
+    world: str | None = None  # toy world of the binding scenes; None: the dataset's (v2 rows record their scene)
 
 
 def _random_init(model: DiffusionModel, seed: int) -> DiffusionModel:
@@ -110,14 +111,14 @@ def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEval
 
 
 @torch.no_grad()
-def _binding(model: DiffusionModel, cfg: ToyEvalConfig, classes, progress: bool) -> float:
+def _binding(model: DiffusionModel, cfg: ToyEvalConfig, classes, world: str, progress: bool) -> float:
     """Mean AUC, over both words of fresh two-object scenes, of a word's map separating its object from the other."""
     timesteps = timestep_grid(cfg.steps)
     aucs = []
     for k in tqdm(range(cfg.binding_scenes), desc="binding", disable=not progress, leave=False):
         rng = np.random.default_rng([cfg.seed, 7, k])
         pair = list(rng.choice(classes, size=2, replace=False))
-        scene = render_scene(rng, pair, size=model.resolution)
+        scene = render_scene(rng, pair, size=model.resolution, world=world)
         if min(m.sum() for m in scene.object_masks) == 0:
             continue
         prompt = caption_for(pair)
@@ -156,7 +157,9 @@ def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | No
     if "classify" in cfg.parts:
         report["class_by_denoising_accuracy"] = _classify(model, images, keys, labels, classes, cfg, progress)
     if "binding" in cfg.parts:
-        report["binding_auc"] = _binding(model, cfg, classes, progress)
+        world = cfg.world or ("v2" if "scene" in load_rows(data_root)[0] else "v1")
+        report["binding_auc"] = _binding(model, cfg, classes, world, progress)
+        report["binding_world"] = world
     if "wrong_word" in cfg.parts:
         wrong = [classes[(classes.index(c) + 1) % len(classes)] for c in labels]
         report["wrong_word"] = _localisation(model, images, keys, truths, wrong, cfg, progress)

@@ -333,15 +333,19 @@ def forget_word_embeddings(text_encoder, tokenizer, words: list[str], seed: int)
 
 def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
     """The model as it stood at `checkpoint` (its EMA weights), without an export per checkpoint:
-    the finished run's `OUT/model` gives the architecture and the frozen parts, the checkpoint's
+    the run's `OUT/model` (or, for a fine-tune not yet finished, its base model) gives the
+    architecture and the frozen parts, the checkpoint's
     ema.safetensors the trained ones, in the order training listed them (UNet, then the text
     encoder when it was trained)."""
     from safetensors.torch import load_file
 
     from conceptseg.models import from_components, load_model
 
-    model = load_model(Path(out) / "model", device="cpu", dtype="fp32")
-    train_te = json.loads((Path(out) / "train_config.json").read_text())["train_text_encoder"]
+    run = json.loads((Path(out) / "train_config.json").read_text())
+    train_te = run["train_text_encoder"]
+    # a fine-tune still running has no export yet: its base model has the same architecture and VAE
+    exported = Path(out) / "model"
+    model = load_model(exported if exported.is_dir() or not run.get("base_model") else run["base_model"], device="cpu", dtype="fp32")
     params = list(model.unet.parameters()) + (list(model.text_encoder.parameters()) if train_te else [])
     shadow = load_file(Path(checkpoint) / "ema.safetensors")
     if len(shadow) != len(params):

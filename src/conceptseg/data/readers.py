@@ -17,7 +17,7 @@ import re
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +387,29 @@ def _check_unique(samples: list[Sample], where: str) -> None:
             raise ValueError(f"{where}: {keys[s.key].image} and {s.image} share the key {s.key!r} (outputs are named "
                              "by key): rename one")
         keys[s.key] = s
+
+
+def keyed_apart(first: list[Sample], second: list[Sample], prefix: str = "test") -> list[Sample]:
+    """`second` keyed so that no key of it names a different file than the same key of `first`
+    (outputs are named by key; e.g. train and test folders that both hold 00001.jpg).
+
+    Where no key collides, `second` is returned as it is: the keys of a single source, or of sources
+    whose names differ, never change. Otherwise each sample of `second` that is not also in `first`
+    (the same file) is keyed `<prefix>_<key>` (`test_00001`, as the Stanford Cars reader keys by split)."""
+    files = {s.key: s.image.resolve() for s in first}
+
+    def clashes(s: Sample) -> bool:
+        return s.key in files and files[s.key] != s.image.resolve()
+
+    if not any(clashes(s) for s in second):
+        return second
+    renamed = [s if files.get(s.key) == s.image.resolve() else replace(s, key=f"{prefix}_{s.key}") for s in second]
+    still = [s for s in renamed if clashes(s)]
+    if still:
+        raise ValueError(f"{still[0].image} and {files[still[0].key]} would both be named {still[0].key!r} (outputs are "
+                         "named by key): rename one")
+    _check_unique(renamed, f"the {prefix} images")
+    return renamed
 
 
 # ---------------------------------------------------------------- masks and boxes

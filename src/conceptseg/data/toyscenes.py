@@ -323,7 +323,8 @@ def caption(rng: np.random.Generator, classes: Sequence[str], scene: str, photo:
 
 
 def render(rng: np.random.Generator, classes: Sequence[str], scene: str, photo: str | None, size: int):
-    """Render a v2 scene; return (image uint8, union mask, object masks, background uint8)."""
+    """Render a v2 scene; return (image uint8, union mask, object masks, the scene without its objects
+    (occluders included) uint8)."""
     from conceptseg.data.toyworld import _draw_object, _paste, _to_u8
 
     if scene == "photo":
@@ -364,7 +365,7 @@ def render(rng: np.random.Generator, classes: Sequence[str], scene: str, photo: 
         occ_col, occ = _occluder(rng, scene, size)
         keep = [o & ~occ for o in masks]
         if all(k.sum() >= 0.6 * o.sum() for k, o in zip(keep, masks)):
-            image[occ] = _to_u8(occ_col[occ])
+            image[occ] = background[occ] = _to_u8(occ_col[occ])  # the occluder belongs to the scene
             masks = keep
     union = np.logical_or.reduce(masks) if masks else np.zeros((size, size), dtype=bool)
     return image, union, masks, background

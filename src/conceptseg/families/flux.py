@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conceptseg.concept_attention import FluxConceptProcessor, capture_concept_attention
 from conceptseg.families.base import FamilyModel, token_positions, tokenize
 from conceptseg.joint_attention import FluxCaptureProcessor, capture_joint_attention
 from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
@@ -99,8 +100,13 @@ class FluxModel(FamilyModel):
                                            img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
-    def capture_attention(self, token_groups, per_level: bool = False, normalisation: str = "text", **options):
+    def capture_attention(self, token_groups, per_level: bool = False, normalisation: str = "text",
+                          maps: str = "cross-attention", concepts=None, concept_layers=None, **options):
+        """The maps of `token_groups` (cross-attention), or with maps="concept-attention" those of the
+        concept embeddings `concepts` (`concept_attention.embed_concepts`) in blocks `concept_layers`."""
         grid = (self.attention_resolution, self.attention_resolution)
+        if maps == "concept-attention":
+            return capture_concept_attention(self.transformer, concepts, grid, FluxConceptProcessor, concept_layers)
         return capture_joint_attention(self.transformer, is_flux_attention,
                                        lambda store: FluxCaptureProcessor(store, self.t5_length, normalisation),
                                        token_groups, grid, per_level=per_level)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from conceptseg.concept_attention import SD3ConceptProcessor, capture_concept_attention
 from conceptseg.families.base import FamilyModel, token_positions, tokenize
 from conceptseg.joint_attention import SD3CaptureProcessor, capture_joint_attention
 from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
@@ -105,8 +106,13 @@ class SD3Model(FamilyModel):
                                 encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1),
                                 pooled_projections=cond.pooled.expand(b, -1), return_dict=False)[0]
 
-    def capture_attention(self, token_groups, per_level: bool = False, normalisation: str = "text", **options):
+    def capture_attention(self, token_groups, per_level: bool = False, normalisation: str = "text",
+                          maps: str = "cross-attention", concepts=None, concept_layers=None, **options):
+        """The maps of `token_groups` (cross-attention), or with maps="concept-attention" those of the
+        concept embeddings `concepts` (`concept_attention.embed_concepts`) in blocks `concept_layers`."""
         grid = (self.attention_resolution, self.attention_resolution)
+        if maps == "concept-attention":
+            return capture_concept_attention(self.transformer, concepts, grid, SD3ConceptProcessor, concept_layers)
         return capture_joint_attention(self.transformer, is_joint_attention,
                                        lambda store: SD3CaptureProcessor(store, normalisation), token_groups, grid,
                                        per_level=per_level)

@@ -12,13 +12,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from conceptseg.models import EMBEDDED_MODEL
 
 
-def best_row(run: Path) -> str:
-    """The segmenter the run's report shows: trained on D_s + D'_s if there is one, else on D_s."""
-    return "unet_real_synth" if (Path(run) / "segmenter" / "unet_real_synth" / "model").exists() else "unet_real"
-
-
 def model_card(run: str | Path, row: str | None = None) -> str:
     from conceptseg.pipeline import ROW_NAMES, format_table
+    from conceptseg.runs import best_row
 
     run = Path(run)
     manifest_path = run / "manifest.json"
@@ -26,7 +22,7 @@ def model_card(run: str | Path, row: str | None = None) -> str:
         raise FileNotFoundError(f"{manifest_path} not found: {run} is not a run folder (made by `conceptseg run` or `demo`)")
     manifest = json.loads(manifest_path.read_text())
     cfg = manifest["config"]
-    row = row or best_row(run)
+    row = row or best_row(run)[0]
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     train_cfg_path = run / "segmenter" / row / "train_config.json"
     train_cfg = json.loads(train_cfg_path.read_text()) if train_cfg_path.exists() else {}
