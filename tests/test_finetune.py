@@ -191,3 +191,86 @@ def test_two_process_cpu_run_with_accelerate_launch(stage1_folder, tmp_path):
     assert (tmp_path / "ddp" / "model" / "unet" / "config.json").exists()
     tuned = load_model(tmp_path / "ddp" / "model", device="cpu")
     assert _unet_delta(tuned, load_model(stage1_folder / "model", device="cpu")) > 0
+
+
+# ---------------------------------------------------------------- checkpoints, steps, resume checks
+
+def test_lora_checkpoint_holds_the_adapters_not_the_frozen_denoiser(stage1_folder, tmp_path):
+    """A LoRA checkpoint holds the adapters and their optimiser and EMA state, none of the frozen
+    UNet; stopped after a checkpoint and resumed, the run equals a straight one."""
+    from safetensors.torch import load_file
+
+    run = dict(method="lora", lora_rank=2, checkpoint_every=1, lr=1e-3)
+    finetune(_cfg(stage1_folder, tmp_path / "resumed", steps=1, **run))
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step-000001"
+    files = sorted(p.name for p in (ckpt / "accelerate").iterdir())
+    assert not [f for f in files if f.startswith(("model", "pytorch_model"))], files  # no denoiser file
+    adapters = load_file(ckpt / "accelerate" / "adapters.safetensors")
+    unet_tensors = len(load_model(stage1_folder / "model", device="cpu").unet.state_dict())
+    assert adapters and all("lora" in k for k in adapters) and len(adapters) < unet_tensors
+    optimiser = torch.load(ckpt / "accelerate" / "optimizer.bin", weights_only=True)
+    assert len(optimiser["state"]) == len(adapters)
+    assert len(load_file(ckpt / "ema.safetensors")) == len(adapters)
+
+    straight = finetune(_cfg(stage1_folder, tmp_path / "straight", steps=2, **run))
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "model")  # as if stopped after the checkpoint of step 1
+    resumed = finetune(_cfg(stage1_folder, tmp_path / "resumed", steps=2, **run))
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)
+
+
+def test_steps_count_optimiser_steps_under_gradient_accumulation(stage1_folder, tmp_path):
+    import json
+
+    finetune(_cfg(stage1_folder, tmp_path / "acc", steps=2, batch_size=1, gradient_accumulation=2))
+    state = json.loads((tmp_path / "acc" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["ema_optimization_step"] == 2  # two optimiser updates, of two micro-batches each
+    log = [json.loads(line) for line in (tmp_path / "acc" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "step" in r] == [1, 2]
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused(stage1_folder, tmp_path):
+    """Refused with one error naming the checkpoint and the setting (a ValueError: CheckpointMismatch)."""
+    out = tmp_path / "ft"
+    finetune(_cfg(stage1_folder, out, steps=1, checkpoint_every=1))
+    ckpt = out / "checkpoints" / "step-000001"
+    with pytest.raises(ValueError, match=r"(?s)step-000001.*lr: 0\.0001 there, 0\.0002 now"):
+        finetune(_cfg(stage1_folder, out, steps=2, lr=2e-4))
+    with pytest.raises(ValueError, match=r"(?s)step-000001.*method: 'full' there, 'lora' now"):
+        finetune(_cfg(stage1_folder, out, steps=2, method="lora"))
+    with pytest.raises(ValueError, match="batch_size"):
+        finetune(_cfg(stage1_folder, out, steps=2, batch_size=1))
+    assert ckpt.exists() and not ckpt.with_name(ckpt.name + ".damaged").exists()  # refused, not set aside
+
+
+def test_latent_cache_changes_the_training_data(stage1_folder, tmp_path):
+    """latent_cache trains on a few fixed views per image instead of a fresh crop and flip each step:
+    the batches differ, so it is an output setting (a run that turns it on is redone)."""
+    from conceptseg.finetune import _Batches
+    from conceptseg.settings import output_settings
+
+    model = load_model(stage1_folder / "model", device="cpu")
+    pairs, _ = collect_pairs(stage1_folder / "images", stage1_folder / "prelim")
+    fresh = _Batches(pairs, model, _cfg(stage1_folder, tmp_path, latent_cache=0), rank=0)(0)
+    cached = _Batches(pairs, model, _cfg(stage1_folder, tmp_path, latent_cache=2), rank=0)(0)
+    assert not torch.allclose(fresh[0], cached[0])
+    assert output_settings(_cfg(stage1_folder, tmp_path, latent_cache=2))["latent_cache"] == 2
+    assert output_settings(_cfg(stage1_folder, tmp_path))["latent_cache"] == 0
+
+
+def test_finetune_clips_gradients_when_asked(stage1_folder, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    calls = []
+    real = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, params, max_norm, *a, **k: calls.append(max_norm) or real(self, params, max_norm, *a, **k))
+    finetune(_cfg(stage1_folder, tmp_path / "clipped", steps=2, batch_size=1, gradient_accumulation=2, max_grad_norm=1.0))
+    assert calls == [1.0, 1.0]  # once per optimiser step, after its micro-batches
+    finetune(_cfg(stage1_folder, tmp_path / "unclipped", steps=1))  # the default: the paper's, no clipping
+    assert calls == [1.0, 1.0]

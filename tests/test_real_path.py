@@ -185,6 +185,7 @@ def test_execution_settings_are_not_output_settings(tmp_path):
     settings = output_settings(ft, tmp_path / "run")
     for execution in ("checkpoint_every", "gradient_checkpointing", "checkpoints_total_limit", "progress"):
         assert execution not in settings
+    assert settings["latent_cache"] == 0  # fixed views instead of a fresh crop and flip each step: other training data
     assert settings["prelim"] == "prelim" and settings["out"] == "finetune"  # relative to the run: a moved run keeps them
     assert settings["steps"] == 1000 and settings["mixed_precision"] == "no"
     synth = output_settings(SynthConfig("bird", num=10, refine=RefineConfig(batch_size=32)))
@@ -270,14 +271,14 @@ def test_the_command_line_defaults_are_the_stage_configs_defaults():
     checked = {
         "prelim": (PrelimConfig, {"steps": "steps", "batch_size": "batch_size", "seed": "seed"}),
         "finetune": (FinetuneConfig, {f: f for f in ("steps", "batch_size", "lr", "method", "lora_rank", "mixed_precision",
-                                                      "gradient_accumulation", "optimizer", "latent_cache", "checkpoint_every",
+                                                      "gradient_accumulation", "max_grad_norm", "optimizer", "latent_cache", "checkpoint_every",
                                                       "checkpoints_total_limit", "nonfinite_loss", "seed")}),
         "refine": (RefineConfig, {"inpaint_steps": "steps", "guidance": "guidance", "samples": "samples", "sampler": "sampler",
                                   "batch_size": "batch_size", "seed": "seed", "difference_to": "difference_to"}),
         "synth": (SynthConfig, {"sample_steps": "steps", "guidance": "guidance", "prelim_steps": "prelim_steps",
                                 "batch_size": "batch_size", "seed": "seed"}),
         "train-seg": (TrainSegConfig, {f: f for f in ("steps", "batch_size", "lr", "lr_schedule", "width", "input_size",
-                                                       "val_fraction", "mixed_precision", "checkpoint_every",
+                                                       "val_fraction", "mixed_precision", "max_grad_norm", "checkpoint_every",
                                                        "checkpoints_total_limit", "nonfinite_loss", "seed")}),
     }
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices

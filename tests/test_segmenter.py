@@ -140,3 +140,16 @@ def test_segment_runs_the_net_on_the_short_side_resized_image_without_grey_bars(
     big = Image.fromarray(wide).resize((320, 64), Image.Resampling.BICUBIC)
     p = seg.probabilities([big, Image.fromarray(odd)])
     assert p[0].shape == (64, 320) and p[1].shape == (32, 150)
+
+
+def test_a_cosine_run_refuses_a_checkpoint_made_for_another_number_of_steps(trained, tmp_path):
+    """The cosine rate at a step depends on `steps`: grown steps cannot continue that schedule."""
+    data, _, _ = trained
+    args = ["train-seg", "--data", str(data), "--out", str(tmp_path / "cos"), "--batch-size", "4", "--width", "4",
+            "--input-size", "32", "--checkpoint-every", "2", "--lr-schedule", "cosine", "--steps"]
+    assert main(args + ["2"]) == 0
+    with pytest.raises(ValueError, match="schedule_steps: 2 there, 4 now"):  # training.CheckpointMismatch
+        from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
+
+        train_segmenter(TrainSegConfig(data=[str(data)], out=tmp_path / "cos", steps=4, batch_size=4, width=4, input_size=32,
+                                       checkpoint_every=2, lr_schedule="cosine", progress=False))

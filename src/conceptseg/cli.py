@@ -39,7 +39,7 @@ def _cmd_train_t2i(args) -> None:
         vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
-        gradient_accumulation=args.gradient_accumulation, sample_prompts=args.sample_prompt or [],
+        gradient_accumulation=args.gradient_accumulation, max_grad_norm=args.max_grad_norm, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
         forget_words=args.forget_word or [], checkpoints_total_limit=args.checkpoints_total_limit or None,
     )
@@ -154,7 +154,7 @@ def _cmd_finetune(args) -> None:
     cfg = FinetuneConfig(
         concept=args.concept, images=args.images, split=args.split, prelim=args.prelim, out=args.out, model=args.model, prompt=args.prompt,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
-        mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
+        mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation, max_grad_norm=args.max_grad_norm,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit or None,
         nonfinite_loss=args.nonfinite_loss, report_to=args.report_to, seed=args.seed,
@@ -200,7 +200,7 @@ def _cmd_train_seg(args) -> None:
 
     cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
-                         mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
+                         mixed_precision=args.mixed_precision, max_grad_norm=args.max_grad_norm, checkpoint_every=args.checkpoint_every,
                          checkpoints_total_limit=args.checkpoints_total_limit or None, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
                          num_workers=args.num_workers)
     print(f"segmenter: {train_segmenter(cfg)}")
@@ -394,6 +394,15 @@ def _limit(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def _norm(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_clip_arg(s, default: float | None) -> None:
+    s.add_argument("--max-grad-norm", type=_norm, default=default,
+                   help=f"clip gradients to this norm ('none': no clipping; default {default})")
+
+
 def _add_gmm_arg(s) -> None:
     s.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
                    help="GMM threshold fit: sklearn, or torch (the same fit, its EM on the model's device; "
@@ -521,11 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["full", "lora"], default="full", help="full UNet (the paper) or LoRA adapters")
     s.add_argument("--lora-rank", type=int, default=8)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    s.add_argument("--gradient-accumulation", type=int, default=1)
+    s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
+    _add_clip_arg(s, None)
     s.add_argument("--gradient-checkpointing", action="store_true")
     s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
-                   help="precompute this many augmented views per image and encode them once (0: encode every step)")
+                   help="precompute this many augmented views per image, encode them once and train on those fixed "
+                        "views (faster; other training data than a fresh crop and flip each step, the default 0)")
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
     s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
@@ -584,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=128)
     s.add_argument("--val-fraction", type=float, default=0.05)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    _add_clip_arg(s, None)
     s.add_argument("--checkpoint-every", type=int, default=1000)
     s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
     s.add_argument("--num-workers", type=int, default=0,
@@ -715,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-every", type=int, default=250)
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    s.add_argument("--gradient-accumulation", type=int, default=1)
+    s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
+    _add_clip_arg(s, 1.0)
     s.add_argument("--sample-prompt", action="append", help="prompt for the sample grid (repeatable)")
     s.add_argument("--sample-guidance", type=float, default=1.0)
     s.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,

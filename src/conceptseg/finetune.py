@@ -9,11 +9,14 @@ timesteps for SD 1.x/2.x and SDXL, the velocity on the flow's sigmas for SD 3.x 
 Images and M_pre are augmented jointly (short side to the model's resolution, random crop, flip;
 the mask comes to the latent grid by 8x8 mean-pool + round). The whole denoiser (UNet or
 transformer) is trained (the paper) or LoRA adapters (peft); VAE and text encoders are frozen; EMA
-on; AdamW 1e-4 constant.
+on; AdamW 1e-4 constant (a rate that does not depend on `steps`, so a run whose `steps` grows
+continues from its last checkpoint); gradients unclipped as in the paper's code (`max_grad_norm`
+clips them; diffusers' scripts use 1). A step is one optimiser update (of `gradient_accumulation` micro-batches).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,14 +29,14 @@ from tqdm.auto import tqdm
 
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
-from conceptseg.io import save_png, write_json
+from conceptseg.io import save_png, write_folder, write_json
 from conceptseg.families.base import select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
 from conceptseg.report import picture_grid
 from conceptseg.schedules import TrainingBatch
-from conceptseg.settings import execution_setting
-from conceptseg.training import (NONFINITE_LOSS, Precision, TrainLog, check_finite, resume, save_checkpoint, step_rng,
-                                 trainer_accelerator, write_folder)
+from conceptseg.settings import added_setting, execution_setting
+from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Precision, TrainLog, adapter_checkpoints,
+                                 check_finite, checkpoint_settings, step_rng, trainer_accelerator, with_ema_weights)
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -183,19 +186,23 @@ class FinetuneConfig:
     split: str = "all"
     prompt: str | None = None  # y_f; default "a photo of a {concept}"
     background_prompt: str = BACKGROUND_PROMPT
-    steps: int = 1000
-    batch_size: int = 4
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 4  # per micro-batch (and process)
     lr: float = 1e-4
     background_probability: float = 0.5
     ema_decay: float = 0.9999
     method: str = "full"  # "full" (the paper) or "lora"
     lora_rank: int = 8
     mixed_precision: str = "no"
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1  # micro-batches per optimiser step
+    # clip gradients to this norm; None (the paper's reference code, and what earlier runs did): no
+    # clipping; 1.0 is diffusers' training scripts' default
+    max_grad_norm: float | None = added_setting(None)
     gradient_checkpointing: bool = execution_setting(False)
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
-    # >0: precompute this many augmented views per image, encode once: a speed setting, so a run
-    # may turn it on or off and resume (the views are the same augmentations of the same images)
+    # >0: precompute this many augmented views per image and encode them once (faster), then train on
+    # those fixed views instead of a fresh random crop and flip of each image at every step: other
+    # training data, so it is an output setting (0: a fresh view each step, the paper's augmentation)
     latent_cache: int = 0
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
@@ -210,6 +217,10 @@ class FinetuneConfig:
             raise ValueError(f"method must be 'full' or 'lora', not {self.method!r}")
         if self.steps < 1:
             raise ValueError(f"fine-tuning needs at least 1 step, got steps={self.steps}")
+        if self.gradient_accumulation < 1:
+            raise ValueError(f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None (no clipping), not {self.max_grad_norm}")
         if self.nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS}, not {self.nonfinite_loss!r}")
 
@@ -238,8 +249,10 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
 
         from diffusers.training_utils import cast_training_params
 
-        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.random.fork_rng():  # the adapters' random start is the run's seed's, so runs repeat
+            torch.manual_seed(cfg.seed)
+            denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
     else:
         denoiser.requires_grad_(True)
@@ -269,8 +282,9 @@ class _Batches:
         image = load_rgb(pair.image)
         return augment(image, load_mask_file(pair.mask), self.model.resolution, self.model.vae_scale_factor, rng)
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.random.Generator]:
-        rng = step_rng(self.cfg.seed, 3, step, self.rank)
+    def __call__(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, np.random.Generator]:
+        """Micro-batch `micro_batch` (counted over the run: step x accumulation + i)."""
+        rng = step_rng(self.cfg.seed, 3, micro_batch, self.rank)
         if self.cache is not None:
             idx = torch.from_numpy(rng.integers(0, len(self.cache[0]), self.cfg.batch_size))
             return self.cache[0][idx], self.cache[1][idx], rng
@@ -301,67 +315,67 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
     params = trainable_parameters(denoiser, cfg)
     optimizer = make_optimizer(params, cfg, accelerator.device)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    precision = Precision(cfg.mixed_precision, accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {**asdict(cfg), "base_model": model.source, "pairs": len(pairs), "skipped": problems})
-
-    cond = model.conditioning([cfg.concept_prompt, cfg.background_prompt])
-    objective = model.objective
     denoiser_p, optimizer = accelerator.prepare(denoiser, optimizer)
     ema.to(accelerator.device)
-    start, state = resume(accelerator, out, ema)
-    precision.load_state(state)
+    precision = Precision(cfg.mixed_precision, accelerator.device)
+    updates = OptimiserSteps(accelerator, precision, optimizer, params, cfg.gradient_accumulation, cfg.max_grad_norm, ema)
+    checkpoints = Checkpoints(accelerator, out, checkpoint_settings(cfg, out, model=model.source), ema,
+                              cfg.checkpoints_total_limit)
+    with adapter_checkpoints(accelerator, denoiser) if cfg.method == "lora" else contextlib.nullcontext():
+        _train(cfg, model, pairs, denoiser_p, updates, checkpoints)
 
-    def with_ema_weights(fn) -> None:
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            fn()
-        finally:
-            ema.restore(params)
+    final = out / "model"
+    if accelerator.is_main_process:  # the EMA weights, exported once
+        with_ema_weights(ema, params, lambda: write_folder(
+            final, lambda tmp: save_finetuned(accelerator.unwrap_model(denoiser_p), model, cfg, tmp)))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _train(cfg: FinetuneConfig, model, pairs: list[TrainingPair], denoiser_p, updates: OptimiserSteps,
+           checkpoints: Checkpoints) -> None:
+    """The loop: from the last checkpoint (validated against `cfg`) to `cfg.steps` optimiser steps."""
+    accelerator, out = updates.accelerator, checkpoints.out
+    start, state = checkpoints.resume(cfg.steps)
+    updates.precision.load_state(state)
+    cond = model.conditioning([cfg.concept_prompt, cfg.background_prompt])
+    objective = model.objective
+    batches = _Batches(pairs, model, cfg, accelerator.process_index)
+    log = TrainLog(accelerator, out, "finetune", cfg.report_to)
 
     def preview(step: int) -> None:
         picture = inpainting_preview(model, batches, cfg.background_prompt)
         save_png(out / "preview.png", picture)
         log.image("inpainting preview", picture, step)
 
-    batches = _Batches(pairs, model, cfg, accelerator.process_index)
-    log = TrainLog(accelerator, out, "finetune", cfg.report_to)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune",
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        latents, masks_fg, rng = batches(step)
-        background, loss_mask = training_targets(masks_fg, rng, cfg.background_probability)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = objective.training_batch(latents.to(accelerator.device), gen)
-        loss_mask = loss_mask.to(accelerator.device)
-        text = select_rows(cond, torch.from_numpy(background.astype(np.int64)))
-        with accelerator.accumulate(denoiser_p):
-            with precision.autocast():
-                loss = denoising_loss(model, denoiser_p, batch, text, loss_mask).mean()
-            if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
-                optimizer.zero_grad()
-                continue
-            precision.backward(accelerator, loss)
-            if accelerator.sync_gradients:
-                precision.step(optimizer)
-            optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            ema.step(params)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.step(step + 1, loss=loss.item())
+        losses = []
+        for i in range(cfg.gradient_accumulation):
+            latents, masks_fg, rng = batches(step * cfg.gradient_accumulation + i)
+            background, loss_mask = training_targets(masks_fg, rng, cfg.background_probability)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            batch = objective.training_batch(latents.to(accelerator.device), gen)
+            text = select_rows(cond, torch.from_numpy(background.astype(np.int64)))
+            with updates.micro_batch(i, denoiser_p):
+                with updates.precision.autocast():
+                    loss = denoising_loss(model, denoiser_p, batch, text, loss_mask.to(accelerator.device)).mean()
+                if check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
+                    updates.backward(loss)
+                    losses.append(loss.item())
+        if updates.update():
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            log.step(step + 1, loss=float(np.mean(losses)))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             log.flush()
-            save_checkpoint(accelerator, out, step + 1, ema, precision.state(), cfg.checkpoints_total_limit)
+            checkpoints.save(step + 1, updates.precision.state())
             if accelerator.is_main_process:
-                with_ema_weights(lambda: preview(step + 1))
+                with_ema_weights(updates.ema, updates.params, lambda: preview(step + 1))
     log.end()
-    final = out / "model"
-    if accelerator.is_main_process:  # the EMA weights, exported once
-        with_ema_weights(lambda: write_folder(final, lambda tmp: save_finetuned(accelerator.unwrap_model(denoiser_p), model, cfg, tmp)))
-    accelerator.wait_for_everyone()
-    return final
 
 
 def inpainting_preview(model, batches: "_Batches", prompt: str, count: int = 4, steps: int = 25) -> np.ndarray:

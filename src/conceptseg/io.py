@@ -25,15 +25,34 @@ class DiskFullError(OSError):
     """A write found the disk full (ENOSPC); the message names the file."""
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write) -> None:
+    """Write to a temporary file beside `path`, flush it to the disk, then rename it into place: after
+    a crash or power loss `path` holds the old contents or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -52,6 +71,54 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
+def _aside(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.old")
+
+
+def restore_folder(dest: Path) -> None:
+    """Undo a folder swap that was killed between its two renames: the old folder goes back into place."""
+    dest, old = Path(dest), _aside(Path(dest))
+    if old.is_dir() and not dest.exists():
+        old.rename(dest)
+
+
+def write_folder(dest: Path, write) -> Path:
+    """`write(tmp)` fills a fresh temporary folder beside `dest`, which then takes `dest`'s place: its
+    files are flushed to the disk, the old folder is renamed aside, the new one renamed into place,
+    and only then is the old one deleted. At every moment `dest` (or, after a kill between the two
+    renames, its aside copy, which the next call restores) is a complete folder, the old or the new."""
+    dest = Path(dest)
+    tmp, old = dest.with_name(f".{dest.name}.tmp"), _aside(dest)
+    restore_folder(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if dest.exists():
+        dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        restore_folder(dest)
+        raise
+    fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def publish(src: Path, dest: Path) -> Path:
+    """Copy a finished folder into place atomically."""
+    return write_folder(dest, lambda tmp: shutil.copytree(src, tmp))
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from conceptseg.vae import LatentCodec
-from conceptseg.schedules import DDPMObjective, ddpm_noised, timestep_grid
+from conceptseg.schedules import DDPMObjective, ddpm_noised, scheduler_from_config, timestep_grid
 from conceptseg.tokenizer import check_prompt_length, concept_token_positions
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -169,7 +169,7 @@ def _load_parts(source, dtype: torch.dtype, local_files_only: bool) -> tuple:
         UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **kw),
         CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True, **kw),
         CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-        DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        scheduler_from_config(DDIMScheduler, DDIMScheduler.load_config(source, subfolder="scheduler", **kw)),
     )
 
 

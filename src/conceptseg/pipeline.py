@@ -78,6 +78,7 @@ class FinetuneSection:
     lora_rank: int = _default(FinetuneConfig, "lora_rank")
     mixed_precision: str = _default(FinetuneConfig, "mixed_precision")
     gradient_accumulation: int = _default(FinetuneConfig, "gradient_accumulation")
+    max_grad_norm: float | None = _default(FinetuneConfig, "max_grad_norm")
     gradient_checkpointing: bool = _default(FinetuneConfig, "gradient_checkpointing")
     optimizer: str = _default(FinetuneConfig, "optimizer")
     latent_cache: int = _default(FinetuneConfig, "latent_cache")

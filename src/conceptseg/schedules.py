@@ -11,6 +11,7 @@ unshifted uniform flow-time grid s = k / 50 ("uniform").
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,17 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: t
 # cond)` takes the levels the objective hands out: timesteps for DDPM, sigmas for flow.
 
 
+def scheduler_from_config(cls, config, **overrides):
+    """A `cls` scheduler built from another scheduler's config. `clip_sample` is False unless that
+    config states it: latents are not images in [-1, 1], and a PNDM or Euler config (SD 1.x folders,
+    SDXL) has no such key, so DDIM and DDPM would otherwise take their default True and clip the
+    predicted latents, as diffusers' latent pipelines warn and avoid."""
+    stated = "clip_sample" in config and "clip_sample" not in (config.get("_use_default_values") or [])
+    if not stated and "clip_sample" in inspect.signature(cls.__init__).parameters:
+        overrides.setdefault("clip_sample", False)
+    return cls.from_config(config, **overrides)
+
+
 @dataclass
 class TrainingBatch:
     noisy: torch.Tensor  # the noised latents, float32
@@ -121,7 +133,7 @@ class DDPMObjective:
         self.scheduler = scheduler
         # DDPM's noising whatever the folder's sampler (SDXL ships Euler, whose add_noise is the
         # variance-exploding form), as diffusers' training scripts do
-        self.train_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.train_scheduler = scheduler_from_config(DDPMScheduler, scheduler.config)
 
     def training_batch(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
         noise = torch.randn(latents.shape, generator=generator)  # drawn first: the order the SD 1.x runs were made with
@@ -135,7 +147,7 @@ class DDPMObjective:
 
         if name not in self.samplers:
             raise ValueError(f"unknown sampler {name!r} for this model; choose one of {', '.join(self.samplers)}")
-        scheduler = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[name].from_config(self.scheduler.config)
+        scheduler = scheduler_from_config({"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[name], self.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         return DDPMSampler(scheduler, eta if name == "ddim" else None)
 

@@ -8,8 +8,11 @@ only its batch's images, so a dataset of any size (MIMIC-CXR: `--data mimic-cxr:
 diffusers folder (`OUT/model`) and a sample grid (`OUT/samples.png`).
 
 accelerate runs it on one or several processes (`accelerate launch`), CPU or GPU, with mixed
-precision. Checkpoints (`OUT/checkpoints/step-N`) hold the accelerate state and the EMA model as
-a diffusers folder; a re-run resumes from the last one with the same data order.
+precision. A step is one optimiser update (of `gradient_accumulation` micro-batches); gradients are
+clipped to `max_grad_norm` (diffusers' default 1). Checkpoints (`OUT/checkpoints/step-N`) hold the
+accelerate state and the EMA weights; a re-run resumes from the last one with the same data order,
+after checking it was made with the same settings (`steps` may grow: the warm-up-then-constant
+rate does not depend on it).
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from tqdm.auto import tqdm
 from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.data.medical import read_pairs
 from conceptseg.geometry import Canvas, load_rgb, to_model_input
-from conceptseg.io import save_png, write_json
+from conceptseg.io import publish, save_png, write_folder, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
 from conceptseg.settings import execution_setting
-from conceptseg.schedules import diffusion_target
-from conceptseg.training import (Precision, check_finite, last_checkpoint, min_snr_weight, publish, resume,
-                                 save_checkpoint, step_rng, trainer_accelerator, write_folder)
+from conceptseg.schedules import diffusion_target, scheduler_from_config
+from conceptseg.training import (Checkpoints, OptimiserSteps, Precision, check_finite, checkpoint_settings, last_checkpoint,
+                                 min_snr_weight, step_rng, trainer_accelerator, with_ema_weights)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TrainT2IConfig:
     out: Path
     preset: str | None = "toy"  # train from scratch with this architecture ...
     base_model: str | None = None  # ... or fine-tune this diffusers model (then preset is ignored)
-    steps: int = 3000
+    steps: int = 3000  # optimiser steps (each of gradient_accumulation micro-batches)
     vae_steps: int = 800
     decoder_steps: int = 0  # from scratch: then fine-tune the VAE decoder alone (encoder frozen) this long
     batch_size: int = 32
@@ -62,11 +65,17 @@ class TrainT2IConfig:
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
     gradient_accumulation: int = 1
+    max_grad_norm: float | None = 1.0  # clip gradients to this norm (diffusers' default); None: no clipping
     seed: int = 0
     sample_prompts: list[str] = field(default_factory=list)  # default: the dataset's single-class captions
     samples_per_prompt: int = 4
     sample_guidance: float = 1.0
     progress: bool = execution_setting(True)
+
+
+# settings of what is made after the UNet's training (the decoder's fine-tuning, the sample grid):
+# its checkpoints do not depend on them
+AFTER_THE_UNET = ("decoder_steps", "sample_prompts", "samples_per_prompt", "sample_guidance")
 
 
 def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[str]]:
@@ -106,17 +115,19 @@ def train_vae(vae, images: np.ndarray, cfg: TrainT2IConfig, accelerator, decoder
             part.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
     objective, opt = accelerator.prepare(_VAEObjective(vae), torch.optim.AdamW(params, lr=cfg.vae_lr))
+    updates = OptimiserSteps(accelerator, precision, opt, params, cfg.gradient_accumulation, cfg.max_grad_norm)
     steps, stream = (cfg.decoder_steps, 7) if decoder_only else (cfg.vae_steps, 1)
     bar = tqdm(range(steps), desc="train VAE decoder" if decoder_only else "train VAE",
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        rng = step_rng(cfg.seed, stream, step, accelerator.process_index)
-        x = to_model_input(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
-        with precision.autocast():
-            loss = objective(x)
-        precision.backward(accelerator, loss)
-        precision.step(opt)
-        opt.zero_grad()
+        for i in range(cfg.gradient_accumulation):
+            rng = step_rng(cfg.seed, stream, step * cfg.gradient_accumulation + i, accelerator.process_index)
+            x = to_model_input(images[rng.integers(0, len(images), cfg.batch_size)], accelerator.device)
+            with updates.micro_batch(i, objective):
+                with precision.autocast():
+                    loss = objective(x)
+                updates.backward(loss)
+        updates.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     accelerator.free_memory()  # the UNet phase's checkpoints hold only the UNet phase's objects
@@ -161,6 +172,46 @@ def _add_missing_ema_file(out: Path, train_te: bool, accelerator: Accelerator) -
     accelerator.wait_for_everyone()
 
 
+def _train_unet(cfg: TrainT2IConfig, unet_p, te_p, scheduler, batch, updates: OptimiserSteps, checkpoints: Checkpoints,
+                start: int) -> None:
+    """The UNet (and text encoder) loop, from step `start` to `cfg.steps` optimiser steps;
+    `batch(k)` gives micro-batch k's clean latents, noise, timesteps and token ids."""
+    accelerator, precision = updates.accelerator, updates.precision
+    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train UNet",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    for step in bar:
+        for i in range(cfg.gradient_accumulation):
+            z0, noise, t, ids = batch(step * cfg.gradient_accumulation + i)
+            zt = scheduler.add_noise(z0, noise, t)
+            with updates.micro_batch(i, unet_p, te_p):
+                with precision.autocast():
+                    pred = unet_p(zt, t, te_p(ids)[0]).sample
+                per_sample = F.mse_loss(pred.float(), diffusion_target(scheduler, z0, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = (per_sample * min_snr_weight(alphas_cumprod, t, cfg.min_snr_gamma, scheduler.config.prediction_type)).mean()
+                if check_finite(loss, step + 1, checkpoints.out, "stop", accelerator):
+                    updates.backward(loss)
+        updates.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoints.save(step + 1, precision.state())
+
+
+def _vae_stage(vae, images: np.ndarray, cfg: TrainT2IConfig, accelerator):
+    """Stage A (from scratch only): the VAE, and its latent scaling measured on the data; saved once
+    (OUT/vae) so a resumed run does not redo it."""
+    vae_dir = Path(cfg.out) / "vae"
+    if (vae_dir / "config.json").exists():
+        return type(vae).from_pretrained(vae_dir)
+    train_vae(vae, images, cfg, accelerator)
+    mean, _ = _latent_moments(vae, images[:512], accelerator.device)
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    if accelerator.is_main_process:
+        vae.save_pretrained(vae_dir, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    return vae
+
+
 def train_t2i(cfg: TrainT2IConfig) -> Path:
     with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
         return _train_t2i(cfg, accelerator)
@@ -192,18 +243,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {**asdict(cfg), "lr": lr, "train_text_encoder": train_te, "num_images": num_images})
 
-    # Stage A (from scratch only): the VAE, saved once so a resumed run does not redo it.
-    vae_dir = out / "vae"
     if from_scratch:
-        if (vae_dir / "config.json").exists():
-            vae = type(vae).from_pretrained(vae_dir)
-        else:
-            train_vae(vae, images, cfg, accelerator)
-            mean, _ = _latent_moments(vae, images[:512], accelerator.device)
-            vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-            if accelerator.is_main_process:
-                vae.save_pretrained(vae_dir, safe_serialization=True)
-            accelerator.wait_for_everyone()
+        vae = _vae_stage(vae, images, cfg, accelerator)
     vae.to(accelerator.device).eval().requires_grad_(False)
     scale = vae.config.scaling_factor
 
@@ -233,25 +274,15 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     unet_p, te_p, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     ema.to(accelerator.device)
     _add_missing_ema_file(out, train_te, accelerator)
-    start, state = resume(accelerator, out, ema)
+    updates = OptimiserSteps(accelerator, precision, optimizer, params, cfg.gradient_accumulation, cfg.max_grad_norm, ema, lr_sched)
+    settings = checkpoint_settings(cfg, out, AFTER_THE_UNET, lr=lr, train_text_encoder=train_te)
+    checkpoints = Checkpoints(accelerator, out, settings, ema, cfg.checkpoints_total_limit)
+    start, state = checkpoints.resume(cfg.steps)
     precision.load_state(state)
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
-
-    def export(dest: Path) -> None:
-        """The EMA weights as a diffusers folder, written once at the end."""
-        u, te = accelerator.unwrap_model(unet_p), accelerator.unwrap_model(te_p)
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            write_folder(dest, lambda tmp: save_model(dict(vae=vae, unet=u, text_encoder=te, tokenizer=tokenizer, scheduler=scheduler), tmp))
-        finally:
-            ema.restore(params)
-
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train UNet",
-               disable=not (cfg.progress and accelerator.is_main_process))
-    for step in bar:
-        rng = step_rng(cfg.seed, 2, step, accelerator.process_index)
+    def batch(micro_batch: int) -> tuple[torch.Tensor, ...]:
+        """Micro-batch `micro_batch` (step x accumulation + i): clean latents, noise, timesteps, token ids."""
+        rng = step_rng(cfg.seed, 2, micro_batch, accelerator.process_index)
         idx = rng.integers(0, num_images, cfg.batch_size)
         ids = ids_all[idx].clone() if from_scratch else tokenize([pairs[i].caption() for i in idx])
         ids[rng.random(cfg.batch_size) < cfg.caption_dropout] = ids_empty
@@ -262,27 +293,9 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
             z0 = _encode_batch(vae, [pairs[i].image for i in idx], resolution, gen, accelerator.device) * scale
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        z0, noise, t, ids = (x.to(accelerator.device) for x in (z0, noise, t, ids))
-        zt = scheduler.add_noise(z0, noise, t)
-        with accelerator.accumulate(unet_p, te_p):
-            with precision.autocast():
-                cond = te_p(ids)[0]
-                pred = unet_p(zt, t, cond).sample
-            target = diffusion_target(scheduler, z0, noise, t)
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_sample * min_snr_weight(alphas_cumprod, t, cfg.min_snr_gamma, scheduler.config.prediction_type)).mean()
-            if not check_finite(loss, step + 1, out, "stop", accelerator):
-                continue
-            precision.backward(accelerator, loss)
-            if accelerator.sync_gradients:
-                precision.step(optimizer)
-            lr_sched.step()
-            optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            ema.step(params)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(accelerator, out, step + 1, ema, precision.state(), cfg.checkpoints_total_limit)
+        return tuple(x.to(accelerator.device) for x in (z0, noise, t, ids))
+
+    _train_unet(cfg, unet_p, te_p, scheduler, batch, updates, checkpoints, start)
 
     final = out / "model"
     decoder_dir = out / "vae_decoder"
@@ -291,14 +304,16 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         if accelerator.is_main_process:
             vae.save_pretrained(decoder_dir, safe_serialization=True)
     if accelerator.is_main_process:
-        export(final)
+        parts = dict(vae=vae, unet=accelerator.unwrap_model(unet_p), text_encoder=accelerator.unwrap_model(te_p),
+                     tokenizer=tokenizer, scheduler=scheduler)
+        with_ema_weights(ema, params, lambda: write_folder(final, lambda tmp: save_model(parts, tmp)))  # once, at the end
         if (decoder_dir / "config.json").exists():
             publish(decoder_dir, final / "vae")
-        if from_scratch:
-            prompts = cfg.sample_prompts or sorted({c for c in captions if " and " not in c and "," not in c})
-        else:  # reports are long and many: the first four distinct ones
-            prompts = cfg.sample_prompts or list(dict.fromkeys(p.caption() for p in pairs[:64]))[:4]
-        save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed))
+        # from scratch: the single-class captions; fine-tuning: the first four distinct reports
+        prompts = cfg.sample_prompts or (sorted({c for c in captions if " and " not in c and "," not in c}) if from_scratch
+                                         else list(dict.fromkeys(p.caption() for p in pairs[:64]))[:4])
+        save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed,
+                                                  device=accelerator.device))
     accelerator.wait_for_everyone()
     return final
 
@@ -343,12 +358,14 @@ def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
 
 
 @torch.no_grad()
-def sample_grid(model_dir: Path, prompts: list[str], per_prompt: int, guidance: float, seed: int) -> np.ndarray:
-    """One row per prompt, sampled with the standard diffusers pipeline (proves the folder loads)."""
+def sample_grid(model_dir: Path, prompts: list[str], per_prompt: int, guidance: float, seed: int,
+                device: torch.device | str = "cpu") -> np.ndarray:
+    """One row per prompt, sampled with the standard diffusers pipeline (proves the folder loads) on
+    `device` (the trainer's); the noise is drawn on the CPU, so every device starts from the same."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True).to(device)
+    pipe.scheduler = scheduler_from_config(DDIMScheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for i, prompt in enumerate(prompts):

@@ -1,6 +1,8 @@
-"""What the training commands share: the process's one Accelerator, mixed precision per trainer,
-the diffusion target, checkpoints that resume (the newest loadable one) and are pruned, per-step
-data order, the training log.
+"""What the training commands (finetune, train-t2i, train-seg) share: the process's one
+Accelerator, mixed precision per trainer, the optimiser step (`OptimiserSteps`: gradient
+accumulation, clipping, EMA; a step is one optimiser update), checkpoints (`Checkpoints`: checked
+against the run's settings before they resume, adapter-only for LoRA, the same decision on every
+process, pruned), per-step data order, the training log.
 
 accelerate keeps one `AcceleratorState` per process and refuses a second `Accelerator` with another
 mixed precision, yet `conceptseg run` fine-tunes in bf16 and trains segmenters in fp32 in one
@@ -76,12 +78,74 @@ class Precision:
         else:
             optimizer.step()
 
+    def unscale(self, optimizer) -> None:
+        """Gradients back to their true size before clipping (fp16 scales them up)."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
     def state(self) -> dict:
         return {"grad_scaler": self.scaler.state_dict()} if self.scaler else {}
 
     def load_state(self, state: dict) -> None:
         if self.scaler and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
+
+
+class OptimiserSteps:
+    """The optimiser side of every trainer's loop, one definition. A training step is one optimiser
+    update, as in diffusers' scripts: `accumulation` micro-batches, each run inside
+    `micro_batch(i, models)` and passed to `backward` (scaled under fp16; accelerate divides it by
+    the accumulation), then `update()`: gradients unscaled (fp16), clipped to `max_grad_norm`
+    (diffusers' default 1.0; None: not clipped), the optimiser and the learning-rate schedule step,
+    gradients zeroed, the EMA follows. A micro-batch whose loss was not finite adds no gradient; an
+    update with none that did is skipped."""
+
+    def __init__(self, accelerator: Accelerator, precision: Precision, optimizer, params: list, accumulation: int = 1,
+                 max_grad_norm: float | None = None, ema=None, lr_scheduler=None):
+        if accumulation < 1:
+            raise ValueError(f"gradient accumulation must be at least 1, got {accumulation}")
+        self.accelerator, self.precision, self.optimizer, self.params = accelerator, precision, optimizer, params
+        self.accumulation, self.max_grad_norm, self.ema, self.lr_scheduler = accumulation, max_grad_norm, ema, lr_scheduler
+        self.accelerator.gradient_accumulation_steps = accumulation
+        self.pending = False
+
+    def micro_batch(self, i: int, *models):
+        """Micro-batch `i` (0-based) of an update: gradients sync (DDP) at the last one."""
+        if i == 0:
+            self.accelerator.step = 0  # accelerate syncs when its counter reaches the accumulation
+        return self.accelerator.accumulate(*models)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.precision.backward(self.accelerator, loss)
+        self.pending = True
+
+    def update(self) -> bool:
+        """The end of an accumulation; whether the optimiser stepped."""
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError(f"update() after a micro-batch that does not end an accumulation of {self.accumulation}")
+        stepped = self.pending
+        if stepped:
+            if self.max_grad_norm is not None:
+                self.precision.unscale(self.optimizer)
+                self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.precision.step(self.optimizer)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        if stepped and self.ema is not None:
+            self.ema.step(self.params)
+        self.pending = False
+        return stepped
+
+
+def with_ema_weights(ema, params: list, fn) -> None:
+    """`fn()` with the EMA weights in the trained parameters, then the trained weights back."""
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        fn()
+    finally:
+        ema.restore(params)
 
 
 def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
@@ -138,25 +202,161 @@ def last_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, ema=None, extra: dict | None = None,
-                    total_limit: int | None = 2) -> Path:
-    """accelerate state (models, optimiser, scheduler, RNG), the EMA weights, then state.json last (a
-    checkpoint without it is incomplete and ignored); then only the `total_limit` newest are kept
-    (diffusers' `checkpoints_total_limit`; None keeps all). The model itself is exported once, at the end."""
-    dest = checkpoint_dir(out, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(dest, ignore_errors=True)  # a half-written one from a killed run
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(dest / "accelerate"))
-    if accelerator.is_main_process:
-        state = {"step": step, **(extra or {})}
-        if ema is not None:
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, dest / "ema.safetensors")
-            state["ema_optimization_step"] = ema.optimization_step
-        write_json(dest / "state.json", state)
-        prune_checkpoints(out, total_limit)
-    accelerator.wait_for_everyone()
-    return dest
+class CheckpointMismatch(ValueError):
+    """A checkpoint in OUT was made with settings that change what training gives."""
+
+
+# settings a checkpoint is not checked against: `steps` may grow (the run continues), `out` may move
+UNCHECKED_SETTINGS = ("steps", "out")
+_DIGEST_OVER = 2000  # characters of JSON: a longer value (a pipeline's sample list) is recorded as its digest
+
+
+def checkpoint_settings(config, out: Path, after_training: tuple[str, ...] = (), **resolved) -> dict:
+    """What a checkpoint records and a resume compares: the config's output settings
+    (`settings.output_settings`, the one definition of what changes outputs), with the values the
+    trainer resolved (`resolved`: a default learning rate, the model's source) in place, paths
+    relative to the folder holding OUT, less `UNCHECKED_SETTINGS` and the settings of what is made
+    `after_training` from the checkpoints (a sample grid, say)."""
+    import hashlib
+
+    from conceptseg.settings import stage_settings
+
+    unchecked = set(UNCHECKED_SETTINGS) | set(after_training)
+    settings = {k: v for k, v in stage_settings(config, out, **resolved).items() if k not in unchecked}
+    for k, v in settings.items():
+        text = json.dumps(v, sort_keys=True, default=str)
+        if len(text) > _DIGEST_OVER:
+            settings[k] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return json.loads(json.dumps(settings, default=str))  # as state.json will read back
+
+
+def all_ranks(accelerator: Accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return ok
+    return bool(accelerator.gather(torch.tensor([int(ok)], device=accelerator.device)).min())
+
+
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+@contextlib.contextmanager
+def adapter_checkpoints(accelerator: Accelerator, module: torch.nn.Module) -> Iterator[None]:
+    """While open, accelerate's checkpoints hold `module`'s peft adapters (ADAPTERS_FILE) in place of
+    the whole module: its frozen base is the model it was loaded from, and each resume loads it from
+    there again (diffusers' LoRA scripts register the same save and load hooks). The optimiser, EMA
+    and gradient-scaler states cover the trainable parameters alone, the adapters."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def ours(models) -> list[int]:
+        return [i for i, m in enumerate(models) if accelerator.unwrap_model(m) is module]
+
+    def save(models, weights, output_dir):
+        for i in reversed(ours(models)):
+            weights.pop(i)
+            if accelerator.is_main_process:
+                adapters = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+                save_file(adapters, Path(output_dir) / ADAPTERS_FILE)
+
+    def load(models, input_dir):
+        for i in reversed(ours(models)):
+            models.pop(i)
+            path = Path(input_dir) / ADAPTERS_FILE
+            saved, expected = load_file(path), get_peft_model_state_dict(module)
+            if saved.keys() != expected.keys():
+                raise ValueError(f"{path}: its adapters are not this model's ({len(saved)} tensors, {len(expected)} expected)")
+            set_peft_model_state_dict(module, saved)
+
+    handles = [accelerator.register_save_state_pre_hook(save), accelerator.register_load_state_pre_hook(load)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Checkpoints:
+    """OUT/checkpoints/step-N of one trainer: accelerate's state (models, optimiser, scheduler, RNG;
+    for LoRA the adapters alone: `adapter_checkpoints`), the EMA weights, then state.json last (a
+    checkpoint without it is incomplete and ignored), recording `settings`. A resume validates the
+    newest checkpoint against this run's settings before loading it, and a load that fails on any
+    process fails on all of them. Only the `total_limit` newest are kept (diffusers'
+    `checkpoints_total_limit`; None keeps all). The model itself is exported once, at the end."""
+
+    def __init__(self, accelerator: Accelerator, out: Path, settings: dict, ema=None, total_limit: int | None = 2):
+        self.accelerator, self.out, self.settings, self.ema, self.total_limit = accelerator, Path(out), settings, ema, total_limit
+
+    def save(self, step: int, extra: dict | None = None) -> Path:
+        accelerator, dest = self.accelerator, checkpoint_dir(self.out, step)
+        if accelerator.is_main_process:
+            shutil.rmtree(dest, ignore_errors=True)  # a half-written one from a killed run
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(dest / "accelerate"))
+        if accelerator.is_main_process:
+            state = {"step": step, "settings": self.settings, **(extra or {})}
+            if self.ema is not None:
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                          dest / "ema.safetensors")
+                state["ema_optimization_step"] = self.ema.optimization_step
+            write_json(dest / "state.json", state)
+            prune_checkpoints(self.out, self.total_limit)
+        accelerator.wait_for_everyone()
+        return dest
+
+    def check(self, ckpt: Path, state: dict, steps: int) -> None:
+        """Refuse a checkpoint made with other settings, or past the run's last step."""
+        fix = f"use another output folder, or remove {ckpt.parent} to train from the start"
+        if state["step"] > steps:
+            raise CheckpointMismatch(f"checkpoint {ckpt} is at step {state['step']}, past this run's steps={steps}: "
+                                     f"raise steps to at least {state['step']}, or {fix}")
+        recorded = state.get("settings")
+        if recorded is None:  # made before checkpoints recorded their settings: nothing to compare
+            return
+        changed = sorted(k for k in set(recorded) | set(self.settings) if recorded.get(k) != self.settings.get(k))
+        if changed:
+            diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {self.settings.get(k)!r} now" for k in changed)
+            raise CheckpointMismatch(f"checkpoint {ckpt} was made with other settings ({diffs}): it cannot continue "
+                                     f"this run; go back to those settings, or {fix}")
+
+    def _load(self, ckpt: Path, state: dict) -> str | None:
+        """Load one checkpoint on this process; what went wrong, or None."""
+        try:
+            self.accelerator.load_state(str(ckpt / "accelerate"))
+            if self.ema is not None:
+                shadow = load_file(ckpt / "ema.safetensors")
+                self.ema.shadow_params = [shadow[str(i)].to(self.accelerator.device) for i in range(len(shadow))]
+                self.ema.optimization_step = state["ema_optimization_step"]
+        except Exception as e:  # safetensors, torch and accelerate each raise their own types for a bad file
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
+
+    def resume(self, steps: int) -> tuple[int, dict]:
+        """Load the newest checkpoint that loads, if any: (step to start from, its state.json). It
+        must have been made with this run's settings (`steps` may have grown: the run continues).
+        A damaged one (truncated weights, missing state) is named, set aside as `<name>.damaged`, and
+        the one before it is used; if none loads, this stops (a partly loaded model must not train on)."""
+        accelerator, damaged = self.accelerator, []
+        for ckpt in reversed(complete_checkpoints(self.out)):
+            try:
+                state = json.loads((ckpt / "state.json").read_text())
+            except (OSError, ValueError) as e:
+                problem = f"state.json: {e}"
+            else:
+                self.check(ckpt, state, steps)
+                problem = self._load(ckpt, state)
+            if all_ranks(accelerator, problem is None):
+                accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+                return state["step"], state
+            accelerator.print(f"checkpoint {ckpt} is damaged ({problem or 'on another process'}); using the one before it")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.rename(ckpt.with_name(ckpt.name + ".damaged"))
+            accelerator.wait_for_everyone()
+            damaged.append(str(ckpt))
+        if damaged:
+            raise RuntimeError(f"no checkpoint in {self.out / 'checkpoints'} loads (damaged: {', '.join(damaged)}); "
+                               "remove that folder to train from the start")
+        return 0, {}
 
 
 def prune_checkpoints(out: Path, total_limit: int | None) -> None:
@@ -170,36 +370,6 @@ def prune_checkpoints(out: Path, total_limit: int | None) -> None:
         stale += complete[: max(0, len(complete) - max(1, total_limit))]
     for c in stale:
         shutil.rmtree(c, ignore_errors=True)
-
-
-def resume(accelerator: Accelerator, out: Path, ema=None) -> tuple[int, dict]:
-    """Load the newest checkpoint that loads, if any: (step to start from, its state.json). A
-    damaged one (truncated weights, missing state) is named, set aside as `<name>.damaged`, and the
-    one before it is used; if none loads, this stops (a partly loaded model must not train on)."""
-    damaged = []
-    for ckpt in reversed(complete_checkpoints(out)):
-        try:
-            accelerator.load_state(str(ckpt / "accelerate"))
-            state = json.loads((ckpt / "state.json").read_text())
-            if ema is not None:
-                shadow = load_file(ckpt / "ema.safetensors")
-                ema.shadow_params = [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]
-                ema.optimization_step = state["ema_optimization_step"]
-        except Exception as e:  # safetensors, torch and accelerate each raise their own types for a bad file
-            accelerator.print(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              "using the one before it")
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.rename(ckpt.with_name(ckpt.name + ".damaged"))
-            accelerator.wait_for_everyone()
-            damaged.append(str(ckpt))
-            continue
-        accelerator.print(f"resumed from {ckpt} at step {state['step']}")
-        return state["step"], state
-    if damaged:
-        raise RuntimeError(f"no checkpoint in {Path(out) / 'checkpoints'} loads (damaged: {', '.join(damaged)}); "
-                           "remove that folder to train from the start")
-    return 0, {}
 
 
 class TrainLog:
@@ -249,20 +419,3 @@ class TrainLog:
         self.flush()
         if self.tracker:
             self.tracker.finish()
-
-
-def write_folder(dest: Path, write) -> Path:
-    """`write(tmp)` fills a fresh temporary folder beside `dest`, which then takes `dest`'s place: a
-    reader never sees half of it, and a killed run leaves only a `.tmp` folder that the next one clears."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
-
-
-def publish(src: Path, dest: Path) -> Path:
-    """Copy a finished folder into place atomically."""
-    return write_folder(dest, lambda tmp: shutil.copytree(src, tmp))

@@ -99,7 +99,7 @@ def load_family_model(family: str, source, device: torch.device, dtype: torch.dt
     pipe = getattr(diffusers, pipeline_name(family)).from_pretrained(source, dtype=dtype, use_safetensors=True,
                                                              local_files_only=local_files_only)
     names = [k for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")]
-    parts = {k: getattr(pipe, k, None) for k in names}
+    parts = {k: getattr(pipe, k) if k in pipe.components else pipe.config.get(k) for k in names}  # modules, then settings
     missing = [k for k in cls.components if parts.get(k) is None]
     if missing:
         raise ValueError(f"the {FAMILY_LABELS[family]} pipeline has no {', '.join(missing)} (a refiner or a "

@@ -38,10 +38,17 @@ class SDXLModel(FamilyModel):
     tokenizer: object = field(default=None, repr=False)
     tokenizer_2: object = field(default=None, repr=False)
     scheduler: object = field(default=None, repr=False)
+    # the pipeline's setting (model_index.json; True unless a folder says otherwise, False for the
+    # refiner): the empty prompt's conditioning, classifier-free guidance's unconditional row, is zeros
+    force_zeros_for_empty_prompt: bool | None = None
 
     family = "sdxl"
     label = "SDXL (UNet cross-attention, two CLIP encoders)"
     components = ("vae", "unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+    def __post_init__(self):
+        if self.force_zeros_for_empty_prompt is None:
+            self.force_zeros_for_empty_prompt = True  # StableDiffusionXLPipeline's default
 
     @property
     def resolution(self) -> int:
@@ -71,7 +78,11 @@ class SDXLModel(FamilyModel):
                 pooled = out[0]
         r = self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts), device=self.device, dtype=self.dtype)
-        return SDXLConditioning(torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype), time_ids)
+        embeds, pooled = torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+        if self.force_zeros_for_empty_prompt:  # as `StableDiffusionXLPipeline.encode_prompt` forms the negative row
+            empty = torch.tensor([p == "" for p in prompts], device=self.device)
+            embeds, pooled = embeds.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+        return SDXLConditioning(embeds, pooled, time_ids)
 
     def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
         # both encoders use CLIP's BPE on the same 77 positions: one lookup serves both

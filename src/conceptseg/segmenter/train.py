@@ -6,7 +6,10 @@ learning-rate schedule: `lr_schedule="constant"` reads it literally; "cosine" de
 over the run, so the weights it ends on are not one noisy step of a large constant rate (in short
 runs a constant rate sometimes ends on a collapsed model: docs/demo.md). A small share of the
 rows is held out for validation (pooled IoU at each checkpoint). accelerate for several
-processes/GPUs and mixed precision; checkpoints resume with the same data order.
+processes/GPUs and mixed precision; checkpoints resume with the same data order. Gradients are not
+clipped (the paper's recipe) unless `max_grad_norm` is set. A run whose `steps` grows continues
+from its last checkpoint under the constant rate; the cosine rate depends on `steps`, so there a
+checkpoint made for another number of steps is refused.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.readers import list_samples, load_mask
 from conceptseg.geometry import ImageReadError, load_rgb, resize_short_side, to_model_input
-from conceptseg.io import write_json
+from conceptseg.io import write_folder, write_json
 from conceptseg.metrics import PooledCounts
 from conceptseg.modeling.segmenter import UNet
 from conceptseg.segmenter.predict import save_segmenter
-from conceptseg.settings import execution_setting
-from conceptseg.training import (NONFINITE_LOSS, Precision, check_finite, resume, save_checkpoint, step_rng,
-                                 trainer_accelerator, write_folder)
+from conceptseg.settings import added_setting, execution_setting
+from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Precision, check_finite, checkpoint_settings,
+                                 step_rng, trainer_accelerator)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TrainSegConfig:
     input_size: int = 128
     val_fraction: float = 0.05
     mixed_precision: str = "no"
+    max_grad_norm: float | None = added_setting(None)  # clip gradients to this norm; None: no clipping (the paper)
     checkpoint_every: int = execution_setting(1000)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     nonfinite_loss: str = "stop"  # or "skip" the batch (training.check_finite)
@@ -62,6 +66,8 @@ class TrainSegConfig:
             raise ValueError(f"training needs at least 1 step, got steps={self.steps}")
         if self.nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS}, not {self.nonfinite_loss!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None (no clipping), not {self.max_grad_norm}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
 
@@ -72,6 +78,7 @@ LR_SCHEDULES = {
     "constant": lambda step, steps: 1.0,
     "cosine": lambda step, steps: 0.5 * (1 + math.cos(math.pi * step / steps)),
 }
+SCHEDULES_OF_THE_TOTAL = {"cosine"}  # schedules whose rate at a step depends on `steps`
 
 
 def load_pairs(sources: list, size: int, split: str = "train", progress: bool = True,
@@ -192,7 +199,11 @@ def _train_segmenter(cfg: TrainSegConfig, accelerator) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {**asdict(cfg), "train_pairs": len(train), "val_pairs": len(val), "skipped": problems})
-    start, state = resume(accelerator, out)
+    updates = OptimiserSteps(accelerator, precision, optimizer, list(net.parameters()), max_grad_norm=cfg.max_grad_norm)
+    # the cosine rate at a step depends on the total: a checkpoint then holds only for the same total
+    total = {"schedule_steps": cfg.steps} if cfg.lr_schedule in SCHEDULES_OF_THE_TOTAL else {}
+    checkpoints = Checkpoints(accelerator, out, checkpoint_settings(cfg, out, **total), total_limit=cfg.checkpoints_total_limit)
+    start, state = checkpoints.resume(cfg.steps)
     precision.load_state(state)
     history = state.get("validation", [])
 
@@ -204,21 +215,18 @@ def _train_segmenter(cfg: TrainSegConfig, accelerator) -> Path:
     for step, (x, y) in zip(bar, batches):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * LR_SCHEDULES[cfg.lr_schedule](step, cfg.steps)
-        with precision.autocast():
-            logits = net_p(x.to(accelerator.device, non_blocking=True))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(accelerator.device, non_blocking=True))
-        if not check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
-            optimizer.zero_grad()
-            continue
-        precision.backward(accelerator, loss)
-        precision.step(optimizer)
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        with updates.micro_batch(0, net_p):
+            with precision.autocast():
+                logits = net_p(x.to(accelerator.device, non_blocking=True))
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y.to(accelerator.device, non_blocking=True))
+            if check_finite(loss, step + 1, out, cfg.nonfinite_loss, accelerator):
+                updates.backward(loss)
+        if updates.update():
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             if val and accelerator.is_main_process:
                 history.append({"step": step + 1, **validate(accelerator.unwrap_model(net_p), val, cfg.input_size, accelerator.device)})
-            save_checkpoint(accelerator, out, step + 1, extra={"validation": history, **precision.state()},
-                            total_limit=cfg.checkpoints_total_limit)
+            checkpoints.save(step + 1, {"validation": history, **precision.state()})
     if accelerator.is_main_process:
         write_folder(out / "model", lambda tmp: save_segmenter(accelerator.unwrap_model(net_p), tmp, cfg.input_size))
     accelerator.wait_for_everyone()
