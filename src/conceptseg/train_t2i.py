@@ -221,6 +221,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     out = Path(cfg.out)
     precision = Precision(cfg.mixed_precision, accelerator.device)
     from_scratch = cfg.base_model is None
+    if cfg.forget_words and from_scratch:
+        raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
     lr = cfg.lr if cfg.lr is not None else (1e-3 if from_scratch else 1e-5)
     train_te = cfg.train_text_encoder if cfg.train_text_encoder is not None else from_scratch
 
@@ -257,8 +259,6 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
     if cfg.forget_words:
-        if from_scratch:
-            raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
         forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
 
     trained = [unet] + ([text_encoder] if train_te else [])
