@@ -21,7 +21,6 @@ mask iff the saved image shows that object there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
