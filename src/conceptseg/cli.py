@@ -41,7 +41,7 @@ def _cmd_train_t2i(args) -> None:
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_accumulation=args.gradient_accumulation, max_grad_norm=args.max_grad_norm, sample_prompts=args.sample_prompt or [],
         sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
-        forget_words=args.forget_word or [], checkpoints_total_limit=args.checkpoints_total_limit or None,
+        forget_words=args.forget_word or [], context_layers=args.context_layers, checkpoints_total_limit=args.checkpoints_total_limit or None,
     )
     final = train_t2i(cfg)
     print(f"model: {final}\nsamples: {Path(args.out) / 'samples.png'}")
@@ -735,6 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
     s.add_argument("--forget-word", action="append",
                    help="fine-tuning: start this word's token embedding again from random (repeatable)")
+    s.add_argument("--context-layers", type=int, default=0,
+                   help="fine-tuning: add this many transformer layers (starting as the identity) to a context-free text encoder")
     s.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     s.set_defaults(func=_cmd_train_t2i)

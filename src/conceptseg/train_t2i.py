@@ -61,6 +61,10 @@ class TrainT2IConfig:
     # fine-tuning: words whose token embeddings start again from random (the base model's meaning of
     # them is dropped), e.g. ["background"] so that a model never learns the method's prompt as a caption
     forget_words: list[str] = field(default_factory=list)
+    # fine-tuning: transformer layers added to the text encoder, starting as the identity; a context-free
+    # encoder (no layers, as the embedded toy model's) reads "No pneumothorax." and "Large pneumothorax."
+    # alike, so a report's negation can only be learnt with some
+    context_layers: int = 0
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
@@ -223,6 +227,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     from_scratch = cfg.base_model is None
     if cfg.forget_words and from_scratch:
         raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
+    if cfg.context_layers and from_scratch:
+        raise ValueError("context_layers applies to fine-tuning (--base-model); from scratch the preset sets the encoder's layers")
     lr = cfg.lr if cfg.lr is not None else (1e-3 if from_scratch else 1e-5)
     train_te = cfg.train_text_encoder if cfg.train_text_encoder is not None else from_scratch
 
@@ -260,6 +266,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
 
     if cfg.forget_words:
         forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
+    if cfg.context_layers:
+        text_encoder = add_context_layers(text_encoder, cfg.context_layers, cfg.seed)
 
     trained = [unet] + ([text_encoder] if train_te else [])
     for mod in trained:
@@ -331,6 +339,32 @@ def forget_word_embeddings(text_encoder, tokenizer, words: list[str], seed: int)
     return ids
 
 
+def add_context_layers(text_encoder, layers: int, seed: int):
+    """A copy of a CLIP text encoder with `layers` more transformer layers on top of its own. Each new
+    layer's attention and MLP output projections start at zero, so the layer is the identity (its
+    residual branches add nothing) and the encoder computes what it did; fine-tuning then teaches the
+    new layers context. CLIP's attention is causal, so "pneumothorax" in "No pneumothorax." sees "No"."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if not isinstance(text_encoder, CLIPTextModel):
+        raise ValueError(f"context_layers needs a CLIP text encoder, got {type(text_encoder).__name__}")
+    config = CLIPTextConfig(**{**text_encoder.config.to_dict(), "num_hidden_layers": text_encoder.config.num_hidden_layers + layers})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = CLIPTextModel(config)
+    missing, unexpected = grown.load_state_dict(text_encoder.state_dict(), strict=False)
+    all_layers = getattr(grown, "text_model", grown).encoder.layers  # transformers 5 dropped CLIPTextModel.text_model
+    new_layers = all_layers[len(all_layers) - layers :]
+    if unexpected or len(missing) != sum(1 for _ in new_layers.state_dict()):
+        raise ValueError(f"context_layers: the grown encoder does not hold the old one's weights ({unexpected or missing[:3]})")
+    with torch.no_grad():
+        for layer in new_layers:
+            for proj in (layer.self_attn.out_proj, layer.mlp.fc2):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return grown.to(text_encoder.dtype)
+
+
 def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
     """The model as it stood at `checkpoint` (its EMA weights), without an export per checkpoint:
     the run's `OUT/model` (or, for a fine-tune not yet finished, its base model) gives the
@@ -346,6 +380,8 @@ def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
     # a fine-tune still running has no export yet: its base model has the same architecture and VAE
     exported = Path(out) / "model"
     model = load_model(exported if exported.is_dir() or not run.get("base_model") else run["base_model"], device="cpu", dtype="fp32")
+    if run.get("context_layers") and not exported.is_dir():
+        model.text_encoder = add_context_layers(model.text_encoder, run["context_layers"], run["seed"])
     params = list(model.unet.parameters()) + (list(model.text_encoder.parameters()) if train_te else [])
     shadow = load_file(Path(checkpoint) / "ema.safetensors")
     if len(shadow) != len(params):
