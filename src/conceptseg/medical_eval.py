@@ -333,7 +333,7 @@ def evaluate_findings(models: dict[str, DiffusionModel], cases: list[FindingCase
 # ---------------------------------------------------------------- tables
 
 COMPARABLE = ("Comparable in definition (not in data) to published MS-CXR numbers: AUC against boxes (the paper: "
-              "79.6), CNR (BioViL 1.07 zero-shot, BioViL-T 1.33), pointing game (RadZero 0.844), mIoU of M_pre "
+              "79.6, 0.796 here), CNR (BioViL 1.07 zero-shot, BioViL-T 1.33), pointing game (RadZero 0.844), mIoU of M_pre "
               "against boxes. Only ours: AUC against exact masks, pooled IoU against masks, wrong word, negation.")
 
 
@@ -379,7 +379,7 @@ def _negation_table(report: dict) -> str:
         rows = [[f, str(r["negated_images"]), str(r["healthy_images"]), _fmt(r["mean_negated"], ".4g"), _fmt(r["mean_healthy"], ".4g"),
                  _fmt(r["ratio"])] for f, r in neg["per_finding"].items()]
         lines.append(f"negation, {_short(n)}: the word's mean raw map on images whose report negates it (and that show "
-                     f"another finding) against healthy images; ratio > 1: it lights up more there\n"
+                     f"another finding) against healthy images; ratio > 1: it lights up more there\n\n"
                      + _markdown(["finding", "negated images", "healthy images", "mean negated", "mean healthy", "ratio"], rows))
     return "\n\n".join(lines)
 
