@@ -311,4 +311,4 @@ def test_medical_demo_config(tmp_path) -> None:
     assert cfg.model == "embedded:chest" and cfg.base_model is None and cfg.train_data is None
     assert cfg.eval_data == f"chest:{tmp_path / 'demo' / 'data'}" and cfg.evaluate.curve_per_finding is None
     cases = read_finding_cases(cfg.eval_data, cfg.eval_split)
-    assert cases  # no healthy rows, every row held out
+    assert cases  # every row held out

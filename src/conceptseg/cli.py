@@ -366,7 +366,7 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_evaluate_findings(args) -> None:
-    from conceptseg.data.medical import read_finding_cases
+    from conceptseg.data.medical import read_finding_cases, read_reported_images
     from conceptseg.io import write_json
     from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
     from conceptseg.models import load_model
@@ -375,7 +375,7 @@ def _cmd_evaluate_findings(args) -> None:
                             per_finding=args.per_finding, wrong_word=not args.no_wrong_word, seed=args.seed)
     cases = read_finding_cases(args.dataset, args.split)
     models = {str(m or "embedded toy model"): load_model(m, device=args.device, dtype=args.dtype) for m in args.model}
-    report = evaluate_findings(models, cases, cfg)
+    report = evaluate_findings(models, cases, cfg, images=read_reported_images(args.dataset, args.split))
     report["dataset"], report["split"] = args.dataset, args.split
     print(f"{args.dataset} ({args.split}): pixel-wise AUC-ROC of the raw stage-1 map against the union of the finding's boxes, "
           f"mean over its cases; prompt: {cfg.prompt}; M_pre with a {cfg.gmm_components}-component GMM\n{format_table(report)}")

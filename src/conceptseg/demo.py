@@ -1,9 +1,11 @@
 """`conceptseg demo`: the README's main command, the whole pipeline on the embedded toy-world model.
 
 `conceptseg demo --medical` instead runs the evaluation half of the medical experiment
-(docs/medical.md): held-out chest-world radiographs (seed 1234; the chest model trained on seed 0),
-stage 1 with each finding's word, per-finding AUC against the boxes for the embedded chest model
-and for the toy model it was fine-tuned from, beside the centre prior and a wrong finding's word.
+(docs/medical.md): held-out chest-world radiographs (seed 1234, 20% healthy; the chest model trained
+on seed 0), stage 1 with each finding's word, per-finding AUC, CNR and pointing game against the
+boxes and the negation measure (healthy images against those whose report negates the finding) for
+the embedded chest model and for the toy model it was fine-tuned from, beside the centre prior and
+a wrong finding's word.
 
 It generates a toy world of one class that the model never saw (seed 1234; the model trained on
 seed 0; world v1 or v2, the one the model knows: `--world`), runs every stage on its train split with settings reduced to finish in minutes on 2 CPU
@@ -62,7 +64,8 @@ def demo_config(out: Path, concept: str = "fish", full: bool = False, model: str
                      **{k: v for k, v in settings.items() if k != "num_images"})
 
 
-MEDICAL_DEMO = dict(num_images=60, per_finding=10)  # 10 cases per finding: minutes on 2 CPU cores
+# 10 cases per finding, 5 images per negation group: minutes on 2 CPU cores
+MEDICAL_DEMO = dict(num_images=60, per_finding=10, negation_images=5)
 
 
 def medical_demo_config(out: Path, model: str | None = None, device: str | None = None, seed: int = 1234,
@@ -72,6 +75,7 @@ def medical_demo_config(out: Path, model: str | None = None, device: str | None 
 
     data = Path(out) / "data"
     generate_chest(data, num_images or MEDICAL_DEMO["num_images"], seed=seed, progress=False,
-                   config=ChestWorldConfig(healthy_fraction=0.0, test_fraction=1.0))
+                   config=ChestWorldConfig(test_fraction=1.0))  # healthy images too: the negation measure's reference
     return MedicalConfig(out=str(out), eval_data=f"chest:{data}", model=model or "embedded:chest", device=device,
-                         evaluate=EvaluateSection(per_finding=MEDICAL_DEMO["per_finding"], curve_per_finding=None))
+                         evaluate=EvaluateSection(per_finding=MEDICAL_DEMO["per_finding"], curve_per_finding=None,
+                                                  negation_images=MEDICAL_DEMO["negation_images"]))

@@ -1,17 +1,32 @@
-"""Scoring stage 1 on chest radiographs the way the paper does for MS-CXR (METHOD.md §6).
+"""Scoring stage 1 on chest radiographs the way the paper does for MS-CXR (METHOD.md §6), and the
+localisation measures other MS-CXR work publishes.
 
 For every (image, finding) case: stage 1 with the finding's word, and the pixel-wise AUC-ROC of the
 RAW map (no threshold) against the union of that finding's boxes, at the original image size. Per
 finding the AUC is the mean over its cases; the headline is the mean over findings (the paper:
-79.6 over MS-CXR's eight). Beside it, for reference:
+79.6 over MS-CXR's eight). The same raw map, against the same union of boxes, also gives
 
-- a centre prior (a fixed map, highest in the image's centre);
+- the contrast-to-noise ratio (BioViL's definition, Boecking et al. 2022):
+  CNR = |mean inside - mean outside| / sqrt(var inside + var outside), per case; BioViL reports
+  1.07 zero-shot, BioViL-T 1.33;
+- the pointing game: a hit when the map's maximum lies inside a box (RadZero reports 0.844),
+
+both averaged like the AUC: over a finding's cases, then over findings. Beside them, for reference:
+
+- a centre prior (a fixed map, highest in the image's centre): AUC, CNR, pointing game;
 - a wrong finding's word: the map of a finding the image does NOT have (in the chest world, the
   one its report usually negates: "No pneumothorax.") scored against the finding it has, so a
   word that lights up whatever is abnormal, or what its negation sits next to, shows up here;
 - M_pre: the map thresholded with a k-component GMM (k = 3 by default: background, chest, lesion)
-  and the orphan filter, scored by IoU pooled over the finding's cases, against the exact masks
-  where the dataset has them (the chest world) and against the boxes otherwise (MS-CXR).
+  and the orphan filter; its IoU against the boxes per case, averaged over cases and findings (the
+  mIoU published for MS-CXR), and its IoU pooled over the finding's cases against the exact masks
+  where the dataset has them (the chest world), against the boxes otherwise;
+- negation, measured: the mean of the word's raw map over images WITHOUT the finding whose report
+  negates it (and that show another finding), against its mean over healthy images (`negation`).
+
+Comparable in definition (not in data) to published numbers: AUC against boxes, CNR, pointing
+game, mIoU of M_pre against boxes. Only ours: AUC against exact masks, pooled IoU, wrong word,
+negation.
 
 Prompts (`prompt`): "finding" uses the finding's name as the prompt ("pleural effusion"),
 "phrase" the case's own phrase (the chest world's "moderate right pleural effusion", MS-CXR's
@@ -28,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from conceptseg.data.medical import FindingCase
+from conceptseg.data.medical import FindingCase, ReportedImage, negates
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
 from conceptseg.models import DiffusionModel
@@ -46,6 +61,8 @@ class FindingEvalConfig:
     gmm_components: int = 3  # M_pre on chest images: background, chest, lesion
     per_finding: int | None = None  # at most this many cases per finding (the first ones), None: all
     wrong_word: bool = True
+    negation: bool = True  # the negation measure, where the dataset has healthy images with reports
+    negation_images: int | None = None  # at most this many images per group and finding; None: per_finding's cap
     seed: int = 0
 
     def __post_init__(self):
@@ -118,10 +135,10 @@ def _truth(case: FindingCase) -> _Truth:
     return _Truth(boxes_mask(case.boxes, size, case.image_size), mask)
 
 
-def _maps(model: DiffusionModel, cases: list[FindingCase], prompts: list[tuple[str, str]], cfg: FindingEvalConfig,
-          progress: bool, desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(raw map at the original size, M_pre at the original size) per case, stage 1 as `prelim` runs it;
-    cases sharing a prompt share UNet batches."""
+def _maps(model: DiffusionModel, cases: list[FindingCase | ReportedImage], prompts: list[tuple[str, str]],
+          cfg: FindingEvalConfig, progress: bool, desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(raw map at the original size, M_pre at the original size) per case (or image), stage 1 as
+    `prelim` runs it; cases sharing a prompt share UNet batches."""
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cases)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -142,14 +159,78 @@ def _maps(model: DiffusionModel, cases: list[FindingCase], prompts: list[tuple[s
 
 
 def _mean(values) -> float:
-    values = [v for v in values if v == v]  # NaN (a box covering the whole image) is left out
+    values = [v for v in values if v == v]  # NaN (an undefined measure, e.g. a box covering the whole image) is left out
     return float(np.mean(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------- the measures, per case
+
+
+def cnr(amap: np.ndarray, region: np.ndarray) -> float:
+    """Contrast-to-noise ratio (BioViL, Boecking et al. 2022) of a raw map: |mean inside - mean
+    outside| / sqrt(var inside + var outside), population variances. Invariant to an affine rescale
+    a * map + b (a != 0): both the difference of means and the deviations scale by |a|, so raw
+    attention, a min-max normalised map and BioViL's cosine similarities are scored alike. NaN when
+    the region or its outside is empty, or the map is constant on both (undefined)."""
+    region = np.asarray(region, dtype=bool)
+    amap = np.asarray(amap, dtype=np.float64)
+    if region.all() or not region.any():
+        return float("nan")
+    inside, outside = amap[region], amap[~region]
+    noise = np.sqrt(inside.var() + outside.var())
+    return float(abs(inside.mean() - outside.mean()) / noise) if noise > 0 else float("nan")
+
+
+def pointing_hit(amap: np.ndarray, region: np.ndarray) -> float:
+    """The pointing game for one case: 1.0 when the map's maximum lies inside the region (the union of
+    the finding's boxes), else 0.0. Ties count as a hit when any maximal pixel is inside: the
+    restored map is constant over each attention cell, so its maximum is a block of pixels."""
+    amap = np.asarray(amap)
+    return float(np.asarray(region, dtype=bool)[amap == amap.max()].any())
+
+
+def case_iou(pred: np.ndarray, region: np.ndarray) -> float:
+    """Foreground IoU of one binary mask against one region (`metrics.PooledCounts` on one case)."""
+    counts = PooledCounts()
+    counts.add(pred, region)
+    return counts.iou
+
+
+def _case_scores(amap: np.ndarray, mpre: np.ndarray, t: _Truth) -> dict[str, float]:
+    """Every per-case measure of a raw map and its M_pre against the boxes (and the exact mask)."""
+    scores = {"auc": auc_roc(amap, t.boxes), "cnr": cnr(amap, t.boxes), "pointing_game": pointing_hit(amap, t.boxes),
+              "prelim_miou_boxes": case_iou(mpre, t.boxes)}
+    if t.mask is not None:
+        scores["auc_mask"] = auc_roc(amap, t.mask)
+    return scores
+
+
+# ---------------------------------------------------------------- per finding, per model
+
+PER_CASE = ("auc", "auc_mask", "cnr", "pointing_game", "prelim_miou_boxes", "wrong_word_auc")
+OPTIONAL = ("auc_mask", "wrong_word_auc")  # only where the dataset has exact masks / the baseline ran
+
+
+def _table(per: dict[str, dict[str, list]], counts: dict[str, PooledCounts]) -> dict:
+    """Per-finding rows (means over the finding's cases) and their means over findings."""
+    table = {}
+    for f in sorted(per):
+        row: dict = {"cases": len(per[f]["auc"])}
+        row.update({k: _mean(per[f][k]) for k in PER_CASE if per[f][k]})
+        if f in counts:
+            row["prelim_iou"] = counts[f].iou
+        table[f] = row
+    summary = {}
+    for k in (*PER_CASE, "prelim_iou"):
+        if table and all(k in r for r in table.values()):
+            summary[f"mean_{k}"] = _mean([r[k] for r in table.values()])
+    return {"per_finding": table, **summary}
 
 
 def evaluate_model(model: DiffusionModel, cases: list[FindingCase], cfg: FindingEvalConfig, progress: bool = True,
                    truths: list[_Truth] | None = None) -> dict:
-    """Per-finding AUC of the raw map against the boxes (and the exact masks, where known), M_pre IoU,
-    and the wrong-word AUC; means over findings."""
+    """Per-finding AUC, CNR and pointing game of the raw map against the boxes (AUC also against the
+    exact masks, where known), M_pre IoU, and the wrong-word AUC; means over findings."""
     truths = truths or [_truth(c) for c in cases]
     findings = sorted({c.finding for c in cases})
     prompts = [prompt_for(c, cfg.prompt) for c in cases]
@@ -157,9 +238,8 @@ def evaluate_model(model: DiffusionModel, cases: list[FindingCase], cfg: Finding
     per: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     counts: dict[str, PooledCounts] = defaultdict(PooledCounts)
     for c, t, (amap, mpre) in zip(cases, truths, maps):
-        per[c.finding]["auc"].append(auc_roc(amap, t.boxes))
-        if t.mask is not None:
-            per[c.finding]["auc_mask"].append(auc_roc(amap, t.mask))
+        for k, v in _case_scores(amap, mpre, t).items():
+            per[c.finding][k].append(v)
         counts[c.finding].add(mpre, t.mask if t.mask is not None else t.boxes)
     if cfg.wrong_word:
         wrong = [(i, wrong_finding(c, findings)) for i, c in enumerate(cases)]
@@ -170,66 +250,146 @@ def evaluate_model(model: DiffusionModel, cases: list[FindingCase], cfg: Finding
                       "stage 1, wrong word")
         for (i, f), (amap, _) in zip(wrong, wmaps):
             per[cases[i].finding]["wrong_word_auc"].append(auc_roc(amap, truths[i].boxes))
-    table = {}
-    for f in findings:
-        row = {"cases": len(per[f]["auc"]), "auc": _mean(per[f]["auc"])}
-        for k in ("auc_mask", "wrong_word_auc"):
-            if per[f][k]:
-                row[k] = _mean(per[f][k])
-        row["prelim_iou"] = counts[f].iou
-        table[f] = row
-    summary = {"mean_auc": _mean([r["auc"] for r in table.values()]),
-               "mean_prelim_iou": _mean([r["prelim_iou"] for r in table.values()])}
-    for k in ("auc_mask", "wrong_word_auc"):
-        if all(k in r for r in table.values()):
-            summary[f"mean_{k}"] = _mean([r[k] for r in table.values()])
-    return {"per_finding": table, **summary}
+    return _table(per, counts)
 
 
 def centre_prior(cases: list[FindingCase], truths: list[_Truth]) -> dict:
-    per = defaultdict(list)
+    """The reference rows: AUC, CNR and pointing game of a fixed map highest in the image's centre."""
+    per: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for c, t in zip(cases, truths):
-        per[c.finding].append(auc_roc(_centre_prior(t.boxes.shape), t.boxes))
-    table = {f: {"cases": len(v), "auc": _mean(v)} for f, v in sorted(per.items())}
-    return {"per_finding": table, "mean_auc": _mean([r["auc"] for r in table.values()])}
+        prior = _centre_prior(t.boxes.shape)
+        per[c.finding]["auc"].append(auc_roc(prior, t.boxes))
+        per[c.finding]["cnr"].append(cnr(prior, t.boxes))
+        per[c.finding]["pointing_game"].append(pointing_hit(prior, t.boxes))
+    return _table(per, {})
+
+
+# ---------------------------------------------------------------- negation
+
+
+NO_REPORTS = ("the dataset has no healthy images with reports (MS-CXR: every image has a finding, and its csv "
+              "holds the boxes' phrases, not reports)")
+
+
+def negation_groups(images: list[ReportedImage] | None, words: dict[str, str], cap: int | None) -> dict | str:
+    """Per finding f: (a) images without f whose report negates f's word and that show another
+    finding, (b) healthy images (no finding); the first `cap` of each. A string (why) when the
+    dataset cannot provide (b)."""
+    if images is None:
+        return NO_REPORTS
+    healthy = [im for im in images if not im.findings][:cap]
+    if not healthy:
+        return "no healthy images in the split"
+    return {f: ([im for im in images if im.findings and f not in im.findings and negates(im.report, w)][:cap], healthy)
+            for f, w in sorted(words.items())}
+
+
+def negation_row(negated: list[np.ndarray], healthy: list[np.ndarray]) -> dict:
+    """Means over images of each map's pixel mean, for (a) negated and (b) healthy images, and a / b:
+    above 1, the word lights up more where its finding is negated beside another than on healthy images."""
+    a, b = _mean([float(m.mean()) for m in negated]), _mean([float(m.mean()) for m in healthy])
+    return {"negated_images": len(negated), "healthy_images": len(healthy), "mean_negated": a, "mean_healthy": b,
+            "ratio": a / b if b > 0 else float("nan")}
+
+
+def evaluate_negation(model: DiffusionModel, groups: dict | str, words: dict[str, str], cfg: FindingEvalConfig,
+                      progress: bool = True) -> dict:
+    """The negation measure of one model. The map is stage 1's raw map (`PrelimResult.attention`):
+    the word's cross-attention PROBABILITY (softmax over the prompt's tokens), averaged over heads,
+    layers and timesteps and never normalised per image, so its mean over an image's pixels compares
+    across images. The prompt is the finding's name ("a photo of a ..." with prompt "photo"): the
+    case's phrase does not exist for an image without the finding."""
+    if isinstance(groups, str):
+        return {"absent": groups}
+    table = {}
+    for f, (negated, healthy) in groups.items():
+        prompt = (f"a photo of a {f}" if cfg.prompt == "photo" else f, words[f])
+        maps = _maps(model, negated + healthy, [prompt] * (len(negated) + len(healthy)), cfg, progress, f"negation {f}")
+        amaps = [amap for amap, _ in maps]
+        table[f] = negation_row(amaps[: len(negated)], amaps[len(negated) :])
+    return {"prompt": cfg.prompt if cfg.prompt == "photo" else "finding", "per_finding": table,
+            "lit_up": [f for f, r in table.items() if r["ratio"] > 1]}
 
 
 def evaluate_findings(models: dict[str, DiffusionModel], cases: list[FindingCase], cfg: FindingEvalConfig,
-                      progress: bool = True) -> dict:
-    """The report of `conceptseg evaluate-findings`: each model's table and the centre prior."""
+                      progress: bool = True, images: list[ReportedImage] | None = None) -> dict:
+    """The report of `conceptseg evaluate-findings`: each model's table and the centre prior; with
+    `cfg.negation`, each model's negation measure on `images` (the split's images with their
+    reports, `data.medical.read_reported_images`; None: reported absent)."""
     if not cases:
         raise ValueError("no finding cases to evaluate (is the split empty?)")
     cases = select_cases(cases, cfg.per_finding)
     truths = [_truth(c) for c in cases]
     report = {"config": asdict(cfg), "cases": len(cases), "centre_prior": centre_prior(cases, truths), "models": {}}
+    words = {c.finding: c.word for c in cases}
+    groups = negation_groups(images, words, cfg.negation_images or cfg.per_finding) if cfg.negation else None
     for name, model in models.items():
         report["models"][name] = evaluate_model(model, cases, cfg, progress, truths)
+        if groups is not None:
+            report["models"][name]["negation"] = evaluate_negation(model, groups, words, cfg, progress)
     return report
 
 
-def format_table(report: dict) -> str:
-    """Markdown: one row per finding; centre prior, then per model AUC, wrong word, M_pre IoU."""
-    names = list(report["models"])
-    head = ["finding", "cases", "centre prior"]
-    for n in names:
-        parts = Path(n).parts
-        short = "/".join(parts[-3:-1]) if len(parts) > 2 and parts[-1] == "model" else (Path(n).name or n)
-        head += [f"AUC {short}", f"wrong word {short}", f"IoU M_pre {short}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cp = report["centre_prior"]
+# ---------------------------------------------------------------- tables
 
-    def fmt(x) -> str:
-        return "-" if x is None or x != x else f"{x:.3f}"
+COMPARABLE = ("Comparable in definition (not in data) to published MS-CXR numbers: AUC against boxes (the paper: "
+              "79.6, 0.796 here), CNR (BioViL 1.07 zero-shot, BioViL-T 1.33), pointing game (RadZero 0.844), mIoU of M_pre "
+              "against boxes. Only ours: AUC against exact masks, pooled IoU against masks, wrong word, negation.")
 
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def _short(name: str) -> str:
+    parts = Path(name).parts
+    return "/".join(parts[-3:-1]) if len(parts) > 2 and parts[-1] == "model" else (Path(name).name or name)
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _measure_table(report: dict, prior_keys: tuple[str, ...], model_keys: tuple[tuple[str, str], ...]) -> str:
+    """One row per finding and a mean row: the centre prior's `prior_keys`, then each model's
+    (column label, key) pairs."""
+    names, cp = list(report["models"]), report["centre_prior"]
+    labels = {"auc": "AUC", "cnr": "CNR", "pointing_game": "pointing"}
+    head = ["finding", "cases"] + [f"centre prior {labels[k]}" if len(prior_keys) > 1 else "centre prior" for k in prior_keys]
+    head += [f"{label} {_short(n)}" for n in names for label, _ in model_keys]
+    rows = []
     for f, row in cp["per_finding"].items():
-        cells = [f, str(row["cases"]), fmt(row["auc"])]
-        for n in names:
-            r = report["models"][n]["per_finding"][f]
-            cells += [fmt(r["auc"]), fmt(r.get("wrong_word_auc")), fmt(r["prelim_iou"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["**mean**", str(report["cases"]), fmt(cp["mean_auc"])]
-    for n in names:
-        m = report["models"][n]
-        cells += [fmt(m["mean_auc"]), fmt(m.get("mean_wrong_word_auc")), fmt(m["mean_prelim_iou"])]
-    lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [f, str(row["cases"])] + [_fmt(row.get(k)) for k in prior_keys]
+        rows.append(cells + [_fmt(report["models"][n]["per_finding"][f].get(k)) for n in names for _, k in model_keys])
+    cells = ["**mean**", str(report["cases"])] + [_fmt(cp.get(f"mean_{k}")) for k in prior_keys]
+    rows.append(cells + [_fmt(report["models"][n].get(f"mean_{k}")) for n in names for _, k in model_keys])
+    return _markdown(head, rows)
+
+
+def _negation_table(report: dict) -> str:
+    """Per model and finding: the word's mean map on negated and on healthy images, and their ratio."""
+    lines = []
+    for n, m in report["models"].items():
+        neg = m.get("negation")
+        if neg is None:
+            continue
+        if "absent" in neg:
+            lines.append(f"negation, {_short(n)}: absent ({neg['absent']})")
+            continue
+        rows = [[f, str(r["negated_images"]), str(r["healthy_images"]), _fmt(r["mean_negated"], ".4g"), _fmt(r["mean_healthy"], ".4g"),
+                 _fmt(r["ratio"])] for f, r in neg["per_finding"].items()]
+        lines.append(f"negation, {_short(n)}: the word's mean raw map on images whose report negates it (and that show "
+                     f"another finding) against healthy images; ratio > 1: it lights up more there\n\n"
+                     + _markdown(["finding", "negated images", "healthy images", "mean negated", "mean healthy", "ratio"], rows))
+    return "\n\n".join(lines)
+
+
+def format_table(report: dict) -> str:
+    """Markdown: the AUC table (centre prior, then per model AUC, wrong word, pooled M_pre IoU), the
+    localisation table (CNR, pointing game, mIoU of M_pre against boxes), the negation tables, and
+    which columns compare with published numbers."""
+    auc = _measure_table(report, ("auc",), (("AUC", "auc"), ("wrong word", "wrong_word_auc"), ("IoU M_pre", "prelim_iou")))
+    loc = _measure_table(report, ("cnr", "pointing_game"),
+                         (("CNR", "cnr"), ("pointing", "pointing_game"), ("mIoU M_pre boxes", "prelim_miou_boxes")))
+    parts = [auc, loc, _negation_table(report), COMPARABLE]
+    return "\n\n".join(p for p in parts if p)

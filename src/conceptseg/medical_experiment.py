@@ -3,8 +3,8 @@
 1. Fine-tune a text-to-image model on image-report pairs (`train-t2i --base-model`, streamed):
    MIMIC-CXR-JPG for the paper (`configs/mscxr.yaml`), the chest world here (`configs/chest.yaml`).
 2. Stage 1 with each finding's word on the evaluation cases (MS-CXR boxes, or the chest world's
-   held-out images), scored by `medical_eval` for the base model and the fine-tuned one, beside the
-   centre prior and the wrong finding's word.
+   held-out images), scored by `medical_eval` (AUC, CNR, pointing game, M_pre IoU, negation) for the
+   base model and the fine-tuned one, beside the centre prior and the wrong finding's word.
 3. Optionally the curve: mean AUC of every fine-tuning checkpoint, on fewer cases.
 
 Writes OUT/finetune (the train-t2i run), OUT/findings.json, OUT/curve.json and prints the tables.
@@ -46,6 +46,8 @@ class EvaluateSection:
     batch_size: int = 40
     gmm_components: int = 3
     wrong_word: bool = True
+    negation: bool = True  # the negation measure (needs healthy images with reports: the chest world, not MS-CXR)
+    negation_images: int | None = None  # per group and finding; None: per_finding's cap
     curve_per_finding: int | None = 10  # cases per finding for the curve over checkpoints; None: no curve
 
 
@@ -93,19 +95,22 @@ def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalC
     return _build(MedicalConfig, data, str(path))
 
 
-def _eval_config(e: EvaluateSection, per_finding: int | None, wrong_word: bool) -> FindingEvalConfig:
+def _eval_config(e: EvaluateSection, per_finding: int | None, full: bool) -> FindingEvalConfig:
+    """The scoring settings; not `full` (the curve): no wrong word and no negation measure."""
     return FindingEvalConfig(prompt=e.prompt, steps=e.steps, batch_size=e.batch_size, gmm_components=e.gmm_components,
-                             per_finding=per_finding, wrong_word=wrong_word)
+                             per_finding=per_finding, wrong_word=full and e.wrong_word, negation=full and e.negation,
+                             negation_images=e.negation_images)
 
 
 def run_medical(cfg: MedicalConfig, progress: bool = True) -> dict:
-    from conceptseg.data.medical import read_finding_cases
+    from conceptseg.data.medical import read_finding_cases, read_reported_images
     from conceptseg.models import load_model
     from conceptseg.train_t2i import checkpoint_model
     from conceptseg.training import last_checkpoint
 
     out = Path(cfg.out)
     cases = read_finding_cases(cfg.eval_data, cfg.eval_split)  # fail on a bad dataset before training
+    images = read_reported_images(cfg.eval_data, cfg.eval_split)  # for the negation measure (None: MS-CXR)
     tuned = cfg.model
     if cfg.train_data is not None and tuned is None:
         from conceptseg.models import EMBEDDED_MODEL
@@ -122,7 +127,7 @@ def run_medical(cfg: MedicalConfig, progress: bool = True) -> dict:
     names = {"base": cfg.base_model, "fine-tuned": tuned} if tuned else {"base": cfg.base_model}
     models = {n: load_model(m, device=cfg.device, dtype=cfg.dtype) for n, m in names.items()}
     e = cfg.evaluate
-    report = evaluate_findings(models, cases, _eval_config(e, e.per_finding, e.wrong_word), progress)
+    report = evaluate_findings(models, cases, _eval_config(e, e.per_finding, True), progress, images)
     report["models_used"] = {n: str(m) if m else "embedded toy model" for n, m in names.items()}
     write_json(out / "findings.json", report)
     print(f"{cfg.eval_data} ({cfg.eval_split}): prompt {e.prompt}; M_pre with a {e.gmm_components}-component GMM\n"

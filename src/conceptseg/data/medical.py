@@ -254,23 +254,29 @@ def read_mscxr_samples(root: Path, split: str = "test", images: str | None = Non
     return out
 
 
-def read_chest_world(root: Path, split: str = "test") -> list[FindingCase]:
-    """The chest world's per-finding cases (boxes and exact masks) from its metadata.jsonl."""
+def _chest_rows(root: Path, split: str) -> Iterator[dict]:
+    """The rows of the chest world's metadata.jsonl in `split` ("all": every row)."""
     import json
 
-    root = Path(root)
     meta = _need(root / "metadata.jsonl", "<root>/metadata.jsonl written by `conceptseg toyworld --domain chest`")
-    cases = []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-            findings = r["findings"]
+            r["findings"]  # noqa: B018  (a row without the key is not a chest-world row)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{meta}, line {n}: not a chest-world row with findings ({e})") from None
-        if split != "all" and r.get("split", "train") != split:
-            continue
+        if split == "all" or r.get("split", "train") == split:
+            yield r
+
+
+def read_chest_world(root: Path, split: str = "test") -> list[FindingCase]:
+    """The chest world's per-finding cases (boxes and exact masks) from its metadata.jsonl."""
+    root = Path(root)
+    cases = []
+    for r in _chest_rows(root, split):
+        findings = r["findings"]
         names = [f["finding"] for f in findings]
         for f in findings:
             if f.get("box") is None:  # drawn, then hidden entirely by a later finding: nothing to score
@@ -283,13 +289,64 @@ def read_chest_world(root: Path, split: str = "test") -> list[FindingCase]:
     return cases
 
 
-def read_finding_cases(spec: str, split: str = "test") -> list[FindingCase]:
-    """"chest:ROOT" (the chest world) or "ms-cxr:ROOT[,images=MIMIC_ROOT]"."""
+def _finding_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
+    """(dataset name, root, options) of "chest:ROOT" or "ms-cxr:ROOT[,images=MIMIC_ROOT]"."""
     name, _, rest = str(spec).partition(":")
     root, *opts = re.split(r",(?=\w+=)", rest)
     options = dict(o.split("=", 1) for o in opts)
-    if name == "chest" and not options:
-        return read_chest_world(Path(root).expanduser(), split)
-    if name == "ms-cxr" and set(options) <= {"images"}:
-        return read_mscxr(Path(root).expanduser(), options.get("images"))
+    if (name == "chest" and not options) or (name == "ms-cxr" and set(options) <= {"images"}):
+        return name, Path(root).expanduser(), options
     raise ValueError(f"finding dataset spec {spec!r}: expected 'chest:ROOT' or 'ms-cxr:ROOT[,images=MIMIC_ROOT]'")
+
+
+def read_finding_cases(spec: str, split: str = "test") -> list[FindingCase]:
+    """"chest:ROOT" (the chest world) or "ms-cxr:ROOT[,images=MIMIC_ROOT]"."""
+    name, root, options = _finding_spec(spec)
+    if name == "chest":
+        return read_chest_world(root, split)
+    return read_mscxr(root, options.get("images"))
+
+
+# ---------------------------------------------------------------- images with their reports (the negation measure)
+
+@dataclass(frozen=True)
+class ReportedImage:
+    """One image of an evaluation split with its report and every finding it has (healthy: none)."""
+
+    key: str
+    image: Path
+    report: str
+    findings: tuple[str, ...]
+
+
+# A negation cue before the word in the same sentence: "No pneumothorax.", "Heart size is normal, no
+# cardiomegaly.", "without effusion", "negative for consolidation". Enough for template reports (the
+# chest world's); real reports would want a full NegEx-style rule set.
+_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of)\b", re.IGNORECASE)
+
+
+def negates(report: str, word: str) -> bool:
+    """Whether a sentence of `report` names `word` (or its plural) after a negation cue."""
+    mention = re.compile(rf"\b{re.escape(word)}s?\b", re.IGNORECASE)
+    for sentence in re.split(r"(?<=[.;!?])\s+", report):
+        for m in mention.finditer(sentence):
+            if _NEGATION_CUE.search(sentence[: m.start()]):
+                return True
+    return False
+
+
+def read_chest_world_images(root: Path, split: str = "test") -> list[ReportedImage]:
+    """Every image of the chest world's split with its report (the caption) and its findings,
+    healthy images and findings hidden by a later one included."""
+    root = Path(root)
+    return [ReportedImage(key=Path(r["file_name"]).stem, image=root / r["file_name"], report=r.get("caption", ""),
+                          findings=tuple(f["finding"] for f in r["findings"]))
+            for r in _chest_rows(root, split)]
+
+
+def read_reported_images(spec: str, split: str = "test") -> list[ReportedImage] | None:
+    """The split's images with reports and findings, for the negation measure; None for MS-CXR,
+    whose images all have a finding (no healthy ones to compare with) and whose csv holds the
+    boxes' phrases, not reports."""
+    name, root, _ = _finding_spec(spec)
+    return read_chest_world_images(root, split) if name == "chest" else None
