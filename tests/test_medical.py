@@ -301,7 +301,8 @@ def test_medical_experiment_from_yaml(tiny_model_dir, tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match=r"chest.yaml.finetune: unknown setting\(s\) \['stepz'\]"):
         load_medical_config(config)
     config.write_text("out: x\neval_data: chest:y\n")
-    assert load_medical_config(config, ["evaluate.prompt=photo"]).evaluate.prompt == "photo"
+    assert load_medical_config(config).evaluate.prompt == "photo"  # stage 1's y_f by default
+    assert load_medical_config(config, ["evaluate.prompt=finding"]).evaluate.prompt == "finding"
 
 
 def test_medical_demo_config(tmp_path) -> None:

@@ -255,7 +255,7 @@ def test_configs_compute_the_same_measures(name) -> None:
 
     cfg = load_medical_config(Path(__file__).parents[1] / "configs" / name)
     e = _eval_config(cfg.evaluate, cfg.evaluate.per_finding, True)
-    assert isinstance(e, FindingEvalConfig) and e.negation and e.prompt == "finding"
+    assert isinstance(e, FindingEvalConfig) and e.negation and e.prompt == "photo"
     assert not _eval_config(cfg.evaluate, 1, False).negation  # the curve: AUC only
     if name == "mscxr.yaml":
         assert read_reported_images(cfg.eval_data) is None  # negation reported absent on MS-CXR

@@ -28,10 +28,13 @@ Comparable in definition (not in data) to published numbers: AUC against boxes, 
 game, mIoU of M_pre against boxes. Only ours: AUC against exact masks, pooled IoU, wrong word,
 negation.
 
-Prompts (`prompt`): "finding" uses the finding's name as the prompt ("pleural effusion"),
+Prompts (`prompt`): "photo" (the default) is stage 1's own prompt y_f = "a photo of a {finding}"
+(METHOD.md §1; §6: "step 1 with the disease word"); "finding" uses the finding's name alone
+("pleural effusion"), which puts the word right after the start token, where no report ever has a
+finding's word (a shallow text encoder's keys depend on the position: docs/medical.md measures it);
 "phrase" the case's own phrase (the chest world's "moderate right pleural effusion", MS-CXR's
-label_text), "photo" the paper's template "a photo of a {finding}". The map is always the word's
-(`FindingCase.word`, e.g. "effusion"). A phrase without the word falls back to the finding's name.
+label_text). The map is always the word's (`FindingCase.word`, e.g. "effusion"). A phrase without
+the word falls back to the finding's name.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ PROMPTS = ("finding", "phrase", "photo")
 
 @dataclass
 class FindingEvalConfig:
-    prompt: str = "finding"  # one of PROMPTS
+    prompt: str = "photo"  # one of PROMPTS; "photo": stage 1's y_f, "a photo of a {finding}"
     steps: int = 40  # T0 of stage 1
     batch_size: int = 40
     gmm_components: int = 3  # M_pre on chest images: background, chest, lesion

@@ -31,6 +31,7 @@ class FinetuneT2ISection:
     lr: float = 1e-4
     warmup_steps: int = 100
     train_text_encoder: bool = True  # new words (findings) need their token embeddings trained
+    context_layers: int = 0  # layers added to a context-free text encoder, so that "No pneumothorax." can be read
     checkpoint_every: int = 100
     mixed_precision: str = "no"
     seed: int = 0
@@ -40,7 +41,7 @@ class FinetuneT2ISection:
 
 @dataclass
 class EvaluateSection:
-    prompt: str = "finding"
+    prompt: str = FindingEvalConfig.prompt
     per_finding: int | None = None
     steps: int = 40  # T0
     batch_size: int = 40
@@ -120,7 +121,7 @@ def run_medical(cfg: MedicalConfig, progress: bool = True) -> dict:
         tuned = str(train_t2i(TrainT2IConfig(
             data=cfg.train_data, out=out / "finetune", preset=None, base_model=str(cfg.base_model or EMBEDDED_MODEL),
             steps=f.steps, batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps,
-            train_text_encoder=f.train_text_encoder, checkpoint_every=f.checkpoint_every,
+            train_text_encoder=f.train_text_encoder, context_layers=f.context_layers, checkpoint_every=f.checkpoint_every,
             checkpoints_total_limit=None if cfg.evaluate.curve_per_finding else 2,  # the curve reads every checkpoint
             mixed_precision=f.mixed_precision, seed=f.seed, sample_prompts=list(f.sample_prompts),
             samples_per_prompt=f.samples_per_prompt, progress=progress)))
