@@ -109,7 +109,8 @@ def _cmd_demo(args) -> None:
         print(f"\nnumbers: {args.out}/findings.json")
         return
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import Run, format_table, override_config
+    from conceptseg.pipeline import Run, override_config
+    from conceptseg.tables import format_table
 
     cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images,
                       world=args.world)
@@ -128,7 +129,8 @@ def _cmd_medical(args) -> None:
 
 
 def _cmd_run(args) -> None:
-    from conceptseg.pipeline import Run, format_table, load_config
+    from conceptseg.pipeline import Run, load_config
+    from conceptseg.tables import format_table
 
     cfg = load_config(args.config, args.set or [])
     metrics = Run(cfg, clean=args.clean).execute()
