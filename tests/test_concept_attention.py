@@ -6,6 +6,8 @@ concepts' maps sum to 1 per pixel, the CLI runs end to end, SD 1.x / SDXL refuse
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -27,6 +29,25 @@ def _inputs(model, rows: int = 2, seed: int = 0):
     latents = model.encode_images(pixels.numpy())
     levels = torch.tensor(model.noise_levels(3)[1 : 1 + rows])
     return model.add_noise(latents, torch.randn(latents.shape, generator=g), levels), levels
+
+
+@dataclass
+class Case:
+    """A tiny joint-attention model with two noised latents, PROMPT's conditioning and WORDS' concept tokens."""
+
+    model: object
+    z: torch.Tensor
+    levels: torch.Tensor
+    cond: object
+    embeds: torch.Tensor
+
+
+@pytest.fixture
+def case(tiny_family_models, family) -> Case:
+    """The setup of a test parametrized over `family`."""
+    model = tiny_family_models[family]
+    z, levels = _inputs(model)
+    return Case(model, z, levels, model.text_conditioning(PROMPT), embed_concepts(model, WORDS))
 
 
 # ------------------------------------------------------------------ the reference, by hand
@@ -101,31 +122,30 @@ def _reference_block(block, rec, concepts, rotary):
     return scores, c + gate2[:, None] * h
 
 
-def _record_blocks(transformer):
-    records, handles = [], []
-    for block in transformer.transformer_blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, a, kw: records.append(dict(kw)), with_kwargs=True))
-    return records, handles
-
-
-@pytest.mark.parametrize("family", ("sd3", "sd3.5", "flux"))
-def test_maps_equal_the_computation_from_the_weights(tiny_family_models, family) -> None:
-    model = tiny_family_models[family]
-    z, levels = _inputs(model)
-    cond = model.text_conditioning(PROMPT)
-    embeds = embed_concepts(model, WORDS)
-    blocks = model.transformer.transformer_blocks
-    records, handles = _record_blocks(model.transformer)
+@contextmanager
+def _recorded_blocks(transformer):
+    """Within the block, the keyword arguments of every joint block's calls, in order."""
+    records = []
+    handles = [block.register_forward_pre_hook(lambda m, a, kw: records.append(dict(kw)), with_kwargs=True)
+               for block in transformer.transformer_blocks]
     try:
-        with torch.no_grad(), model.capture_attention([[0], [1]], maps="concept-attention", concepts=embeds) as store:
-            model.denoise(z, levels, cond)
-            maps = store.pop_mean()  # (B, C, h, w)
+        yield records
     finally:
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize("family", ("sd3", "sd3.5", "flux"))
+def test_maps_equal_the_computation_from_the_weights(case) -> None:
+    model, embeds = case.model, case.embeds
+    blocks = model.transformer.transformer_blocks
+    with _recorded_blocks(model.transformer) as records, torch.no_grad(), \
+            model.capture_attention([[0], [1]], maps="concept-attention", concepts=embeds) as store:
+        model.denoise(case.z, case.levels, case.cond)
+        maps = store.pop_mean()  # (B, C, h, w)
     assert len(records) == len(blocks) >= 1
     with torch.no_grad():
-        concepts = _linear(embeds, model.transformer.context_embedder).expand(len(z), -1, -1)
+        concepts = _linear(embeds, model.transformer.context_embedder).expand(len(case.z), -1, -1)
         total = 0
         for block, rec in zip(blocks, records):
             scores, concepts = _reference_block(block, rec, concepts, rec.get("image_rotary_emb"))
@@ -136,21 +156,15 @@ def test_maps_equal_the_computation_from_the_weights(tiny_family_models, family)
 
 
 @pytest.mark.parametrize("family", ("sd3", "flux"))
-def test_single_concept_is_the_raw_dot_product_of_the_chosen_layer(tiny_family_models, family) -> None:
-    model = tiny_family_models[family]
-    z, levels = _inputs(model)
-    embeds = embed_concepts(model, ["bird"])
-    records, handles = _record_blocks(model.transformer)
-    try:
-        with torch.no_grad(), model.capture_attention([[0]], maps="concept-attention", concepts=embeds,
-                                                      concept_layers=(0,)) as store:
-            model.denoise(z, levels, model.text_conditioning(PROMPT))
-            maps = store.pop_mean()
-    finally:
-        for h in handles:
-            h.remove()
+def test_single_concept_is_the_raw_dot_product_of_the_chosen_layer(case) -> None:
+    model = case.model
+    embeds = case.embeds[:, :1]  # "bird" alone
+    with _recorded_blocks(model.transformer) as records, torch.no_grad(), \
+            model.capture_attention([[0]], maps="concept-attention", concepts=embeds, concept_layers=(0,)) as store:
+        model.denoise(case.z, case.levels, case.cond)
+        maps = store.pop_mean()
     with torch.no_grad():
-        concepts = _linear(embeds, model.transformer.context_embedder).expand(len(z), -1, -1)
+        concepts = _linear(embeds, model.transformer.context_embedder).expand(len(case.z), -1, -1)
         scores, _ = _reference_block(model.transformer.transformer_blocks[0], records[0], concepts,
                                      records[0].get("image_rotary_emb"))
     torch.testing.assert_close(maps, scores.transpose(1, 2).reshape(maps.shape), atol=1e-4, rtol=1e-4)
@@ -161,14 +175,11 @@ def test_single_concept_is_the_raw_dot_product_of_the_chosen_layer(tiny_family_m
 
 
 @pytest.mark.parametrize("family", ("sd3", "sd3.5", "flux"))
-def test_denoiser_output_is_bit_identical(tiny_family_models, family) -> None:
-    model = tiny_family_models[family]
-    z, levels = _inputs(model)
-    cond = model.text_conditioning(PROMPT)
-    embeds = embed_concepts(model, WORDS)
+def test_denoiser_output_is_bit_identical(case) -> None:
+    model, z, levels, cond = case.model, case.z, case.levels, case.cond
     with torch.no_grad():
         plain = model.denoise(z, levels, cond)
-        with model.capture_attention([[0], [1]], maps="concept-attention", concepts=embeds) as store:
+        with model.capture_attention([[0], [1]], maps="concept-attention", concepts=case.embeds) as store:
             with_concepts = model.denoise(z, levels, cond)
             assert store.num_layers == len(model.transformer.transformer_blocks)
     assert torch.equal(with_concepts, plain)
@@ -186,12 +197,9 @@ def _assert_restored(transformer, before) -> None:
 
 
 @pytest.mark.parametrize("family", ("sd3", "flux"))
-def test_processors_and_hooks_restored_after_success_and_error(tiny_family_models, family) -> None:
-    model = tiny_family_models[family]
+def test_processors_and_hooks_restored_after_success_and_error(case) -> None:
+    model, z, levels, cond, embeds = case.model, case.z, case.levels, case.cond, case.embeds
     before = _state(model.transformer)
-    z, levels = _inputs(model)
-    cond = model.text_conditioning(PROMPT)
-    embeds = embed_concepts(model, WORDS)
     with torch.no_grad(), model.capture_attention([[0], [1]], maps="concept-attention", concepts=embeds):
         during = _state(model.transformer)
         model.denoise(z, levels, cond)
@@ -256,14 +264,14 @@ def test_options_checked() -> None:
         PrelimConfig("bird", maps="concept-attention", compile=True)
 
 
-def test_concept_layers_name_existing_blocks(tiny_family_models) -> None:
-    model = tiny_family_models["sd3"]
-    z, levels = _inputs(model)
-    embeds = embed_concepts(model, ["bird"])
+@pytest.mark.parametrize("family", ("sd3",))
+def test_concept_layers_name_existing_blocks(case) -> None:
+    model, z, levels = case.model, case.z, case.levels
+    embeds = case.embeds[:, :1]
     with pytest.raises(ValueError, match="has 2 joint-attention blocks"):
         with model.capture_attention([[0]], maps="concept-attention", concepts=embeds, concept_layers=(5,)):
             pass
     with torch.no_grad(), model.capture_attention([[0]], maps="concept-attention", concepts=embeds,
                                                   concept_layers=(-1,)) as store:
-        model.denoise(z, levels, model.text_conditioning(PROMPT))
+        model.denoise(z, levels, case.cond)
         assert store.num_layers == 1

@@ -253,37 +253,3 @@ def test_the_real_path_benchmark_runs_in_its_cpu_form(tmp_path):
                                                       "train_00001", "train_00002", "train_00003", "train_00004"]
     config = json.loads((tmp_path / "work" / "cars-sd21-768-like" / "run" / "manifest.json").read_text())["config"]
     assert config["finetune"]["mixed_precision"] == "bf16" and config["segmenter"]["mixed_precision"] == "no"
-
-
-def test_the_command_line_defaults_are_the_stage_configs_defaults():
-    """The CLI's defaults are written beside argparse; this keeps them equal to the configs' (the one
-    source YAML sections and the Python API read), so `conceptseg finetune` and `run` mean the same."""
-    import argparse
-    import dataclasses
-
-    from conceptseg.cli import build_parser
-    from conceptseg.finetune import FinetuneConfig
-    from conceptseg.prelim import PrelimConfig
-    from conceptseg.refine import RefineConfig
-    from conceptseg.segmenter.train import TrainSegConfig
-    from conceptseg.synth import SynthConfig
-
-    checked = {
-        "prelim": (PrelimConfig, {"steps": "steps", "batch_size": "batch_size", "seed": "seed"}),
-        "finetune": (FinetuneConfig, {f: f for f in ("steps", "batch_size", "lr", "method", "lora_rank", "mixed_precision",
-                                                      "gradient_accumulation", "max_grad_norm", "optimizer", "latent_cache", "checkpoint_every",
-                                                      "checkpoints_total_limit", "nonfinite_loss", "seed")}),
-        "refine": (RefineConfig, {"inpaint_steps": "steps", "guidance": "guidance", "samples": "samples", "sampler": "sampler",
-                                  "batch_size": "batch_size", "seed": "seed", "difference_to": "difference_to"}),
-        "synth": (SynthConfig, {"sample_steps": "steps", "guidance": "guidance", "prelim_steps": "prelim_steps",
-                                "batch_size": "batch_size", "seed": "seed"}),
-        "train-seg": (TrainSegConfig, {f: f for f in ("steps", "batch_size", "lr", "lr_schedule", "width", "input_size",
-                                                       "val_fraction", "mixed_precision", "max_grad_norm", "checkpoint_every",
-                                                       "checkpoints_total_limit", "nonfinite_loss", "seed")}),
-    }
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for command, (config, fields) in checked.items():
-        defaults = {a.dest: a.default for a in commands[command]._actions}
-        config_defaults = {f.name: f.default for f in dataclasses.fields(config)}
-        for dest, name in fields.items():
-            assert defaults[dest] == config_defaults[name], f"{command} --{dest.replace('_', '-')}"

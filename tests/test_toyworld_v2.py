@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptseg.data import toyscenes, toyworld
+from conceptseg.data import drawing, toyscenes, toyworld
 from conceptseg.data.toyworld import CLASSES, ToyWorldConfig, generate, load_rows, render_scene
 from conceptseg.inpaint import BACKGROUND_PROMPT
 
@@ -62,8 +62,8 @@ def _scene_without_occluder(seed: int, cls: str) -> np.ndarray:
     rng = np.random.default_rng([seed, 5])
     kind, photo, _ = toyscenes.scene_spec(rng, [cls])
     if kind == "photo":
-        return toyworld._to_u8(toyscenes._photo_background(rng, 64, photo))
-    return toyworld._to_u8(toyscenes._SCENES[kind](rng, 64))
+        return drawing.to_u8(toyscenes._photo_background(rng, 64, photo))
+    return drawing.to_u8(toyscenes._SCENES[kind](rng, 64))
 
 
 def test_no_caption_names_the_background_prompt_noun(tmp_path) -> None:

@@ -4,23 +4,27 @@ reproduce the result (grouped in `conceptseg --help` by COMMAND_GROUPS)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from conceptseg import distributed
 
 
 def _cmd_toyworld(args) -> None:
+    from conceptseg.data.toyworld import ToyWorldConfig, generate
+
+    cfg = _config(args, ToyWorldConfig)
     if args.domain == "chest":
         from conceptseg.data.chest import FINDINGS, ChestWorldConfig, generate as generate_chest
 
-        cfg = ChestWorldConfig(size=args.size, findings=tuple(args.classes or FINDINGS))
-        out = generate_chest(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
+        chest = ChestWorldConfig(size=cfg.size, findings=tuple(args.classes or FINDINGS))
+        out = generate_chest(args.out, args.num, seed=args.seed, config=chest, workers=args.workers)
         print(f"wrote {args.num} chest radiographs with reports to {out}")
         return
-    from conceptseg.data.toyworld import ToyWorldConfig, generate
-
-    cfg = ToyWorldConfig(world=args.world, size=args.size)
     if args.classes:
         cfg.classes = tuple(args.classes)
     out = generate(args.out, args.num, seed=args.seed, config=cfg, workers=args.workers)
@@ -34,36 +38,15 @@ def _cmd_train_t2i(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainT2IConfig(
-        data=args.data, out=args.out, preset=args.preset, base_model=args.base_model, steps=args.steps,
-        vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
-        gradient_accumulation=args.gradient_accumulation, max_grad_norm=args.max_grad_norm, sample_prompts=args.sample_prompt or [],
-        sample_guidance=args.sample_guidance, train_text_encoder=args.train_text_encoder,
-        forget_words=args.forget_word or [], context_layers=args.context_layers, checkpoints_total_limit=args.checkpoints_total_limit or None,
-    )
-    final = train_t2i(cfg)
+    final = train_t2i(_config(args, TrainT2IConfig))
     print(f"model: {final}\nsamples: {Path(args.out) / 'samples.png'}")
-
-
-def _add_model_args(s: argparse.ArgumentParser, several: bool = False) -> None:
-    if several:
-        s.add_argument("--model", nargs="+", default=[None], help="diffusers folders or hub ids (default: the embedded model)")
-    else:
-        s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
 
 
 def _cmd_prelim(args) -> None:
     from conceptseg.models import load_model
     from conceptseg.prelim import PrelimConfig, run_prelim
 
-    cfg = PrelimConfig(concept=args.concept, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
-                       seed=args.seed, orphan_filter=not args.no_orphan_filter, sigma_grid=args.sigma_grid,
-                       joint_attention=args.joint_attention, maps=args.maps, gmm_components=args.gmm_components, gmm=args.gmm,
-                       compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last)
+    cfg = _config(args, PrelimConfig)
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     print(f"prelim: {model.describe()}")
     summary = run_prelim(model, args.images, args.out, cfg, overwrite=args.overwrite, split=args.split, shard=distributed.shard())
@@ -77,10 +60,9 @@ def _cmd_eval_toy_model(args) -> None:
 
     from conceptseg.io import write_json
     from conceptseg.models import load_model
-    from conceptseg.toy_eval import PARTS, ToyEvalConfig, evaluate_toy_model
+    from conceptseg.toy_eval import ToyEvalConfig, evaluate_toy_model
 
-    cfg = ToyEvalConfig(per_class=args.per_class, binding_scenes=args.binding_scenes, parts=tuple(args.parts or PARTS),
-                        steps=args.steps, seed=args.seed)
+    cfg = _config(args, ToyEvalConfig, parts=tuple(args.parts))
     reports = {}
     for name in args.model:
         model = load_model(name, device=args.device, dtype=args.dtype)
@@ -109,7 +91,8 @@ def _cmd_demo(args) -> None:
         print(f"\nnumbers: {args.out}/findings.json")
         return
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import Run, format_table, override_config
+    from conceptseg.pipeline import Run, override_config
+    from conceptseg.tables import format_table
 
     cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images,
                       world=args.world)
@@ -128,7 +111,8 @@ def _cmd_medical(args) -> None:
 
 
 def _cmd_run(args) -> None:
-    from conceptseg.pipeline import Run, format_table, load_config
+    from conceptseg.pipeline import Run, load_config
+    from conceptseg.tables import format_table
 
     cfg = load_config(args.config, args.set or [])
     metrics = Run(cfg, clean=args.clean).execute()
@@ -151,24 +135,14 @@ def _cmd_plan(args) -> None:
 def _cmd_finetune(args) -> None:
     from conceptseg.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(
-        concept=args.concept, images=args.images, split=args.split, prelim=args.prelim, out=args.out, model=args.model, prompt=args.prompt,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=args.method, lora_rank=args.lora_rank,
-        mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation, max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, latent_cache=args.latent_cache,
-        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit or None,
-        nonfinite_loss=args.nonfinite_loss, report_to=args.report_to, seed=args.seed,
-    )
-    print(f"fine-tuned model: {finetune(cfg)}")
+    print(f"fine-tuned model: {finetune(_config(args, FinetuneConfig))}")
 
 
 def _cmd_refine(args) -> None:
     from conceptseg.models import load_model
     from conceptseg.refine import RefineConfig, run_refine
 
-    cfg = RefineConfig(prompt=args.prompt, steps=args.inpaint_steps, guidance=args.guidance, concept_prompt=args.concept_prompt,
-                       sampler=args.sampler, samples=args.samples, inpainter=args.inpainter, postprocess=args.postprocess,
-                       difference_to=args.difference_to, batch_size=args.batch_size, seed=args.seed, gmm=args.gmm)
+    cfg = _config(args, RefineConfig)
     # the crop inpainter needs no model: it works on stage 1's canvas, read from its manifest
     model = None
     if args.inpainter == "model":
@@ -184,9 +158,7 @@ def _cmd_synth(args) -> None:
     from conceptseg.refine import RefineConfig
     from conceptseg.synth import SynthConfig, run_synth, write_metadata
 
-    cfg = SynthConfig(concept=args.concept, num=args.num, prompt=args.prompt, steps=args.sample_steps, guidance=args.guidance,
-                      prelim_steps=args.prelim_steps, refine=RefineConfig(steps=args.inpaint_steps, postprocess=args.postprocess),
-                      batch_size=args.batch_size, seed=args.seed)
+    cfg = _config(args, SynthConfig, refine=_config(args, RefineConfig))
     model = load_model(args.model, device=args.device or distributed.device(), dtype=args.dtype)
     run_synth(model, args.out, cfg, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
@@ -198,12 +170,7 @@ def _cmd_synth(args) -> None:
 def _cmd_train_seg(args) -> None:
     from conceptseg.segmenter.train import TrainSegConfig, train_segmenter
 
-    cfg = TrainSegConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         lr_schedule=args.lr_schedule, width=args.width, input_size=args.input_size, val_fraction=args.val_fraction,
-                         mixed_precision=args.mixed_precision, max_grad_norm=args.max_grad_norm, checkpoint_every=args.checkpoint_every,
-                         checkpoints_total_limit=args.checkpoints_total_limit or None, nonfinite_loss=args.nonfinite_loss, seed=args.seed,
-                         num_workers=args.num_workers)
-    print(f"segmenter: {train_segmenter(cfg)}")
+    print(f"segmenter: {train_segmenter(_config(args, TrainSegConfig))}")
 
 
 def _say(args, picked) -> str | None:
@@ -260,9 +227,7 @@ def _edit_inputs(args):
         from conceptseg.segmenter.predict import load_segmenter
 
         segmenter = load_segmenter(_segmenter_source(args), device=args.device or distributed.device())
-    cfg = EditConfig(prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                     **({"grow": args.grow, "concept_prompt": args.concept_prompt} if args.command == "remove" else {"feather": args.feather}))
-    return MaskSource(args.masks, segmenter), cfg
+    return MaskSource(args.masks, segmenter), _config(args, EditConfig)
 
 
 def _cmd_remove(args) -> None:
@@ -289,29 +254,6 @@ def _cmd_composite(args) -> None:
                             split=args.split, shard=distributed.shard())
     distributed.finish_per_image_stage(args.out)
     print(f"composite: {summary['processed']} done, {summary['skipped_done']} already done, {summary['failed']} failed -> {args.out}/composites")
-
-
-def _add_edit_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--images", required=True, help="an image file, a folder, a quoted glob, or a dataset spec with --split")
-    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
-    where = s.add_mutually_exclusive_group()
-    where.add_argument("--masks", type=Path, help="folder of <stem>.png masks (refine's OUT/masks, segment's OUT/masks)")
-    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, a run's segmenter/<row>, hub id or .onnx)")
-    s.add_argument("--run", type=Path, help="a run folder: its best segmenter (unless --masks or --segmenter) and its "
-                                            "fine-tuned model (unless --model)")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--prompt", default="a photo of a background", help="what the model inpaints or generates")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps")
-    s.add_argument("--guidance", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--overwrite", action="store_true")
-
-
-def _add_segmenter_args(s: argparse.ArgumentParser, what: str) -> None:
-    which = s.add_mutually_exclusive_group(required=True)
-    which.add_argument("--segmenter", help=what + "; a run's segmenter/<row> folder or the run folder itself also work")
-    which.add_argument("--run", type=Path, help="a run folder of `conceptseg run` or `demo`: the segmenter it scored best")
 
 
 def _cmd_serve(args) -> None:
@@ -371,8 +313,7 @@ def _cmd_evaluate_findings(args) -> None:
     from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
     from conceptseg.models import load_model
 
-    cfg = FindingEvalConfig(prompt=args.prompt, steps=args.steps, batch_size=args.batch_size, gmm_components=args.gmm_components,
-                            per_finding=args.per_finding, wrong_word=not args.no_wrong_word, seed=args.seed)
+    cfg = _config(args, FindingEvalConfig)
     cases = read_finding_cases(args.dataset, args.split)
     models = {str(m or "embedded toy model"): load_model(m, device=args.device, dtype=args.dtype) for m in args.model}
     report = evaluate_findings(models, cases, cfg, images=read_reported_images(args.dataset, args.split))
@@ -390,56 +331,140 @@ def _cmd_fid(args) -> None:
     print(f"FID {fid(args.real, args.fake, args.inception_weights, device=args.device or 'cpu'):.2f}")
 
 
+# ---------------------------------------------------------------- options from the stage configs
+#
+# An option that sets a field of a stage's config dataclass takes its default, and how its value
+# is read, from that field (`_config_option`): a default is written once, in the config, which the
+# run's YAML sections and the Python API read too. `_config` builds the config from those options.
+
+_CONFIG_OPTIONS = "config_options"  # the namespace's {config class: {option dest: field name}}
+
+
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """`kind`, or None for the word 'none' (an optional setting switched off: --max-grad-norm none)."""
+    def read(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    read.__name__ = kind.__name__  # argparse names it in its error: "invalid float value: 'x'"
+    return read
+
+
 def _limit(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    """A number of checkpoints to keep; 'none' or 0: all of them."""
+    return _or_none(int)(text) or None
 
 
-def _norm(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+def _reader(hint: Any, default: Any, where: str) -> dict:
+    """How argparse reads a value of the annotation `hint`: a bool field is a flag (store_true, or
+    store_false for one that defaults to True; --x/--no-x for `bool | None`), a number is converted
+    (an optional one also takes 'none'), a path is a Path."""
+    parts = typing.get_args(hint)
+    optional = type(None) in parts and len(parts) == 2
+    kind = next(p for p in parts if p is not type(None)) if optional else hint
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if optional else "store_false" if default else "store_true"}
+    if kind in (int, float):
+        return {"type": _or_none(kind) if optional else kind}
+    if kind is Path:
+        return {"type": Path}
+    if kind is str:
+        return {}
+    raise TypeError(f"{where}: argparse cannot read a {hint}; give the option type=, nargs= or action=")
 
 
-def _add_clip_arg(s, default: float | None) -> None:
-    s.add_argument("--max-grad-norm", type=_norm, default=default,
-                   help=f"clip gradients to this norm ('none': no clipping; default {default})")
+def _config_option(container, config: type, name: str, *flags: str, **kwargs) -> argparse.Action:
+    """Add the option that sets field `name` of the dataclass `config` (`flags`; default
+    --<name with dashes>): its default from the field (no default: a required option), its type or
+    action from the field's annotation unless `kwargs` give one; `kwargs` add help, choices, ..."""
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        kwargs["default"] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        kwargs["default"] = field.default_factory()
+    else:
+        kwargs.setdefault("required", True)
+    if not {"type", "action", "nargs"} & set(kwargs):
+        kwargs.update(_reader(typing.get_type_hints(config)[name], kwargs.get("default"), f"{config.__name__}.{name}"))
+    if kwargs.get("action") == "store_false":
+        kwargs.setdefault("dest", name)  # --no-orphan-filter sets orphan_filter
+    action = container.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **kwargs)
+    options = container.get_default(_CONFIG_OPTIONS)
+    if options is None:
+        options = {}
+        container.set_defaults(**{_CONFIG_OPTIONS: options})
+    options.setdefault(config, {})[action.dest] = name
+    return action
 
 
-def _add_gmm_arg(s) -> None:
-    s.add_argument("--gmm", default="sklearn", choices=["sklearn", "torch"],
-                   help="GMM threshold fit: sklearn, or torch (the same fit, its EM on the model's device; "
-                        "thresholds equal to rounding)")
+def _config(args, config: type, **given):
+    """`config` from the options `_config_option` added for it; `given` fields replace theirs."""
+    options = getattr(args, _CONFIG_OPTIONS, {}).get(config, {})
+    return config(**{**{name: getattr(args, dest) for dest, name in options.items()}, **given})
 
 
-# `conceptseg --help` lists the subcommands in these groups, in this order; every subcommand is in one.
-COMMAND_GROUPS = (
-    ("the pipeline's stages", ("run", "plan", "prelim", "finetune", "refine", "synth", "train-seg")),
-    ("using the result", ("segment", "serve", "share", "remove", "composite", "export-onnx")),
-    ("experiments and evaluation", ("demo", "evaluate", "medical", "evaluate-findings", "fid")),
-    ("toy worlds and training", ("toyworld", "train-t2i", "eval-toy-model")),
-)
-
-_DESCRIPTION = ("Foreground/background segmentation of a concept named in words, distilled from a text-to-image\n"
-                "diffusion model without segmentation labels (Dombrowski et al., ICCV 2023).")
+def _add_clip_arg(s, config: type) -> None:
+    _config_option(s, config, "max_grad_norm", help="clip gradients to this norm ('none': no clipping; default %(default)s)")
 
 
-def _grouped_commands(sub) -> str:
-    """The subcommands under COMMAND_GROUPS' titles, as git and docker list theirs."""
-    helps = {a.dest: a.help or "" for a in sub._choices_actions}  # argparse keeps each add_parser(help=...) here
-    width = max(map(len, helps)) + 2
-    lines = [_DESCRIPTION, ""]
-    for title, names in COMMAND_GROUPS:
-        lines.append(f"{title}:")
-        lines.extend(f"  {name:<{width}}{helps[name]}" for name in names if name in helps)
-        lines.append("")
-    return "\n".join(lines + ["`conceptseg COMMAND --help` shows a command's options."])
+def _add_gmm_arg(s, config: type) -> None:
+    from conceptseg.thresholding import GMM_METHODS
+
+    _config_option(s, config, "gmm", choices=GMM_METHODS,
+                   help="GMM threshold fit: sklearn, or torch (the same fit, its EM on the model's device; thresholds "
+                        "equal to rounding)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conceptseg", usage="conceptseg [-h] [--debug] COMMAND [options]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="conceptseg")
+def _add_checkpoint_args(s, config: type, limit_help: str = "keep the newest N checkpoints ('none': all)") -> None:
+    _config_option(s, config, "checkpoint_every")
+    _config_option(s, config, "checkpoints_total_limit", type=_limit, help=limit_help)
 
-    s = sub.add_parser("demo", help="run the pipeline on held-out toy-world images with the embedded model and score it")
+
+def _add_model_args(s: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        s.add_argument("--model", nargs="+", default=[None], help="diffusers folders or hub ids (default: the embedded model)")
+    else:
+        s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def _add_images_args(s, help: str = "image folder (subfolders too), image file, glob, or dataset spec "
+                                    "(cub:/data/CUB_200_2011) with --split") -> None:
+    s.add_argument("--images", required=True, help=help)
+    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+
+
+def _add_edit_args(s: argparse.ArgumentParser) -> None:
+    from conceptseg.edit import EditConfig
+
+    _add_images_args(s, "an image file, a folder, a quoted glob, or a dataset spec with --split")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--masks", type=Path, help="folder of <stem>.png masks (refine's OUT/masks, segment's OUT/masks)")
+    where.add_argument("--segmenter", help="or predict the masks with this segmenter (folder, a run's segmenter/<row>, hub id or .onnx)")
+    s.add_argument("--run", type=Path, help="a run folder: its best segmenter (unless --masks or --segmenter) and its "
+                                            "fine-tuned model (unless --model)")
+    s.add_argument("--out", type=Path, required=True)
+    _config_option(s, EditConfig, "prompt", help="what the model inpaints or generates")
+    _config_option(s, EditConfig, "steps", help="sampling steps")
+    _config_option(s, EditConfig, "guidance")
+    _config_option(s, EditConfig, "seed")
+    _config_option(s, EditConfig, "batch_size")
+    s.add_argument("--overwrite", action="store_true")
+
+
+def _add_segmenter_args(s: argparse.ArgumentParser, what: str) -> None:
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--segmenter", help=what + "; a run's segmenter/<row> folder or the run folder itself also work")
+    which.add_argument("--run", type=Path, help="a run folder of `conceptseg run` or `demo`: the segmenter it scored best")
+
+
+def _add_set_arg(s, example: str = "finetune.steps=200") -> None:
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a setting, e.g. {example} (repeatable)")
+
+
+# ---------------------------------------------------------------- each subcommand's options
+
+def _demo_options(s) -> None:
     s.add_argument("--out", type=Path, default=Path("runs/demo"))
     s.add_argument("--concept", default="fish", help="toy-world class")
     s.add_argument("--full", action="store_true", help="the paper's settings instead of the reduced ones (hours on a CPU)")
@@ -447,168 +472,179 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--world", choices=["v1", "v2"], default=None, help="toy world to draw (default: the one the embedded model knows; else v1)")
     s.add_argument("--device", default=None)
     s.add_argument("--num-images", type=int, default=None, help="toy-world images, 80%% train / 20%% test (default: 400, --full 2000)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. synth.num=256 (repeatable)")
+    _add_set_arg(s, "synth.num=256")
     s.add_argument("--medical", action="store_true",
                    help="instead: per-finding AUC on held-out chest-world radiographs, embedded chest model against the toy model")
-    s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("medical", help="the medical experiment from a YAML config: fine-tune on image-report pairs, score per finding")
-    s.add_argument("config", type=Path)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
-    s.set_defaults(func=_cmd_medical)
 
-    s = sub.add_parser("run", help="every stage in order into one run directory, from a YAML config")
+def _medical_options(s) -> None:
     s.add_argument("config", type=Path)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. finetune.steps=200 (repeatable)")
+    _add_set_arg(s)
+
+
+def _run_options(s) -> None:
+    s.add_argument("config", type=Path)
+    _add_set_arg(s)
     s.add_argument("--clean", action="store_true",
                    help="once the run has finished, remove the <stage>.old folders (the previous outputs of redone stages)")
-    s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("plan", help="each stage's predicted peak device memory and disk for a run config, from the model's configs alone")
+
+def _plan_options(s) -> None:
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, as `run` takes it (repeatable)")
     s.add_argument("--json", action="store_true", help='print {"device_memory_gb": {stage: GB}, "disk_gb": {stage: GB}, ...}')
     s.add_argument("--device-memory-gb", type=float, default=None,
                    help="device memory to fit, GiB (default: the visible CUDA device's, else none: no knobs)")
     s.add_argument("--images", type=int, default=None, help="images to assume where the config's datasets cannot be listed")
-    s.set_defaults(func=_cmd_plan)
 
-    s = sub.add_parser("toyworld", help="generate a procedural known-truth world (images, exact masks, captions or reports)")
+
+def _toyworld_options(s) -> None:
+    from conceptseg.data.toyworld import ToyWorldConfig, WORLDS
+
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--num", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=64)
+    _config_option(s, ToyWorldConfig, "size")
     s.add_argument("--domain", choices=["toy", "chest"], default="toy",
                    help="toy: objects on photo backgrounds; chest: radiographs with findings and reports")
-    s.add_argument("--world", default="v1", choices=["v1", "v2"],
+    _config_option(s, ToyWorldConfig, "world", choices=list(WORLDS),
                    help="toy domain: v1 objects on photo textures; v2 structured scenes, large occluded objects, web-like captions")
     s.add_argument("--classes", nargs="+", help="subset of the toy classes, or of the chest findings (default: all)")
     s.add_argument("--workers", type=int, default=1, help="render rows in this many processes (same output)")
-    s.set_defaults(func=_cmd_toyworld)
 
-    s = sub.add_parser("prelim", help="stage 1: preliminary masks from cross-attention")
+
+def _prelim_options(s) -> None:
+    from conceptseg.concept_attention import MAP_KINDS
+    from conceptseg.joint_attention import NORMALISATIONS
+    from conceptseg.prelim import PrelimConfig
+    from conceptseg.schedules import SIGMA_GRIDS
+
     _add_model_args(s)
-    s.add_argument("--concept", nargs="+", required=True, help="concept word(s); several words' maps are summed")
-    s.add_argument("--prompt", help='default: "a photo of a {first concept word}"')
-    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
-    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+    _config_option(s, PrelimConfig, "concept", nargs="+", help="concept word(s); several words' maps are summed")
+    _config_option(s, PrelimConfig, "prompt", help='default: "a photo of a {first concept word}"')
+    _add_images_args(s)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=40, help="T0: how many of the smallest DDIM-grid timesteps")
-    s.add_argument("--batch-size", type=int, default=40, help="UNet rows per forward pass (T0 rows make one image)")
-    s.add_argument("--no-orphan-filter", action="store_true")
-    s.add_argument("--sigma-grid", default="sampler", choices=["sampler", "uniform"],
+    _config_option(s, PrelimConfig, "seed")
+    _config_option(s, PrelimConfig, "steps", help="T0: how many of the smallest DDIM-grid timesteps")
+    _config_option(s, PrelimConfig, "batch_size", help="UNet rows per forward pass (T0 rows make one image)")
+    _config_option(s, PrelimConfig, "orphan_filter", "--no-orphan-filter")
+    _config_option(s, PrelimConfig, "sigma_grid", choices=SIGMA_GRIDS,
                    help="SD 3.x / FLUX: the T0 smallest sigmas of the default sampler's 50-step grid, or of k/50 unshifted")
-    s.add_argument("--joint-attention", default="text", choices=["text", "joint"],
+    _config_option(s, PrelimConfig, "joint_attention", choices=NORMALISATIONS,
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
-    s.add_argument("--maps", default="cross-attention", choices=["cross-attention", "concept-attention"],
-                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; SD 3.x / FLUX only: "
-                        "several --concept words then compete per pixel and the first is the foreground; "
-                        "docs/concept_attention.md)")
-    s.add_argument("--gmm-components", type=int, default=2,
+    _config_option(s, PrelimConfig, "maps", choices=MAP_KINDS,
+                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; SD 3.x / FLUX only: several "
+                        "--concept words then compete per pixel and the first is the foreground; docs/concept_attention.md)")
+    _config_option(s, PrelimConfig, "gmm_components",
                    help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
-    _add_gmm_arg(s)
-    s.add_argument("--compile", action="store_true",
+    _add_gmm_arg(s, PrelimConfig)
+    _config_option(s, PrelimConfig, "compile",
                    help="torch.compile the denoiser pass with the capture (same maps; compiles once, pays off on long runs)")
-    s.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    _config_option(s, PrelimConfig, "compile_mode", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
-    s.add_argument("--channels-last", action="store_true", help="UNet weights and inputs in channels_last (same maps)")
+    _config_option(s, PrelimConfig, "channels_last", help="UNet weights and inputs in channels_last (same maps)")
     s.add_argument("--overwrite", action="store_true", help="redo images already done")
-    s.set_defaults(func=_cmd_prelim)
 
-    s = sub.add_parser("finetune", help="stage 2: fine-tune the model to inpaint background (concept distillation)")
-    s.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded toy-world model)")
-    s.add_argument("--concept", nargs="+", required=True)
-    s.add_argument("--prompt", help='concept prompt y_f; default "a photo of a {first concept word}"')
-    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
-    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
-    s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--steps", type=int, default=1000)
-    s.add_argument("--batch-size", type=int, default=4, help="per process")
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--method", choices=["full", "lora"], default="full", help="full UNet (the paper) or LoRA adapters")
-    s.add_argument("--lora-rank", type=int, default=8)
-    s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
-    _add_clip_arg(s, None)
-    s.add_argument("--gradient-checkpointing", action="store_true")
-    s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
-    s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
+
+def _finetune_options(s) -> None:
+    from conceptseg.finetune import FinetuneConfig as C
+    from conceptseg.training import MIXED_PRECISION, NONFINITE_LOSS
+
+    _config_option(s, C, "model", help="diffusers folder or hub id (default: the embedded toy-world model)")
+    _config_option(s, C, "concept", nargs="+")
+    _config_option(s, C, "prompt", help='concept prompt y_f; default "a photo of a {first concept word}"')
+    _config_option(s, C, "images", type=str, help="image folder (subfolders too), image file, glob, or dataset spec "
+                                                  "(cub:/data/CUB_200_2011) with --split")
+    _config_option(s, C, "split", choices=["train", "test", "all"], help="with a dataset spec")
+    _config_option(s, C, "prelim", help="output folder of `conceptseg prelim`")
+    _config_option(s, C, "out")
+    _config_option(s, C, "steps")
+    _config_option(s, C, "batch_size", help="per process")
+    _config_option(s, C, "lr")
+    _config_option(s, C, "method", choices=["full", "lora"], help="full UNet (the paper) or LoRA adapters")
+    _config_option(s, C, "lora_rank")
+    _config_option(s, C, "mixed_precision", choices=MIXED_PRECISION)
+    _config_option(s, C, "gradient_accumulation", help="micro-batches per optimiser step")
+    _add_clip_arg(s, C)
+    _config_option(s, C, "gradient_checkpointing")
+    _config_option(s, C, "optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"])
+    _config_option(s, C, "latent_cache", metavar="VIEWS",
                    help="precompute this many augmented views per image, encode them once and train on those fixed "
                         "views (faster; other training data than a fresh crop and flip each step, the default 0)")
-    s.add_argument("--checkpoint-every", type=int, default=250)
-    s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
-    s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
+    _add_checkpoint_args(s, C)
+    _config_option(s, C, "nonfinite_loss", choices=NONFINITE_LOSS,
                    help="a NaN/inf loss stops training with an error naming the step (stop) or skips that batch (skip)")
-    s.add_argument("--report-to", help="accelerate tracker for the loss (tensorboard, wandb, ...); always: OUT/train_log.jsonl")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_finetune)
+    _config_option(s, C, "report_to", help="accelerate tracker for the loss (tensorboard, wandb, ...); always: OUT/train_log.jsonl")
+    _config_option(s, C, "seed")
 
-    s = sub.add_parser("refine", help="stage 3: refined masks from |image - inpainted background|")
+
+def _refine_options(s) -> None:
+    from conceptseg.refine import INPAINTERS, RefineConfig as C
+
     _add_model_args(s)
-    s.add_argument("--images", required=True, help="image folder (subfolders too), image file, glob, or dataset spec (cub:/data/CUB_200_2011) with --split")
-    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+    _add_images_args(s)
     s.add_argument("--prelim", type=Path, required=True, help="output folder of `conceptseg prelim`")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--prompt", default="a photo of a background", help="background prompt y_b")
-    s.add_argument("--inpainter", choices=["model", "crop"], default="model", help="crop: the paper's M_crop ablation")
-    s.add_argument("--inpaint-steps", type=int, default=50)
-    s.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim")
-    s.add_argument("--guidance", type=float, default=1.0)
-    s.add_argument("--concept-prompt", help="with --guidance != 1: guide away from this prompt")
-    s.add_argument("--samples", type=int, default=1, help="inpaintings per image, difference maps averaged")
-    s.add_argument("--postprocess", action="store_true", help="binary closing + fill holes")
-    s.add_argument("--difference-to", choices=["image", "reconstruction"], default="image",
+    _config_option(s, C, "prompt", help="background prompt y_b")
+    _config_option(s, C, "inpainter", choices=INPAINTERS, help="crop: the paper's M_crop ablation")
+    _config_option(s, C, "steps", "--inpaint-steps")
+    _config_option(s, C, "sampler", choices=["ddim", "dpm++"])
+    _config_option(s, C, "guidance")
+    _config_option(s, C, "concept_prompt", help="with --guidance != 1: guide away from this prompt")
+    _config_option(s, C, "samples", help="inpaintings per image, difference maps averaged")
+    _config_option(s, C, "postprocess", help="binary closing + fill holes")
+    _config_option(s, C, "difference_to", choices=["image", "reconstruction"],
                    help="compare the inpainted background with the image (the paper) or with its VAE reconstruction")
-    s.add_argument("--batch-size", type=int, default=4)
-    _add_gmm_arg(s)
-    s.add_argument("--seed", type=int, default=0)
+    _config_option(s, C, "batch_size")
+    _add_gmm_arg(s, C)
+    _config_option(s, C, "seed")
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=_cmd_refine)
 
-    s = sub.add_parser("synth", help="stage 4: sample a synthetic image + mask dataset from the fine-tuned model")
+
+def _synth_options(s) -> None:
+    from conceptseg.refine import RefineConfig
+    from conceptseg.synth import SynthConfig as C
+
     _add_model_args(s)
-    s.add_argument("--concept", nargs="+", required=True)
-    s.add_argument("--prompt", help='default "a photo of a {first concept word}"')
-    s.add_argument("--num", type=int, required=True)
+    _config_option(s, C, "concept", nargs="+")
+    _config_option(s, C, "prompt", help='default "a photo of a {first concept word}"')
+    _config_option(s, C, "num")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--sample-steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=1.0)
-    s.add_argument("--prelim-steps", type=int, default=40, help="T0 of stage 1 on the synthetic images")
-    s.add_argument("--inpaint-steps", type=int, default=50)
-    s.add_argument("--postprocess", action="store_true", help="binary closing + fill holes on the masks")
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_synth)
+    _config_option(s, C, "steps", "--sample-steps")
+    _config_option(s, C, "guidance")
+    _config_option(s, C, "prelim_steps", help="T0 of stage 1 on the synthetic images")
+    _config_option(s, RefineConfig, "steps", "--inpaint-steps")
+    _config_option(s, RefineConfig, "postprocess", help="binary closing + fill holes on the masks")
+    _config_option(s, C, "batch_size")
+    _config_option(s, C, "seed")
 
-    s = sub.add_parser("train-seg", help="stage 5: train the U-Net segmenter on one or more mask datasets")
-    s.add_argument("--data", action="append", required=True,
+
+def _train_seg_options(s) -> None:
+    from conceptseg.segmenter.train import LR_SCHEDULES, TrainSegConfig as C
+    from conceptseg.training import MIXED_PRECISION, NONFINITE_LOSS
+
+    _config_option(s, C, "data", action="append",
                    help="dataset spec, repeatable: an imagefolder DIR, folder:IMAGES,masks=MASKS, cub:ROOT, ...")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--steps", type=int, default=12000)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=2e-3)
-    s.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                   help="constant (the paper gives no schedule) or cosine decay to 0")
-    s.add_argument("--width", type=int, default=64, help="first-level channels (64: the paper's 64..1024)")
-    s.add_argument("--input-size", type=int, default=128)
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    _add_clip_arg(s, None)
-    s.add_argument("--checkpoint-every", type=int, default=1000)
-    s.add_argument("--checkpoints-total-limit", type=_limit, default=2, help="keep the newest N checkpoints ('none': all)")
-    s.add_argument("--num-workers", type=int, default=0,
+    _config_option(s, C, "out")
+    _config_option(s, C, "steps")
+    _config_option(s, C, "batch_size")
+    _config_option(s, C, "lr")
+    _config_option(s, C, "lr_schedule", choices=sorted(LR_SCHEDULES), help="constant (the paper gives no schedule) or cosine decay to 0")
+    _config_option(s, C, "width", help="first-level channels (64: the paper's 64..1024)")
+    _config_option(s, C, "input_size")
+    _config_option(s, C, "val_fraction")
+    _config_option(s, C, "mixed_precision", choices=MIXED_PRECISION)
+    _add_clip_arg(s, C)
+    _add_checkpoint_args(s, C)
+    _config_option(s, C, "num_workers",
                    help="DataLoader worker processes that read images and cut batches (same result for any count)")
-    s.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_train_seg)
+    _config_option(s, C, "nonfinite_loss", choices=NONFINITE_LOSS)
+    _config_option(s, C, "seed")
 
-    s = sub.add_parser("segment", help="apply a trained segmenter: masks at the original size, cut-outs, new backgrounds")
+
+def _segment_options(s) -> None:
     _add_segmenter_args(s, "folder made by train-seg (OUT or OUT/model), a saved or hub segmenter, or an .onnx file from export-onnx")
-    s.add_argument("--images", required=True,
-                   help="an image file, a folder, a quoted glob ('shots/*.jpg'), or a dataset spec (cub:ROOT) with --split")
-    s.add_argument("--split", default="all", choices=["train", "test", "all"], help="with a dataset spec")
+    _add_images_args(s, "an image file, a folder, a quoted glob ('shots/*.jpg'), or a dataset spec (cub:ROOT) with --split")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--output", nargs="+", default=["mask"], choices=["mask", "rgba", "color", "background"],
                    help="what to write, one sub-folder each: mask (0/255 PNG, masks/), rgba (cut-out, cutouts/), "
@@ -624,29 +660,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default=None)
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=_cmd_segment)
 
-    s = sub.add_parser("export-onnx", help="export a trained segmenter to ONNX, checked against torch")
+
+def _export_onnx_options(s) -> None:
     s.add_argument("--segmenter", required=True, help="segmenter folder (train-seg's OUT or OUT/model, a run's segmenter/<row>, or the run)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    s.set_defaults(func=_cmd_export_onnx)
 
-    s = sub.add_parser("remove", help="the concept removed: the fine-tuned model inpaints the masked object, original size")
+
+def _remove_options(s) -> None:
+    from conceptseg.edit import EditConfig
+
     _add_model_args(s)
     _add_edit_args(s)
-    s.add_argument("--grow", type=int, default=3, help="grow the mask by this many pixels first (covers the object's fringe)")
-    s.add_argument("--concept-prompt", help="with --guidance > 1: steer the inpainting away from this prompt")
-    s.set_defaults(func=_cmd_remove)
+    _config_option(s, EditConfig, "grow", help="grow the mask by this many pixels first (covers the object's fringe)")
+    _config_option(s, EditConfig, "concept_prompt", help="with --guidance > 1: steer the inpainting away from this prompt")
 
-    s = sub.add_parser("composite", help="the cut-out over a new background: a given picture, or one the model generates")
+
+def _composite_options(s) -> None:
+    from conceptseg.edit import EditConfig
+
     _add_model_args(s)
     _add_edit_args(s)
     s.add_argument("--background", type=Path, help="background picture (scaled to cover, centred); default: generate one per image")
-    s.add_argument("--feather", type=float, default=0.0, help="soften the alpha edge (Gaussian blur radius, pixels)")
-    s.set_defaults(func=_cmd_composite)
+    _config_option(s, EditConfig, "feather", help="soften the alpha edge (Gaussian blur radius, pixels)")
 
-    s = sub.add_parser("serve", help="an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /")
+
+def _serve_options(s) -> None:
     _add_segmenter_args(s, "segmenter folder, hub id or .onnx file (as for segment)")
     s.add_argument("--model", default=None, help="diffusers folder or hub id: also serve stage 1 (the attention map and M_pre of a word)")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -656,19 +696,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--provider", default="auto", help="onnxruntime provider for an .onnx segmenter")
     s.add_argument("--device", default=None)
-    s.set_defaults(func=_cmd_serve)
 
-    s = sub.add_parser("share", help="a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed")
+
+def _share_options(s) -> None:
+    from conceptseg.runs import METHOD_ROWS, REFERENCE_ROWS
+
     s.add_argument("--run", type=Path, required=True,
                    help="run folder of `conceptseg run` or `demo` (or its segmenter/<row> folder: that segmenter)")
-    s.add_argument("--row", choices=["unet_real", "unet_real_synth", "unet_prelim", "supervised"],
+    s.add_argument("--row", choices=[*METHOD_ROWS, *REFERENCE_ROWS],
                    help="which segmenter (default: the method's segmenter with the best IoU in the run's metrics.json)")
     s.add_argument("--out", type=Path, required=True, help="folder to write (config.json, model.safetensors, README.md)")
     s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face Hub (needs a login: hf auth login)")
     s.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
-    s.set_defaults(func=_cmd_share)
 
-    s = sub.add_parser("evaluate", help="stage 6: score predicted masks against a dataset's ground truth")
+
+def _evaluate_options(s) -> None:
     s.add_argument("--pred", type=Path, required=True, help="folder of <key>.png masks (or with a masks/ subfolder)")
     s.add_argument("--dataset", required=True, help="SPEC: cub:ROOT, dogs:ROOT, cars:ROOT, h36m:ROOT, folder:IMAGES,masks=MASKS, imagefolder:ROOT")
     s.add_argument("--split", default="test", choices=["train", "test", "all"])
@@ -676,72 +718,175 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", choices=["paper", "full"], default="paper",
                    help="paper: short side resized to --size, centre crop (METHOD.md §5); full: whole image at original size")
     s.add_argument("--size", type=int, default=128, help="the paper protocol's size (128)")
-    s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("evaluate-findings", help="medical: AUC-ROC of stage-1 maps per finding against boxes (MS-CXR protocol)")
+
+def _evaluate_findings_options(s) -> None:
+    from conceptseg.medical_eval import PROMPTS, FindingEvalConfig as C
+
     _add_model_args(s, several=True)
     s.add_argument("--dataset", required=True, help="chest:ROOT (the chest world) or ms-cxr:ROOT[,images=MIMIC_CXR_JPG_ROOT]")
     s.add_argument("--split", default="test", choices=["train", "test", "all"], help="chest world split (MS-CXR: all of it)")
-    s.add_argument("--prompt", default="finding", choices=["finding", "phrase", "photo"],
+    _config_option(s, C, "prompt", choices=PROMPTS,
                    help='finding: "pleural effusion"; phrase: the case\'s own phrase; photo: "a photo of a pleural effusion"')
-    s.add_argument("--per-finding", type=int, help="at most this many cases per finding (default: all)")
-    s.add_argument("--steps", type=int, default=40, help="T0 of stage 1")
-    s.add_argument("--batch-size", type=int, default=40)
-    s.add_argument("--gmm-components", type=int, default=3, help="M_pre threshold (3: background, chest, lesion)")
-    s.add_argument("--no-wrong-word", action="store_true", help="skip the wrong-finding-word baseline (half the time)")
-    s.add_argument("--seed", type=int, default=0)
+    _config_option(s, C, "per_finding", help="at most this many cases per finding (default: all)")
+    _config_option(s, C, "steps", help="T0 of stage 1")
+    _config_option(s, C, "batch_size")
+    _config_option(s, C, "gmm_components", help="M_pre threshold (3: background, chest, lesion)")
+    _config_option(s, C, "wrong_word", "--no-wrong-word", help="skip the wrong-finding-word baseline (half the time)")
+    _config_option(s, C, "seed")
     s.add_argument("--out", type=Path, help="JSON report")
-    s.set_defaults(func=_cmd_evaluate_findings)
 
-    s = sub.add_parser("fid", help="FID of generated images against real ones (standard InceptionV3 features)")
+
+def _fid_options(s) -> None:
     s.add_argument("--real", required=True, help="image folder or dataset spec")
     s.add_argument("--fake", required=True, help="image folder (e.g. SYNTH/images)")
     s.add_argument("--inception-weights", type=Path, help="torch-fidelity's inception-v3-compat weights file")
     s.add_argument("--device", default=None)
-    s.set_defaults(func=_cmd_fid)
 
-    s = sub.add_parser("eval-toy-model", help="score a text-to-image model's localisation on held-out toy images")
+
+def _eval_toy_model_options(s) -> None:
+    from conceptseg.toy_eval import ToyEvalConfig as C
+
     _add_model_args(s, several=True)
     s.add_argument("--data", type=Path, required=True, help="toy-world dataset with a test split")
-    s.add_argument("--per-class", type=int, default=200)
-    s.add_argument("--binding-scenes", type=int, default=100)
-    s.add_argument("--steps", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--parts", nargs="+", default=None, metavar="PART",
+    _config_option(s, C, "per_class")
+    _config_option(s, C, "binding_scenes")
+    _config_option(s, C, "steps")
+    _config_option(s, C, "seed")
+    _config_option(s, C, "parts", nargs="+", metavar="PART",
                    help="measurements to make: localisation classify binding wrong_word random_init centre_prior per_level (default: all)")
     s.add_argument("--out", type=Path, help="JSON report")
-    s.set_defaults(func=_cmd_eval_toy_model)
 
-    s = sub.add_parser("train-t2i", help="train a text-to-image latent diffusion model (from scratch or fine-tune)")
-    s.add_argument("--data", type=Path, required=True, help="imagefolder dataset (metadata.jsonl with captions)")
-    s.add_argument("--out", type=Path, required=True)
+
+def _train_t2i_options(s) -> None:
+    from conceptseg.train_t2i import TrainT2IConfig as C
+    from conceptseg.training import MIXED_PRECISION
+
+    _config_option(s, C, "data", type=Path, help="imagefolder dataset (metadata.jsonl with captions)")
+    _config_option(s, C, "out")
     mode = s.add_mutually_exclusive_group()
-    mode.add_argument("--preset", default="toy", help="architecture preset when training from scratch")
-    mode.add_argument("--base-model", help="diffusers folder or hub id to fine-tune instead")
-    s.add_argument("--steps", type=int, default=3000)
-    s.add_argument("--vae-steps", type=int, default=800)
-    s.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder alone (encoder frozen)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--warmup-steps", type=int, default=300, help="linear learning-rate warm-up, then constant")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--checkpoint-every", type=int, default=250)
-    s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
-    _add_clip_arg(s, 1.0)
-    s.add_argument("--sample-prompt", action="append", help="prompt for the sample grid (repeatable)")
-    s.add_argument("--sample-guidance", type=float, default=1.0)
-    s.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
-    s.add_argument("--forget-word", action="append",
+    _config_option(mode, C, "preset", help="architecture preset when training from scratch")
+    _config_option(mode, C, "base_model", help="diffusers folder or hub id to fine-tune instead")
+    _config_option(s, C, "steps")
+    _config_option(s, C, "vae_steps")
+    _config_option(s, C, "decoder_steps", help="then fine-tune the VAE decoder alone (encoder frozen)")
+    _config_option(s, C, "batch_size")
+    _config_option(s, C, "lr")
+    _config_option(s, C, "warmup_steps", help="linear learning-rate warm-up, then constant")
+    _config_option(s, C, "seed")
+    _config_option(s, C, "checkpoint_every")
+    _config_option(s, C, "mixed_precision", choices=MIXED_PRECISION)
+    _config_option(s, C, "gradient_accumulation", help="micro-batches per optimiser step")
+    _add_clip_arg(s, C)
+    _config_option(s, C, "sample_prompts", "--sample-prompt", action="append", help="prompt for the sample grid (repeatable)")
+    _config_option(s, C, "sample_guidance")
+    _config_option(s, C, "train_text_encoder", help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
+    _config_option(s, C, "forget_words", "--forget-word", action="append",
                    help="fine-tuning: start this word's token embedding again from random (repeatable)")
-    s.add_argument("--context-layers", type=int, default=0,
+    _config_option(s, C, "context_layers",
                    help="fine-tuning: add this many transformer layers (starting as the identity) to a context-free text encoder")
-    s.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
+    _config_option(s, C, "checkpoints_total_limit", type=_limit, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    s.set_defaults(func=_cmd_train_t2i)
-    p.description = _grouped_commands(sub)
+
+
+# ---------------------------------------------------------------- the parser
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser whose options are added when it is first used (parsing, help, usage):
+    they are read from the stage configs, whose modules import torch, which `conceptseg --help` and
+    the other subcommands need not wait for."""
+
+    def __init__(self, *args, options: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_options = options
+
+    def built(self) -> "_Subcommand":
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(_Subcommand, self.built()).parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        return super(_Subcommand, self.built()).format_usage()
+
+    def format_help(self) -> str:
+        return super(_Subcommand, self.built()).format_help()
+
+
+# every subcommand: its name, its line in `conceptseg --help`, what adds its options, what runs it
+SUBCOMMANDS: tuple[tuple[str, str, Callable, Callable], ...] = (
+    ("demo", "run the pipeline on held-out toy-world images with the embedded model and score it", _demo_options, _cmd_demo),
+    ("medical", "the medical experiment from a YAML config: fine-tune on image-report pairs, score per finding",
+     _medical_options, _cmd_medical),
+    ("run", "every stage in order into one run directory, from a YAML config", _run_options, _cmd_run),
+    ("plan", "each stage's predicted peak device memory and disk for a run config, from the model's configs alone",
+     _plan_options, _cmd_plan),
+    ("toyworld", "generate a procedural known-truth world (images, exact masks, captions or reports)", _toyworld_options,
+     _cmd_toyworld),
+    ("prelim", "stage 1: preliminary masks from cross-attention", _prelim_options, _cmd_prelim),
+    ("finetune", "stage 2: fine-tune the model to inpaint background (concept distillation)", _finetune_options, _cmd_finetune),
+    ("refine", "stage 3: refined masks from |image - inpainted background|", _refine_options, _cmd_refine),
+    ("synth", "stage 4: sample a synthetic image + mask dataset from the fine-tuned model", _synth_options, _cmd_synth),
+    ("train-seg", "stage 5: train the U-Net segmenter on one or more mask datasets", _train_seg_options, _cmd_train_seg),
+    ("segment", "apply a trained segmenter: masks at the original size, cut-outs, new backgrounds", _segment_options, _cmd_segment),
+    ("export-onnx", "export a trained segmenter to ONNX, checked against torch", _export_onnx_options, _cmd_export_onnx),
+    ("remove", "the concept removed: the fine-tuned model inpaints the masked object, original size", _remove_options, _cmd_remove),
+    ("composite", "the cut-out over a new background: a given picture, or one the model generates", _composite_options,
+     _cmd_composite),
+    ("serve", "an HTTP server on localhost: POST an image, get a mask or cut-out; a page at /", _serve_options, _cmd_serve),
+    ("share", "a run's segmenter as a Hugging Face folder (save_pretrained) with a model card; optionally pushed",
+     _share_options, _cmd_share),
+    ("evaluate", "stage 6: score predicted masks against a dataset's ground truth", _evaluate_options, _cmd_evaluate),
+    ("evaluate-findings", "medical: AUC-ROC of stage-1 maps per finding against boxes (MS-CXR protocol)",
+     _evaluate_findings_options, _cmd_evaluate_findings),
+    ("fid", "FID of generated images against real ones (standard InceptionV3 features)", _fid_options, _cmd_fid),
+    ("eval-toy-model", "score a text-to-image model's localisation on held-out toy images", _eval_toy_model_options,
+     _cmd_eval_toy_model),
+    ("train-t2i", "train a text-to-image latent diffusion model (from scratch or fine-tune)", _train_t2i_options, _cmd_train_t2i),
+)
+
+# `conceptseg --help` lists the subcommands in these groups, in this order; every subcommand is in one.
+COMMAND_GROUPS = (
+    ("the pipeline's stages", ("run", "plan", "prelim", "finetune", "refine", "synth", "train-seg")),
+    ("using the result", ("segment", "serve", "share", "remove", "composite", "export-onnx")),
+    ("experiments and evaluation", ("demo", "evaluate", "medical", "evaluate-findings", "fid")),
+    ("toy worlds and training", ("toyworld", "train-t2i", "eval-toy-model")),
+)
+
+_DESCRIPTION = ("Foreground/background segmentation of a concept named in words, distilled from a text-to-image\n"
+                "diffusion model without segmentation labels (Dombrowski et al., ICCV 2023).")
+
+
+def _grouped_commands() -> str:
+    """The subcommands under COMMAND_GROUPS' titles, as git and docker list theirs."""
+    helps = {name: line for name, line, _, _ in SUBCOMMANDS}
+    width = max(map(len, helps)) + 2
+    lines = [_DESCRIPTION, ""]
+    for title, names in COMMAND_GROUPS:
+        lines.append(f"{title}:")
+        lines.extend(f"  {name:<{width}}{helps[name]}" for name in names if name in helps)
+        lines.append("")
+    return "\n".join(lines + ["`conceptseg COMMAND --help` shows a command's options."])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conceptseg", usage="conceptseg [-h] [--debug] COMMAND [options]",
+                                description=_grouped_commands(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="conceptseg",
+                           parser_class=_Subcommand)
+    for name, line, options, run in SUBCOMMANDS:
+        sub.add_parser(name, help=line, options=options).set_defaults(func=run)
     return p
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """`build_parser()`'s subcommands by name, each with its options added."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: s.built() if isinstance(s, _Subcommand) else s for name, s in action.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

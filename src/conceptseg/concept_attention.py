@@ -42,6 +42,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptseg.attention import CrossAttentionStore, swapped_processors
+from conceptseg.joint_attention import sd3_attend, sd3_project, sd3_qkv
 
 MAP_KINDS = ("cross-attention", "concept-attention")
 JOINT_FAMILIES = ("sd3", "flux")
@@ -144,28 +145,10 @@ class SD3ConceptProcessor:
         self.stream = stream
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n = hidden_states.shape[:2]
-        split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        k_img, v_img = k, v
-        cq, ck, cv = split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)), \
-            split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        out, context = out[:, :n], out[:, n:]
-        self.stream.finish_block(attn, concept_outputs(self.stream, attn, k_img, v_img), out)
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
+        image, text = sd3_qkv(attn, hidden_states, encoder_hidden_states)
+        out, context = sd3_attend(image, text)
+        self.stream.finish_block(attn, concept_outputs(self.stream, attn, image[1], image[2]), out)
+        return sd3_project(attn, out, context)
 
 
 class FluxConceptProcessor:

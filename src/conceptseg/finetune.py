@@ -39,6 +39,8 @@ from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Pr
                                  check_finite, checkpoint_settings, step_rng, trainer_accelerator, with_ema_weights)
 
 BACKGROUND_PROMPT = "a photo of a background"
+# the attention projections `--method lora` adapts (every family names them so); `plan` counts their parameters
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 # ---------------------------------------------------------------- the background rectangle
@@ -243,7 +245,7 @@ def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
 
 def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
     """Put the denoiser in training mode, the whole of it (the paper) or LoRA adapters on its
-    attention projections (every family names them to_q / to_k / to_v / to_out.0); its trainable parameters."""
+    attention projections (`LORA_TARGETS`); its trainable parameters."""
     if cfg.method == "lora":
         from peft import LoraConfig
 
@@ -252,7 +254,7 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
         with torch.random.fork_rng():  # the adapters' random start is the run's seed's, so runs repeat
             torch.manual_seed(cfg.seed)
             denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                            target_modules=list(LORA_TARGETS)))
         cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
     else:
         denoiser.requires_grad_(True)

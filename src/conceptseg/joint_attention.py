@@ -64,6 +64,46 @@ def concept_columns(q_img: torch.Tensor, k_txt: torch.Tensor, k_img: torch.Tenso
     return out / heads
 
 
+def sd3_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """`JointAttnProcessor2_0`'s projections: ((q, k, v) of the image tokens, (q, k, v) of the text
+    tokens, or None without `encoder_hidden_states`), each (B, H, S, D) after the block's q/k norms."""
+    b = hidden_states.shape[0]
+    split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+    q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if encoder_hidden_states is None:
+        return (q, k, v), None
+    cq = split(attn.add_q_proj(encoder_hidden_states))
+    ck = split(attn.add_k_proj(encoder_hidden_states))
+    cv = split(attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    return (q, k, v), (cq, ck, cv)
+
+
+def sd3_attend(image, text):
+    """The joint softmax over [image, text] tokens (fused SDPA), as `JointAttnProcessor2_0` computes it:
+    (the image tokens' output (B, N, H*D), the text tokens' or None), before the output projections."""
+    q, k, v = image if text is None else (torch.cat([a, c], dim=2) for a, c in zip(image, text))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+    n = image[0].shape[2]
+    return (out, None) if text is None else (out[:, :n], out[:, n:])
+
+
+def sd3_project(attn, out, context):
+    """The block's output projections of `sd3_attend`'s outputs (the text's: not in SD 3's last block)."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if context is None:
+        return out
+    return out, context if attn.context_pre_only else attn.to_add_out(context)
+
+
 class SD3CaptureProcessor:
     """`JointAttnProcessor2_0`'s computation (image tokens first, then text) plus the capture."""
 
@@ -71,31 +111,10 @@ class SD3CaptureProcessor:
         self.store, self.normalisation = store, normalisation
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n = hidden_states.shape[:2]
-        split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            cq = split(attn.add_q_proj(encoder_hidden_states))
-            ck = split(attn.add_k_proj(encoder_hidden_states))
-            cv = split(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            self.store.add_maps(concept_columns(q, ck, k, self.store.token_groups, self.normalisation))
-            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        if encoder_hidden_states is not None:
-            out, context = out[:, :n], out[:, n:]
-            if not attn.context_pre_only:
-                context = attn.to_add_out(context)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return (out, context) if encoder_hidden_states is not None else out
+        image, text = sd3_qkv(attn, hidden_states, encoder_hidden_states)
+        if text is not None:
+            self.store.add_maps(concept_columns(image[0], text[1], image[1], self.store.token_groups, self.normalisation))
+        return sd3_project(attn, *sd3_attend(image, text))
 
 
 class FluxCaptureProcessor:

@@ -42,17 +42,7 @@ from conceptseg.refine import RefineConfig
 from conceptseg.segmenter.train import TrainSegConfig
 from conceptseg.settings import resolved_settings
 from conceptseg.synth import SynthConfig
-
-ROW_NAMES = {
-    "prelim": "preliminary masks M_pre",
-    "crop": "crop-paste inpainting M_crop",
-    "unet_prelim": "U-Net on (D, M_pre)",
-    "untuned": "refined masks M, model not fine-tuned",
-    "refined": "refined masks M",
-    "unet_real": "U-Net on D_s",
-    "unet_real_synth": "U-Net on D_s + D'_s",
-    "supervised": "supervised U-Net (true masks)",
-}
+from conceptseg.tables import ROW_NAMES
 
 
 def _default(config_class, name: str):
@@ -546,18 +536,6 @@ class Run:
                 metrics[key] = {m: summary[m] for m in ("acc", "iou", "miou", "box_iou", "evaluated", "missing") if m in summary}
         write_json(self.out / "metrics.json", {"protocol": self._protocol(), **metrics})
         return metrics
-
-
-def format_table(metrics: dict) -> str:
-    """The rows as a markdown table; `evaluated` / `missing` say what each row was scored on."""
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, dict)}
-    has_box = any("box_iou" in m for m in metrics.values())
-    head = ["method", "ACC", "IoU", "mIoU"] + (["box IoU"] if has_box else []) + ["evaluated", "missing"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, m in metrics.items():
-        cells = [f"{100 * m[k]:.1f}" if k in m else "-" for k in ("acc", "iou", "miou") + (("box_iou",) if has_box else ())]
-        lines.append(f"| {ROW_NAMES.get(key, key)} | " + " | ".join(cells + [str(m.get("evaluated", "-")), str(m.get("missing", "-"))]) + " |")
-    return "\n".join(lines)
 
 
 def _file_list(samples: list[Sample]) -> list[tuple[str, int]]:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from conceptseg.finetune import LORA_TARGETS
+
 GiB = 2**30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 # Activation elements saved for the backward pass per (token x channel) of one layer (16-bit
@@ -50,7 +52,6 @@ INFERENCE_ELEMENTS = {"resnet": 4, "transformer": 16, "joint": 16, "single": 16}
 VAE_FULL_RES_MAPS = 3
 PNG_BYTES_PER_PIXEL = {"rgb": 1.5, "mask": 0.05}
 CUDA_OVERHEAD = 1.0 * GiB  # CUDA context and kernels' workspaces, outside torch's allocator
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what finetune.trainable_parameters adapts
 # finetune.py keeps the text encoders on the device while training; set False when it frees them
 # once the conditioning is computed (the "offload text encoders" knob shows what that saves).
 TEXT_ENCODERS_RESIDENT_IN_TRAINING = True

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from conceptseg.tables import ROW_NAMES
+
 # The method's segmenters, in the order the run's report prefers them when there are no scores (or a tie).
 METHOD_ROWS = ("unet_real_synth", "unet_real", "unet_prelim")
 # Trained on true masks: the table's upper bound, taken only when named (`--row supervised`, or its folder).
@@ -70,8 +72,6 @@ def trained_rows(run: Path) -> list[str]:
 def best_row(run: str | Path) -> tuple[str, str]:
     """The method's segmenter that scored the highest IoU in the run's metrics.json (box IoU where
     the test set has boxes only), and why; without scores, the one the run's report shows."""
-    from conceptseg.pipeline import ROW_NAMES
-
     run = Path(run)
     trained = trained_rows(run)
     candidates = [r for r in METHOD_ROWS if r in trained]

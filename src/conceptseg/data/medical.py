@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.data.readers import Box, Sample, _check_split, _need, _safe_key
+from conceptseg.data.samples import Box, Sample, check_split, need_path, safe_key
 
 MIMIC_LAYOUT = ("<root>/mimic-cxr-2.0.0-metadata.csv[.gz], <root>/mimic-cxr-2.0.0-split.csv[.gz], "
                 "<root>/files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg, reports <reports>/files/pXX/pXXXXXXXX/sXXXXXXXX.txt")
@@ -133,9 +133,9 @@ def read_mimic_cxr_pairs(root: Path, split: str = "train", reports: Path | None 
                          section: str = "impression") -> list[ImageTextPair]:
     """Frontal MIMIC-CXR-JPG images with their study's report, in metadata order. Images whose
     study has no report file are left out (MIMIC-CXR has a few)."""
-    root, split = Path(root), _check_split(split)
+    root, split = Path(root), check_split(split)
     reports = Path(reports) if reports else root
-    _need(root / "files", MIMIC_LAYOUT)
+    need_path(root / "files", MIMIC_LAYOUT)
     meta = _find_csv(root, "mimic-cxr-2.0.0-metadata.csv", MIMIC_LAYOUT)
     split_csv = _find_csv(root, "mimic-cxr-2.0.0-split.csv", MIMIC_LAYOUT)
     wanted = _MIMIC_SPLITS[split]
@@ -149,7 +149,7 @@ def read_mimic_cxr_pairs(root: Path, split: str = "train", reports: Path | None 
         if study not in has_report:
             has_report[study] = report.is_file()
         if has_report[study]:
-            pairs.append(ImageTextPair(key=_safe_key(r["dicom_id"]), image=root / study / f"{r['dicom_id']}.jpg",
+            pairs.append(ImageTextPair(key=safe_key(r["dicom_id"]), image=root / study / f"{r['dicom_id']}.jpg",
                                        report=report, section=section))
     return pairs
 
@@ -158,8 +158,8 @@ def read_imagefolder_pairs(root: Path, split: str = "train") -> list[ImageTextPa
     """This project's imagefolder layout (the toy and chest worlds): file_name and caption; "train"
     takes every row not in the test split."""
     rows = read_imagefolder(root)
-    keep = {"train": lambda s: s != "test", "test": lambda s: s == "test", "all": lambda s: True}[_check_split(split)]
-    return [ImageTextPair(key=_safe_key(r.image.stem), image=r.image, text=r.caption) for r in rows if keep(r.split)]
+    keep = {"train": lambda s: s != "test", "test": lambda s: s == "test", "all": lambda s: True}[check_split(split)]
+    return [ImageTextPair(key=safe_key(r.image.stem), image=r.image, text=r.caption) for r in rows if keep(r.split)]
 
 
 def read_pairs(spec: str | Path, split: str = "train") -> list[ImageTextPair]:
@@ -205,7 +205,7 @@ def read_mscxr(root: Path, images: Path | None = None, mimic_root: Path | None =
     column, else from MIMIC-CXR-JPG's metadata under `mimic_root` (default `images`)."""
     root = Path(root)
     images = Path(images) if images else root
-    path = _need(root / MSCXR_CSV, MSCXR_LAYOUT)
+    path = need_path(root / MSCXR_CSV, MSCXR_LAYOUT)
     need = {"dicom_id", "category_name", "label_text", "x", "y", "w", "h", "image_width", "image_height"}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     has_path = False
@@ -234,7 +234,7 @@ def read_mscxr(root: Path, images: Path | None = None, mimic_root: Path | None =
         rel = rows[0]["path"].strip() if has_path and rows[0].get("path") else locate[dicom]
         boxes = tuple((int(round(x)), int(round(y)), int(round(x + w)) - 1, int(round(y + h)) - 1)
                       for x, y, w, h in (r["_box"] for r in rows))
-        cases.append(FindingCase(key=_safe_key(f"{dicom}_{cat}"), image=images / rel, finding=cat,
+        cases.append(FindingCase(key=safe_key(f"{dicom}_{cat}"), image=images / rel, finding=cat,
                                  word=MSCXR_WORDS.get(cat, cat.split()[-1]), phrase=rows[0]["label_text"].strip() or cat,
                                  boxes=boxes, image_size=rows[0]["_size"],
                                  other_findings=tuple(sorted(per_image[dicom] - {cat}))))
@@ -245,7 +245,7 @@ def read_mscxr_samples(root: Path, split: str = "test", images: str | None = Non
     """READERS entry: one Sample per (image, finding), labelled with the finding; `box` is the
     bounding box of all that finding's boxes (the full set: `read_mscxr`). MS-CXR is an
     evaluation set: every split returns all of it."""
-    _check_split(split)
+    check_split(split)
     out = []
     for c in read_mscxr(root, images):
         out.append(Sample(key=c.key, image=c.image, mask=None, label=c.finding,
@@ -258,7 +258,8 @@ def _chest_rows(root: Path, split: str) -> Iterator[dict]:
     """The rows of the chest world's metadata.jsonl in `split` ("all": every row)."""
     import json
 
-    meta = _need(root / "metadata.jsonl", "<root>/metadata.jsonl written by `conceptseg toyworld --domain chest`")
+    root = Path(root)
+    meta = need_path(root / "metadata.jsonl", "<root>/metadata.jsonl written by `conceptseg toyworld --domain chest`")
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -282,7 +283,7 @@ def read_chest_world(root: Path, split: str = "test") -> list[FindingCase]:
             if f.get("box") is None:  # drawn, then hidden entirely by a later finding: nothing to score
                 continue
             phrase = " ".join(x for x in (f.get("size"), f.get("side"), f["finding"]) if x)
-            cases.append(FindingCase(key=f"{Path(r['file_name']).stem}_{_safe_key(f['finding'])}", image=root / r["file_name"],
+            cases.append(FindingCase(key=f"{Path(r['file_name']).stem}_{safe_key(f['finding'])}", image=root / r["file_name"],
                                      finding=f["finding"], word=f["word"], phrase=phrase, boxes=(tuple(f["box"]),),
                                      masks=(root / f["mask_file_name"],),
                                      other_findings=tuple(sorted(set(names) - {f["finding"]}))))

@@ -14,10 +14,9 @@ from __future__ import annotations
 import csv
 import glob
 import re
-import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,48 +24,20 @@ from PIL import Image
 from scipy.io import loadmat
 
 from conceptseg.data.imagefolder import read_imagefolder
+from conceptseg.data.medical import read_mimic_cxr, read_mscxr_samples
+from conceptseg.data.samples import Box, Sample, check_split, need_path, safe_key
 from conceptseg.geometry import image_size, load_mask_file
 
-SPLITS = ("train", "test", "all")
 # every extension Pillow can open (.jpg, .png, .tif, .webp, .bmp, ...)
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 H36M_SUBSET = 6000  # the paper's Human3.6M evaluation size; drawn with np.random.default_rng(0)
 
-Box = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str  # unique, filesystem-safe stem used to name outputs
-    image: Path
-    mask: Path | None  # ground-truth mask (grey >= 128 is foreground), if the dataset has masks
-    box: Box | None  # ground-truth box (x0, y0, x1, y1), inclusive, original image pixels
-    label: str | None  # class name, where the dataset has one
-
 
 # ---------------------------------------------------------------- helpers
 
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return split
-
-
-def _need(path: Path, layout: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found. Expected layout: {layout} (see docs/datasets.md)")
-    return path
-
-
-def _safe_key(text: str) -> str:
-    """Filesystem-safe text: letters of any script, digits, '.', '_' and '-' are kept (so 'café' and
-    'cafè' stay distinct), in Unicode NFC (macOS stores names decomposed); the rest becomes '_'."""
-    return re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text)).strip(".") or "_"
-
-
 def _path_key(rel: str) -> str:
     """'001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111.jpg' -> '001.Black..__Black..'"""
-    return "__".join(_safe_key(part) for part in Path(rel).with_suffix("").parts)
+    return "__".join(safe_key(part) for part in Path(rel).with_suffix("").parts)
 
 
 def _class_name(folder: str) -> str:
@@ -132,10 +103,10 @@ CUB_LAYOUT = ("<root>/images.txt, <root>/train_test_split.txt, <root>/images/<cl
 
 
 def read_cub(root: Path, split: str = "test") -> list[Sample]:
-    root, split = Path(root), _check_split(split)
-    images = _id_table(_need(root / "images.txt", CUB_LAYOUT))
-    is_train = _id_table(_need(root / "train_test_split.txt", CUB_LAYOUT))
-    _need(root / "images", CUB_LAYOUT)
+    root, split = Path(root), check_split(split)
+    images = _id_table(need_path(root / "images.txt", CUB_LAYOUT))
+    is_train = _id_table(need_path(root / "train_test_split.txt", CUB_LAYOUT))
+    need_path(root / "images", CUB_LAYOUT)
     boxes = {}
     if (root / "bounding_boxes.txt").exists():
         for i, value in _id_table(root / "bounding_boxes.txt").items():
@@ -161,7 +132,7 @@ DOGS_LAYOUT = ("<root>/train_list.mat, <root>/test_list.mat (from lists.tar), "
 def _voc_box(path: Path) -> Box | None:
     """The box of the largest <object> in a PASCAL-VOC-style XML file (None if it has none)."""
     try:
-        tree = ET.parse(_need(path, DOGS_LAYOUT))
+        tree = ET.parse(need_path(path, DOGS_LAYOUT))
     except ET.ParseError as e:
         raise ValueError(f"{path}: not a readable annotation XML ({e})") from None
     boxes = []
@@ -174,11 +145,11 @@ def _voc_box(path: Path) -> Box | None:
 
 
 def read_dogs(root: Path, split: str = "test") -> list[Sample]:
-    root, split = Path(root), _check_split(split)
+    root, split = Path(root), check_split(split)
     lists = ["train_list.mat", "test_list.mat"] if split == "all" else [f"{split}_list.mat"]
-    mats = [(root / name, _loadmat(_need(root / name, DOGS_LAYOUT))) for name in lists]
-    _need(root / "Images", DOGS_LAYOUT)
-    _need(root / "Annotation", DOGS_LAYOUT)
+    mats = [(root / name, _loadmat(need_path(root / name, DOGS_LAYOUT))) for name in lists]
+    need_path(root / "Images", DOGS_LAYOUT)
+    need_path(root / "Annotation", DOGS_LAYOUT)
     samples = []
     for path, mat in mats:
         files = _strings(_mat_field(mat, "file_list", path))
@@ -200,7 +171,7 @@ CARS_LAYOUT = ("<root>/devkit/cars_train_annos.mat with <root>/cars_train/*.jpg;
 
 
 def read_cars(root: Path, split: str = "test") -> list[Sample]:
-    root, split = Path(root), _check_split(split)
+    root, split = Path(root), check_split(split)
     devkit = root / "devkit"
     meta = devkit / "cars_meta.mat"
     names = _strings(_mat_field(_loadmat(meta), "class_names", meta)) if meta.exists() else None
@@ -210,7 +181,7 @@ def read_cars(root: Path, split: str = "test") -> list[Sample]:
              "test": next((p for p in test_annos if p.exists()), test_annos[0])}
     samples = []
     for part in ("train", "test") if split == "all" else (split,):
-        annos_path, image_dir = _need(parts[part], CARS_LAYOUT), _need(root / f"cars_{part}", CARS_LAYOUT)
+        annos_path, image_dir = need_path(parts[part], CARS_LAYOUT), need_path(root / f"cars_{part}", CARS_LAYOUT)
         for a in _structs(_mat_field(_loadmat(annos_path), "annotations", annos_path)):
             try:
                 fname = str(a.fname)
@@ -231,8 +202,8 @@ H36M_LAYOUT = "<root>/boxes.csv (header key,x0,y0,x1,y1,split) and <root>/images
 
 def read_h36m(root: Path, split: str = "test") -> list[Sample]:
     """Human3.6M crops; a split with more than 6,000 rows is cut to a seeded 6,000-row subset."""
-    root, split = Path(root), _check_split(split)
-    path = _need(root / "boxes.csv", H36M_LAYOUT)
+    root, split = Path(root), check_split(split)
+    path = need_path(root / "boxes.csv", H36M_LAYOUT)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = {"key", "x0", "y0", "x1", "y1", "split"} - set(reader.fieldnames or ())
@@ -245,7 +216,7 @@ def read_h36m(root: Path, split: str = "test") -> list[Sample]:
     samples = []
     for r in rows:
         key = r["key"].strip()
-        if key != _safe_key(key):
+        if key != safe_key(key):
             raise ValueError(f"{path}: key {key!r} is not filesystem-safe (use A-Z a-z 0-9 . _ -)")
         try:
             box = _corners(r[c] for c in ("x0", "y0", "x1", "y1"))
@@ -272,7 +243,7 @@ def _images_in(folder: Path) -> dict[str, Path]:
 def read_folder(root: Path, split: str = "all", masks: str | Path | None = None) -> list[Sample]:
     """Every image in `root`, subfolders included (CUB's images/<class>/...); with `masks`, the mask
     at the same relative path (any extension)."""
-    root, _ = Path(root), _check_split(split)  # a plain folder has no splits
+    root, _ = Path(root), check_split(split)  # a plain folder has no splits
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found or not a folder. Expected layout: <root>/<name>.<image ext>")
     images = _images_in(root)
@@ -294,30 +265,18 @@ def read_folder(root: Path, split: str = "all", masks: str | Path | None = None)
 def read_imagefolder_samples(root: Path, split: str = "test") -> list[Sample]:
     """This project's own imagefolder layout (metadata.jsonl); keys are image stems, or relative
     paths where stems repeat."""
-    root, split = Path(root), _check_split(split)
+    root, split = Path(root), check_split(split)
     rows = read_imagefolder(root)  # keys are decided over every split: a key names one file whatever the split
     by_stem = len({r.image.stem for r in rows}) == len(rows)
-    return [Sample(key=_safe_key(r.image.stem) if by_stem else _path_key(str(r.image.relative_to(root))),
+    return [Sample(key=safe_key(r.image.stem) if by_stem else _path_key(str(r.image.relative_to(root))),
                    image=r.image, mask=r.mask, box=None,
                    label=r.classes[0] if len(r.classes) == 1 else None) for r in rows if split == "all" or r.split == split]
-
-
-def _read_mimic_cxr(root: Path, split: str = "test", **options) -> list[Sample]:
-    from conceptseg.data.medical import read_mimic_cxr  # medical.py builds on this module
-
-    return read_mimic_cxr(root, split, **options)
-
-
-def _read_mscxr(root: Path, split: str = "test", **options) -> list[Sample]:
-    from conceptseg.data.medical import read_mscxr_samples
-
-    return read_mscxr_samples(root, split, **options)
 
 
 READERS: dict[str, Callable[..., list[Sample]]] = {
     "cub": read_cub, "dogs": read_dogs, "cars": read_cars, "h36m": read_h36m,
     "folder": read_folder, "imagefolder": read_imagefolder_samples,
-    "mimic-cxr": _read_mimic_cxr, "ms-cxr": _read_mscxr,
+    "mimic-cxr": read_mimic_cxr, "ms-cxr": read_mscxr_samples,
 }
 # "name:/root,option=value" options a reader accepts
 _OPTIONS = {"folder": {"masks"}, "mimic-cxr": {"reports"}, "ms-cxr": {"images"}}
@@ -340,7 +299,7 @@ def read_dataset(spec: str, split: str = "test") -> list[Sample]:
             raise ValueError(f"{spec!r}: reader {name!r} takes no option {key!r} "
                              f"(accepts {sorted(_OPTIONS.get(name, ())) or 'none'})")
         options[key] = value
-    samples = READERS[name](Path(root).expanduser(), _check_split(split), **options)
+    samples = READERS[name](Path(root).expanduser(), check_split(split), **options)
     _check_unique(samples, repr(spec))
     return samples
 
@@ -352,7 +311,7 @@ def list_samples(source: str | Path | Sequence[Path | Sample], split: str = "all
     included; one with metadata.jsonl is read as the imagefolder layout, with `split`), one image file, a glob pattern ("photos/*.jpg"), or a list of paths or Samples.
     A path's key is its stem; a folder's are relative paths. Keys are unique or this raises."""
     if isinstance(source, (list, tuple)):
-        samples = [s if isinstance(s, Sample) else Sample(_safe_key(Path(s).stem), Path(s), None, None, None) for s in source]
+        samples = [s if isinstance(s, Sample) else Sample(safe_key(Path(s).stem), Path(s), None, None, None) for s in source]
         where = "the image list"
     else:
         text, path = str(source), Path(source).expanduser()
@@ -363,13 +322,13 @@ def list_samples(source: str | Path | Sequence[Path | Sample], split: str = "all
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: not an image file by its extension ({path.suffix or 'none'}); give images Pillow opens")
-            samples = [Sample(_safe_key(path.stem), path, None, None, None)]
+            samples = [Sample(safe_key(path.stem), path, None, None, None)]
         elif glob.has_magic(text):
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))
                        if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS]
             if not matches:
                 raise FileNotFoundError(f"no image matches {text!r}")
-            samples = [Sample(_safe_key(p.stem), p, None, None, None) for p in matches]
+            samples = [Sample(safe_key(p.stem), p, None, None, None) for p in matches]
         elif ":" in text.split("/")[0]:
             return read_dataset(text, split)
         else:

@@ -15,7 +15,7 @@ World v2 changes the statistics that decide this, as CUB's photographs have them
   captioned with what it shows ("the sea floor", "an empty street").
 
 Every drawing is a function of one `numpy.random.Generator`, so a row depends only on (seed, i).
-Objects reuse v1's shapes (`toyworld._draw_object`); masks are exact: a pixel is in an object's
+Objects are v1's shapes (`drawing.draw_object`); masks are exact: a pixel is in an object's
 mask iff the saved image shows that object there.
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-SUPERSAMPLE = 4  # occluders and scene shapes are drawn at 4x and box-filtered
+from conceptseg.data.drawing import SUPERSAMPLE, background_source, draw_object, hsv_color, paste, render_background, to_u8
 
 # The scene kind each class is usually seen in, and how often (the rest: any other kind).
 HABITATS: dict[str, str] = {"fish": "underwater", "car": "street", "flower": "meadow", "star": "night", "heart": "room"}
@@ -61,12 +61,6 @@ _PHOTOS: dict[str, str] = {
 # ----------------------------------------------------------------------------- helpers
 
 
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    from conceptseg.data.toyworld import _hsv as hsv
-
-    return hsv(h, s, v)
-
-
 def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (x, y) in [0, 1] on an n x n grid."""
     c = (np.arange(n) + 0.5) / n
@@ -79,9 +73,7 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def _photo_texture(rng: np.random.Generator, name: str, n: int) -> np.ndarray:
     """A random crop of one of v1's photo sources as a grey texture, zero mean, unit-ish contrast."""
-    from conceptseg.data.toyworld import _background_source
-
-    src = _background_source(name)
+    src = background_source(name)
     grey = src.mean(axis=-1) if src.ndim == 3 else src.astype(np.float64)
     side = min(grey.shape)
     crop = max(16, int(side * rng.uniform(0.2, 0.6)))
@@ -107,8 +99,8 @@ def _shape_mask(n: int, draw: Callable[[ImageDraw.ImageDraw, int], None]) -> np.
 def _underwater(rng: np.random.Generator, n: int) -> np.ndarray:
     x, y = _grid(n)
     tilt = rng.uniform(-0.35, 0.35)
-    top = _hsv(rng.uniform(0.47, 0.55), rng.uniform(0.3, 0.6), rng.uniform(0.75, 0.95))
-    deep = _hsv(rng.uniform(0.55, 0.65), rng.uniform(0.6, 0.95), rng.uniform(0.2, 0.45))
+    top = hsv_color(rng.uniform(0.47, 0.55), rng.uniform(0.3, 0.6), rng.uniform(0.75, 0.95))
+    deep = hsv_color(rng.uniform(0.55, 0.65), rng.uniform(0.6, 0.95), rng.uniform(0.2, 0.45))
     img = _lerp(top, deep, np.clip(y + tilt * (x - 0.5), 0, 1))
     # shafts of light from one side
     ang, phase = rng.uniform(0.3, 1.0) * rng.choice([-1, 1]), rng.uniform(0, 6.3)
@@ -117,7 +109,7 @@ def _underwater(rng: np.random.Generator, n: int) -> np.ndarray:
     # sand floor under a sloped, wavy line
     base, slope = rng.uniform(0.6, 0.85), rng.uniform(-0.35, 0.35)
     floor_y = base + slope * (x - 0.5) + 0.03 * np.sin(x * rng.uniform(4, 9) + rng.uniform(0, 6.3))
-    sand = _hsv(rng.uniform(0.08, 0.13), rng.uniform(0.25, 0.5), rng.uniform(0.6, 0.85))
+    sand = hsv_color(rng.uniform(0.08, 0.13), rng.uniform(0.25, 0.5), rng.uniform(0.6, 0.85))
     texture = _photo_texture(rng, "gravel", n)[..., None] * 0.08
     floor = np.clip(sand + texture - 0.25 * (1 - np.clip((y - floor_y) * 4, 0, 1))[..., None] * 0.3, 0, 1)
     img = np.where((y > floor_y)[..., None], floor, img)
@@ -126,7 +118,7 @@ def _underwater(rng: np.random.Generator, n: int) -> np.ndarray:
         cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.18)
         cy = base + slope * (cx - 0.5)
         rock = ((x - cx) / r) ** 2 + ((y - cy) / (0.7 * r)) ** 2 < 1
-        img = np.where(rock[..., None], _hsv(0.1, 0.1, rng.uniform(0.25, 0.45)) * (1.2 - 0.6 * (y - cy + r)[..., None] / r), img)
+        img = np.where(rock[..., None], hsv_color(0.1, 0.1, rng.uniform(0.25, 0.45)) * (1.2 - 0.6 * (y - cy + r)[..., None] / r), img)
     return np.clip(img, 0, 1)
 
 
@@ -134,7 +126,7 @@ def _street(rng: np.random.Generator, n: int) -> np.ndarray:
     x, y = _grid(n)
     horizon, tilt = rng.uniform(0.35, 0.6), rng.uniform(-0.15, 0.15)
     h_line = horizon + tilt * (x - 0.5)
-    sky = _lerp(_hsv(rng.uniform(0.55, 0.62), rng.uniform(0.3, 0.6), 0.95), _hsv(rng.uniform(0.05, 0.6), 0.15, 0.9),
+    sky = _lerp(hsv_color(rng.uniform(0.55, 0.62), rng.uniform(0.3, 0.6), 0.95), hsv_color(rng.uniform(0.05, 0.6), 0.15, 0.9),
                 np.clip(y / horizon + 0.3 * (x - rng.random()), 0, 1))
     img = sky.copy()
     # a skyline of buildings standing on the horizon, lit from one side
@@ -143,33 +135,33 @@ def _street(rng: np.random.Generator, n: int) -> np.ndarray:
     while xpos < 1.0:
         w = rng.uniform(0.08, 0.25)
         top = rng.uniform(0.05, horizon - 0.05)
-        col = _hsv(rng.uniform(0.0, 0.12), rng.uniform(0.05, 0.35), rng.uniform(0.35, 0.8))
+        col = hsv_color(rng.uniform(0.0, 0.12), rng.uniform(0.05, 0.35), rng.uniform(0.35, 0.8))
         inside = (x >= xpos) & (x < xpos + w) & (y >= top) & (y < h_line)
         shade = 1.0 + 0.25 * ((x - xpos) / w - 0.5) * (1 if left else -1)
         wins = (np.sin((x - xpos) * 2 * np.pi / rng.uniform(0.03, 0.05)) > 0.3) & (np.sin((y - top) * 2 * np.pi / rng.uniform(0.04, 0.06)) > 0.2)
         bcol = col * shade[..., None]
-        bcol = np.where(wins[..., None], _hsv(rng.uniform(0.1, 0.6), 0.3, rng.uniform(0.5, 0.9)), bcol)
+        bcol = np.where(wins[..., None], hsv_color(rng.uniform(0.1, 0.6), 0.3, rng.uniform(0.5, 0.9)), bcol)
         img = np.where(inside[..., None], bcol, img)
         xpos += w
     # the ground: pavement, and a road to a vanishing point on the horizon
     vx = rng.uniform(0.2, 0.8)
     vy = horizon + tilt * (vx - 0.5)
-    ground = _hsv(rng.uniform(0.05, 0.12), rng.uniform(0.05, 0.25), rng.uniform(0.45, 0.65))
+    ground = hsv_color(rng.uniform(0.05, 0.12), rng.uniform(0.05, 0.25), rng.uniform(0.45, 0.65))
     img = np.where((y >= h_line)[..., None], ground + _photo_texture(rng, "gravel", n)[..., None] * 0.04, img)
     depth = np.clip((y - vy) / (1 - vy + 1e-6), 1e-3, None)
     half = rng.uniform(0.35, 0.6) * depth
     road = (y >= h_line) & (np.abs(x - vx) < half)
-    asphalt = _hsv(0.6, 0.05, rng.uniform(0.18, 0.32)) * (0.8 + 0.4 * depth)[..., None]
+    asphalt = hsv_color(0.6, 0.05, rng.uniform(0.18, 0.32)) * (0.8 + 0.4 * depth)[..., None]
     img = np.where(road[..., None], asphalt, img)
     dashes = road & (np.abs(x - vx) < 0.02 * depth + 0.002) & (np.sin(np.log(depth) * 12 + rng.uniform(0, 6.3)) > 0)
-    img = np.where(dashes[..., None], _hsv(0.14, 0.6, 0.95), img)
+    img = np.where(dashes[..., None], hsv_color(0.14, 0.6, 0.95), img)
     return np.clip(img, 0, 1)
 
 
 def _meadow(rng: np.random.Generator, n: int) -> np.ndarray:
     x, y = _grid(n)
-    sky = _lerp(_hsv(rng.uniform(0.55, 0.62), rng.uniform(0.4, 0.7), rng.uniform(0.8, 1.0)),
-                _hsv(0.58, 0.1, 1.0), np.clip(y * 1.6, 0, 1))
+    sky = _lerp(hsv_color(rng.uniform(0.55, 0.62), rng.uniform(0.4, 0.7), rng.uniform(0.8, 1.0)),
+                hsv_color(0.58, 0.1, 1.0), np.clip(y * 1.6, 0, 1))
     img = sky.copy()
     sun = (rng.uniform(0, 1), rng.uniform(0.05, 0.3))
     glow = np.exp(-((x - sun[0]) ** 2 + (y - sun[1]) ** 2) / 0.02)
@@ -183,7 +175,7 @@ def _meadow(rng: np.random.Generator, n: int) -> np.ndarray:
     for j in range(k):
         level = rng.uniform(0.3, 0.5) + 0.15 * j
         ridge = level + rng.uniform(-0.2, 0.2) * (x - 0.5) + rng.uniform(0.03, 0.08) * np.sin(x * rng.uniform(3, 8) + rng.uniform(0, 6.3))
-        green = _hsv(rng.uniform(0.22, 0.35), rng.uniform(0.5, 0.85), rng.uniform(0.35, 0.6) + 0.25 * (k - 1 - j) / k)
+        green = hsv_color(rng.uniform(0.22, 0.35), rng.uniform(0.5, 0.85), rng.uniform(0.35, 0.6) + 0.25 * (k - 1 - j) / k)
         tex = _photo_texture(rng, "grass", n)[..., None] * (0.03 + 0.04 * j)
         lit = 1.0 + 0.3 * (x - sun[0])[..., None] * -0.5
         img = np.where((y > ridge)[..., None], np.clip(green * lit + tex, 0, 1), img)
@@ -193,20 +185,20 @@ def _meadow(rng: np.random.Generator, n: int) -> np.ndarray:
 def _night(rng: np.random.Generator, n: int) -> np.ndarray:
     x, y = _grid(n)
     tilt = rng.uniform(-0.5, 0.5)
-    img = _lerp(_hsv(rng.uniform(0.6, 0.72), rng.uniform(0.6, 0.9), rng.uniform(0.08, 0.2)),
-                _hsv(rng.uniform(0.7, 0.85), rng.uniform(0.4, 0.7), rng.uniform(0.3, 0.5)), np.clip(y + tilt * (x - 0.5), 0, 1))
+    img = _lerp(hsv_color(rng.uniform(0.6, 0.72), rng.uniform(0.6, 0.9), rng.uniform(0.08, 0.2)),
+                hsv_color(rng.uniform(0.7, 0.85), rng.uniform(0.4, 0.7), rng.uniform(0.3, 0.5)), np.clip(y + tilt * (x - 0.5), 0, 1))
     dots = rng.random((n, n)) < rng.uniform(0.01, 0.03)
     img = np.where(dots[..., None], rng.uniform(0.7, 1.0), img)
     # a crescent moon
     cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.35), rng.uniform(0.06, 0.11)
     off = rng.uniform(0.3, 0.6) * r * rng.choice([-1, 1])
     moon = ((x - cx) ** 2 + (y - cy) ** 2 < r * r) & ((x - cx - off) ** 2 + (y - cy + 0.2 * r) ** 2 > r * r)
-    img = np.where(moon[..., None], _hsv(0.13, 0.25, 0.95), img)
+    img = np.where(moon[..., None], hsv_color(0.13, 0.25, 0.95), img)
     # a dark, jagged mountain line, lower on one side
     pts_x = np.linspace(-0.05, 1.05, int(rng.integers(5, 10)))
     pts_y = rng.uniform(0.55, 0.85, pts_x.size) + rng.uniform(-0.2, 0.2) * (pts_x - 0.5)
     ridge = np.interp(x, pts_x, pts_y)
-    hill = _hsv(rng.uniform(0.6, 0.75), rng.uniform(0.3, 0.6), rng.uniform(0.04, 0.12))
+    hill = hsv_color(rng.uniform(0.6, 0.75), rng.uniform(0.3, 0.6), rng.uniform(0.04, 0.12))
     img = np.where((y > ridge)[..., None], hill + _photo_texture(rng, "grass", n)[..., None] * 0.02, img)
     return np.clip(img, 0, 1)
 
@@ -215,7 +207,7 @@ def _room(rng: np.random.Generator, n: int) -> np.ndarray:
     x, y = _grid(n)
     floor_line, tilt = rng.uniform(0.55, 0.8), rng.uniform(-0.12, 0.12)
     f_y = floor_line + tilt * (x - 0.5)
-    wall = _hsv(rng.uniform(0, 1), rng.uniform(0.1, 0.45), rng.uniform(0.55, 0.9))
+    wall = hsv_color(rng.uniform(0, 1), rng.uniform(0.1, 0.45), rng.uniform(0.55, 0.9))
     light = 1.0 + 0.35 * (x - rng.uniform(0, 1))  # a lamp on one side
     if rng.random() < 0.5:  # striped wallpaper
         stripes = (np.sin(x * 2 * np.pi * rng.uniform(6, 12)) > 0)[..., None] * 0.08
@@ -228,11 +220,11 @@ def _room(rng: np.random.Generator, n: int) -> np.ndarray:
     ww, wh = rng.uniform(0.15, 0.3), rng.uniform(0.15, 0.25)
     win = (x > wx) & (x < wx + ww) & (y > wy) & (y < wy + wh)
     frame = win & ((np.abs(x - wx - ww / 2) < 0.012) | (np.abs(y - wy - wh / 2) < 0.012))
-    img = np.where(win[..., None], _lerp(_hsv(0.58, 0.5, 1.0), _hsv(0.58, 0.2, 0.9), (y - wy) / wh), img)
+    img = np.where(win[..., None], _lerp(hsv_color(0.58, 0.5, 1.0), hsv_color(0.58, 0.2, 0.9), (y - wy) / wh), img)
     img = np.where(frame[..., None], np.full(3, 0.95), img)
     # a wooden floor in perspective: boards converge to a vanishing point above the floor line
     vx = rng.uniform(0.2, 0.8)
-    wood = _hsv(rng.uniform(0.05, 0.1), rng.uniform(0.4, 0.7), rng.uniform(0.35, 0.6))
+    wood = hsv_color(rng.uniform(0.05, 0.1), rng.uniform(0.4, 0.7), rng.uniform(0.35, 0.6))
     depth = np.clip(y - f_y, 1e-3, None)
     boards = (np.sin((x - vx) / (depth + 0.15) * rng.uniform(6, 10)) > 0.85)[..., None] * 0.12
     img = np.where((y > f_y)[..., None], wood * (0.8 + 0.4 * depth)[..., None] - boards, img)
@@ -250,7 +242,7 @@ _SCENES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 def _occluder(rng: np.random.Generator, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A scene element in front of the objects: (colour HxWx3, hard mask HxW) at n x n."""
     if kind in ("underwater", "meadow"):  # seaweed or tall grass: a few wavy blades from the bottom
-        col = _hsv(rng.uniform(0.22, 0.4), rng.uniform(0.5, 0.9), rng.uniform(0.25, 0.55))
+        col = hsv_color(rng.uniform(0.22, 0.4), rng.uniform(0.5, 0.9), rng.uniform(0.25, 0.55))
         blades = [(rng.uniform(0, 1), rng.uniform(0.3, 0.8), rng.uniform(0.015, 0.035), rng.uniform(-0.15, 0.15))
                   for _ in range(int(rng.integers(1, 4)))]
 
@@ -271,7 +263,7 @@ def _occluder(rng: np.random.Generator, kind: str, n: int) -> tuple[np.ndarray, 
             d.rectangle([(px - w / 2) * s, top * s, (px + w / 2) * s, s], fill=255)
             d.rectangle([(px - w / 2) * s, top * s, (px + 0.12) * s, (top + w) * s], fill=255)
     elif kind == "room":  # a chair back: two posts and a rail
-        col = _hsv(rng.uniform(0.05, 0.1), 0.6, rng.uniform(0.15, 0.35))
+        col = hsv_color(rng.uniform(0.05, 0.1), 0.6, rng.uniform(0.15, 0.35))
         px, w, rail = rng.uniform(0.0, 0.7), rng.uniform(0.2, 0.35), rng.uniform(0.4, 0.7)
 
         def draw(d: ImageDraw.ImageDraw, s: int) -> None:
@@ -279,7 +271,7 @@ def _occluder(rng: np.random.Generator, kind: str, n: int) -> tuple[np.ndarray, 
                 d.rectangle([post * s, rail * s, (post + 0.035) * s, s], fill=255)
             d.rectangle([px * s, rail * s, (px + w + 0.035) * s, (rail + 0.05) * s], fill=255)
     else:  # a bare branch across the view
-        col = _hsv(rng.uniform(0.05, 0.1), rng.uniform(0.3, 0.6), rng.uniform(0.05, 0.2))
+        col = hsv_color(rng.uniform(0.05, 0.1), rng.uniform(0.3, 0.6), rng.uniform(0.05, 0.2))
         y0, y1 = rng.uniform(0, 1, 2)
         w = rng.uniform(0.02, 0.04)
         twig = (rng.uniform(0.3, 0.7), rng.uniform(-0.3, 0.3))
@@ -324,12 +316,10 @@ def caption(rng: np.random.Generator, classes: Sequence[str], scene: str, photo:
 def render(rng: np.random.Generator, classes: Sequence[str], scene: str, photo: str | None, size: int):
     """Render a v2 scene; return (image uint8, union mask, object masks, the scene without its objects
     (occluders included) uint8)."""
-    from conceptseg.data.toyworld import _draw_object, _paste, _to_u8
-
     if scene == "photo":
-        background = _to_u8(_photo_background(rng, size, photo))
+        background = to_u8(_photo_background(rng, size, photo))
     else:
-        background = _to_u8(_SCENES[scene](rng, size))
+        background = to_u8(_SCENES[scene](rng, size))
     image = background.copy()
     masks: list[np.ndarray] = []
     lo, hi = (0.4, 0.9) if len(classes) <= 1 else (0.3, 0.55)
@@ -337,43 +327,41 @@ def render(rng: np.random.Generator, classes: Sequence[str], scene: str, photo: 
         extent = rng.uniform(lo, hi) * size
         best = None
         for attempt in range(4):  # shrink the object if it cannot be placed with little overlap
-            color, patch = _draw_object(rng, cls, extent * 0.85**attempt)
+            color, patch = draw_object(rng, cls, extent * 0.85**attempt)
             h, w = patch.shape
             for _ in range(25):  # up to 30% of the object may leave the frame
                 y = int(rng.integers(-int(0.3 * h), size - int(0.7 * h) + 1))
                 x = int(rng.integers(-int(0.3 * w), size - int(0.7 * w) + 1))
-                m = _paste(patch, y, x, size)
+                m = paste(patch, y, x, size)
                 if m.sum() < 0.55 * patch.sum():
                     continue
                 overlap = max((np.logical_and(m, o).sum() / max(min(m.sum(), o.sum()), 1) for o in masks), default=0.0)
                 if best is None or overlap < best[0]:
-                    best = (overlap, m, _paste(color, y, x, size))
+                    best = (overlap, m, paste(color, y, x, size))
                 if overlap <= 0.1:
                     break
             if best is not None and best[0] <= 0.1:
                 break
         if best is None:  # nothing placed with enough of it in frame: centre it
-            color, patch = _draw_object(rng, cls, extent * 0.6)
+            color, patch = draw_object(rng, cls, extent * 0.6)
             h, w = patch.shape
             y, x = (size - h) // 2, (size - w) // 2
-            best = (1.0, _paste(patch, y, x, size), _paste(color, y, x, size))
+            best = (1.0, paste(patch, y, x, size), paste(color, y, x, size))
         _, m, col = best
-        image[m] = _to_u8(col[m])
+        image[m] = to_u8(col[m])
         masks = [o & ~m for o in masks] + [m]
     if classes and rng.random() < 0.35:  # a scene element in front, hiding part of the objects
         occ_col, occ = _occluder(rng, scene, size)
         keep = [o & ~occ for o in masks]
         if all(k.sum() >= 0.6 * o.sum() for k, o in zip(keep, masks)):
-            image[occ] = background[occ] = _to_u8(occ_col[occ])  # the occluder belongs to the scene
+            image[occ] = background[occ] = to_u8(occ_col[occ])  # the occluder belongs to the scene
             masks = keep
     union = np.logical_or.reduce(masks) if masks else np.zeros((size, size), dtype=bool)
     return image, union, masks, background
 
 
 def _photo_background(rng: np.random.Generator, size: int, name: str) -> np.ndarray:
-    from conceptseg.data.toyworld import _render_background
-
-    img = _render_background(rng, size, source=name)
+    img = render_background(rng, size, source=name)
     x, _ = _grid(size)
     side = x if rng.random() < 0.5 else 1 - x
     return np.clip(img * (0.8 + 0.4 * side)[..., None], 0, 1)

@@ -10,12 +10,11 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from conceptseg.models import EMBEDDED_MODEL
+from conceptseg.runs import best_row
+from conceptseg.tables import ROW_NAMES, format_table
 
 
 def model_card(run: str | Path, row: str | None = None) -> str:
-    from conceptseg.pipeline import ROW_NAMES, format_table
-    from conceptseg.runs import best_row
-
     run = Path(run)
     manifest_path = run / "manifest.json"
     if not manifest_path.exists():
