@@ -532,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     s.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
     _add_clip_arg(s, None)
-    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in the backward pass (on by default; less memory, same result)")
     s.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw")
     s.add_argument("--latent-cache", type=int, default=0, metavar="VIEWS",
                    help="precompute this many augmented views per image, encode them once and train on those fixed "
@@ -773,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _MEMORY_HINT = ("out of memory: lower --batch-size, raise --gradient-accumulation to keep the effective batch, use "
-                "--gradient-checkpointing, --method lora, --optimizer adamw-8bit or --mixed-precision bf16; a rerun "
-                "resumes from the last checkpoint")
+                "--method lora, --optimizer adamw-8bit or --mixed-precision bf16 (and keep --gradient-checkpointing on); "
+                "a rerun resumes from the last checkpoint")
 
 
 def _out_of_memory(e: BaseException) -> bool:
