@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from conceptseg.cli import main
-from conceptseg.report import picture_grid
+from conceptseg.pictures import picture_grid
 
 
 def checker(rgba: Image.Image) -> np.ndarray:

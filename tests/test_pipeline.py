@@ -53,9 +53,23 @@ def _tiny_demo(out, model_dir, num_images=20):
     return cfg
 
 
-def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
+def _count_loads(monkeypatch) -> list[str]:
+    """The folders whose weights are read from disk, once per read (the SD 1.x/2.x loader)."""
+    from conceptseg import models
+
+    loads: list[str] = []
+    real = models._load_parts
+    monkeypatch.setattr(models, "_load_parts", lambda source, *a, **k: loads.append(str(source)) or real(source, *a, **k))
+    return loads
+
+
+def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _tiny_demo(tmp_path / "run", tiny_model_dir)
+    loads = _count_loads(monkeypatch)
     metrics = Run(cfg, progress=False).execute()
+    # each model once: the stage-1 model (prelim, the untuned row, then handed to fine-tuning: the
+    # same dtype on the CPU) and the fine-tuned one (refine, synth)
+    assert loads == [str(tiny_model_dir), str(tmp_path / "run" / "finetune" / "model")]
     assert list(metrics) == list(ROW_NAMES)  # every row of the paper's table
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved) == set(ROW_NAMES) | {"protocol"} and "centre crop 32x32" in saved["protocol"]
@@ -74,8 +88,8 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in mask.iterdir()}
     model_stamp = (tmp_path / "run" / "finetune" / "model" / "unet" / "config.json").stat().st_mtime_ns
 
-    again = Run(cfg, progress=False).execute()  # complete and unchanged: nothing is redone
-    assert again == metrics
+    again = Run(cfg, progress=False).execute()  # complete and unchanged: nothing is redone, nor loaded
+    assert again == metrics and len(loads) == 2
     assert {p.name: p.stat().st_mtime_ns for p in mask.iterdir()} == stamps
     assert (tmp_path / "run" / "finetune" / "model" / "unet" / "config.json").stat().st_mtime_ns == model_stamp
 
@@ -105,6 +119,38 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path):
     assert stamp("unet_prelim") == segmenters["unet_prelim"] and not (tmp_path / "run" / "prelim.old").exists()
 
 
+def test_a_lora_run_loads_each_model_once_and_holds_none_while_segmenters_train(tiny_model_dir, tmp_path, monkeypatch):
+    """A LoRA fine-tune's refine and synth load its base once with the adapters attached (not a third
+    copy of the base); no diffusion model is held once the last stage that runs one is done."""
+    import gc
+    import weakref
+
+    from conceptseg import models
+    from conceptseg.segmenter import train as segmenter_train
+
+    cfg = override_config(_tiny_demo(tmp_path / "run", tiny_model_dir, num_images=10),
+                          ["finetune.method=lora", "finetune.lora_rank=2", "synth.num=1", "baselines=false",
+                           "segmenter.train_on_prelim=false", "segmenter.supervised=false"])
+    loads, made, alive = _count_loads(monkeypatch), [], []
+    real_load, real_train = models.load_model, segmenter_train.train_segmenter
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        made.append(weakref.ref(model))
+        return model
+
+    def train(config):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        return real_train(config)
+
+    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(segmenter_train, "train_segmenter", train)
+    Run(cfg, progress=False).execute()
+    assert loads == [str(tiny_model_dir)] * 2  # the stage-1 model; the fine-tuned one's base, adapters attached
+    assert made and alive == [0, 0]  # at each of the two segmenters (D_s, D_s + D'_s)
+
+
 def _outputs(run: Path) -> dict:
     """Every output file of a run but its run-level records, with its modification time."""
     return {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")
@@ -126,7 +172,7 @@ def test_a_moved_run_redoes_nothing_nor_do_execution_settings(tiny_model_dir, tm
     metrics = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     cfg = override_config(_tiny_demo(tmp_path / "moved", tmp_path / "models" / "tiny"),
                           ["refine.batch_size=3", "prelim.batch_size=7", "synth.batch_size=2", "finetune.checkpoint_every=1",
-                           "finetune.gradient_checkpointing=true", "segmenter.checkpoint_every=1",
+                           "finetune.gradient_checkpointing=false", "segmenter.checkpoint_every=1",
                            "finetune.checkpoints_total_limit=5"])
     Run(cfg, progress=False).execute()
     assert _outputs(tmp_path / "moved") == before  # not one file rewritten

@@ -69,12 +69,25 @@ def test_sdxl_lora_1024_batch_1_fits_80_gb(config_folders):
 
 def test_knobs_shrink_the_stage_they_name(config_folders):
     """Each knob lowers the prediction where it applies (SDXL full at 1024 px, batch 4, peaks in the forward pass)."""
-    base = ("finetune.method=full", "finetune.mixed_precision=bf16", "finetune.batch_size=4")
+    base = ("finetune.method=full", "finetune.mixed_precision=bf16", "finetune.batch_size=4", "finetune.gradient_checkpointing=false")
     memory = lambda *s: _plan(config_folders["sdxl"], *base, *s, memory=None).stages["finetune"].memory  # noqa: E731
     full = memory()
     for knob in ("finetune.gradient_checkpointing=true", "finetune.batch_size=1", "finetune.optimizer=adamw-8bit",
                  "finetune.method=lora"):
         assert memory(knob) < full, knob
+
+
+def test_finetune_plan_holds_what_finetune_keeps_on_the_device(config_folders):
+    """The text encoders count only while the conditioning is computed (finetune moves them off the
+    device before the first step); the frozen VAE is in the weight dtype, a full fine-tune's
+    denoiser in fp32; gradient checkpointing is on by default."""
+    plan = _plan(config_folders["flux"], "finetune.method=full", "finetune.mixed_precision=bf16", memory=None)
+    phases = plan.stages["finetune"].phases
+    assert phases["text encoding"]["weights: text encoders (bf16)"] > 9 * GiB  # T5-XXL and CLIP-L in bf16
+    for name in ("forward", "optimiser step", "VAE encode", "preview"):
+        assert not [item for item in phases[name] if "text encoders" in item], name
+    assert {"weights: vae (bf16)", "weights: transformer (fp32)"} <= set(phases["forward"])
+    assert any("checkpointed" in item for item in phases["forward"])
 
 
 def test_lora_count_is_what_finetune_trains():

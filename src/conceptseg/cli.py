@@ -920,8 +920,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _MEMORY_HINT = ("out of memory: lower --batch-size, raise --gradient-accumulation to keep the effective batch, use "
-                "--gradient-checkpointing, --method lora, --optimizer adamw-8bit or --mixed-precision bf16; a rerun "
-                "resumes from the last checkpoint")
+                "--method lora, --optimizer adamw-8bit or --mixed-precision bf16 (and keep --gradient-checkpointing on); "
+                "a rerun resumes from the last checkpoint")
 
 
 def _out_of_memory(e: BaseException) -> bool:

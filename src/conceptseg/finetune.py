@@ -12,6 +12,10 @@ transformer) is trained (the paper) or LoRA adapters (peft); VAE and text encode
 on; AdamW 1e-4 constant (a rate that does not depend on `steps`, so a run whose `steps` grows
 continues from its last checkpoint); gradients unclipped as in the paper's code (`max_grad_norm`
 clips them; diffusers' scripts use 1). A step is one optimiser update (of `gradient_accumulation` micro-batches).
+
+Memory, as diffusers' scripts keep it (`residency`): the frozen VAE and text encoders in the weight
+dtype (the mixed-precision dtype, fp32 without); both prompts' conditioning computed once, then the
+text encoders leave the device before the first step; activations checkpointed (`gradient_checkpointing`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
 from conceptseg.io import save_png, write_folder, write_json
 from conceptseg.families.base import select_rows
-from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
-from conceptseg.report import picture_grid
+from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model, resolve_dtype
+from conceptseg.pictures import picture_grid
 from conceptseg.schedules import TrainingBatch
 from conceptseg.settings import added_setting, execution_setting
 from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Precision, TrainLog, adapter_checkpoints,
@@ -200,7 +204,11 @@ class FinetuneConfig:
     # clip gradients to this norm; None (the paper's reference code, and what earlier runs did): no
     # clipping; 1.0 is diffusers' training scripts' default
     max_grad_norm: float | None = added_setting(None)
-    gradient_checkpointing: bool = execution_setting(False)
+    # recompute the denoiser's activations in the backward pass instead of keeping them (diffusers'
+    # --gradient_checkpointing): a fraction of the activation memory for one more forward pass per
+    # step, the same gradients up to float rounding, so an execution setting. On by default: at
+    # the published resolutions activations dominate memory (docs/plan.md); False is faster where it fits
+    gradient_checkpointing: bool = execution_setting(True)
     optimizer: str = "adamw"  # adamw | adamw-fused | adamw-8bit
     # >0: precompute this many augmented views per image and encode them once (faster), then train on
     # those fixed views instead of a fresh random crop and flip of each image at every step: other
@@ -229,6 +237,15 @@ class FinetuneConfig:
     @property
     def concept_prompt(self) -> str:
         return self.prompt or f"a photo of a {self.concept[0]}"
+
+
+def training_dtypes(cfg: FinetuneConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(the denoiser's dtype, the frozen parts' dtype) while training, as diffusers' scripts hold them.
+    The weight dtype is the mixed-precision dtype (fp32 without); the frozen VAE and text encoders are
+    in it. A full fine-tune's denoiser keeps fp32 weights (autocast computes in the weight dtype);
+    LoRA's frozen base is in the weight dtype (FLUX.1: 24 GB, not 48), its adapters fp32."""
+    weight = torch.float32 if cfg.mixed_precision == "no" else resolve_dtype(cfg.mixed_precision, torch.device("cpu"))
+    return (torch.float32 if cfg.method == "full" else weight), weight
 
 
 def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
@@ -295,23 +312,43 @@ class _Batches:
         return latents, torch.from_numpy(np.stack([s.mask_latent for s in samples])), rng
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference)."""
+def finetune(cfg: FinetuneConfig, model=None) -> Path:
+    """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference).
+
+    `model`: the base model already loaded on the training device in the denoiser's training dtype
+    (`training_dtypes`), handed over: it is trained in place and its text encoders leave the device,
+    so the caller must not use it again. None: loaded from `cfg.model`."""
     with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
-        return _finetune(cfg, accelerator)
+        return _finetune(cfg, accelerator, model)
 
 
-def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
+def training_model(cfg: FinetuneConfig, device: torch.device, model=None):
+    """(the base model as training holds it, the conditioning of [concept prompt, background prompt]).
+    Loaded once (or `model`, handed over); frozen parts in the weight dtype; both prompts encoded
+    once; then the text encoders leave the device before the first step: to the CPU for a full
+    fine-tune, which exports them, dropped for LoRA, which exports only its adapters."""
+    denoiser_dtype, weight_dtype = training_dtypes(cfg)
+    device = torch.device(device)
+    if model is None:  # loaded on the CPU and cast there: the frozen parts reach the device in the weight dtype only
+        model = load_model(cfg.model, device="cpu", dtype=denoiser_dtype)
+    elif model.device.type != device.type or model.dtype != denoiser_dtype:
+        raise ValueError(f"finetune was handed {model.source} on {model.device} in {model.dtype}; it trains on {device} "
+                         f"in {denoiser_dtype}: hand it over loaded so, or pass none to load it")
+    model.cast_frozen(weight_dtype)
+    model.to(device)
+    cond = model.conditioning([cfg.concept_prompt, cfg.background_prompt])
+    model.offload_text_encoders(keep=cfg.method == "full")
+    return model, cond
+
+
+def _finetune(cfg: FinetuneConfig, accelerator, model=None) -> Path:
     out = Path(cfg.out)
     pairs, problems = collect_pairs(cfg.images, cfg.prelim, cfg.split)
     for msg in problems:
         accelerator.print(f"skipped {msg}")
     if not pairs:
         raise ValueError(f"no image in {cfg.images} has a usable preliminary mask in {cfg.prelim}")
-    # full fine-tuning keeps fp32 weights (autocast does the rest); LoRA's frozen base may be held in
-    # the autocast dtype, halving its memory (FLUX.1: 24 GB, not 48), its adapters stay fp32
-    frozen_dtype = "fp32" if cfg.method == "full" or cfg.mixed_precision == "no" else cfg.mixed_precision
-    model = load_model(cfg.model, device=accelerator.device, dtype=frozen_dtype)
+    model, cond = training_model(cfg, accelerator.device, model)
     accelerator.print(f"finetune: {model.describe()}")
     denoiser = model.denoiser  # the UNet, or the transformer of SD 3.x / FLUX.1
     params = trainable_parameters(denoiser, cfg)
@@ -327,7 +364,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
     checkpoints = Checkpoints(accelerator, out, checkpoint_settings(cfg, out, model=model.source), ema,
                               cfg.checkpoints_total_limit)
     with adapter_checkpoints(accelerator, denoiser) if cfg.method == "lora" else contextlib.nullcontext():
-        _train(cfg, model, pairs, denoiser_p, updates, checkpoints)
+        _train(cfg, model, cond, pairs, denoiser_p, updates, checkpoints)
 
     final = out / "model"
     if accelerator.is_main_process:  # the EMA weights, exported once
@@ -337,19 +374,19 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> Path:
     return final
 
 
-def _train(cfg: FinetuneConfig, model, pairs: list[TrainingPair], denoiser_p, updates: OptimiserSteps,
+def _train(cfg: FinetuneConfig, model, cond, pairs: list[TrainingPair], denoiser_p, updates: OptimiserSteps,
            checkpoints: Checkpoints) -> None:
-    """The loop: from the last checkpoint (validated against `cfg`) to `cfg.steps` optimiser steps."""
+    """The loop: from the last checkpoint (validated against `cfg`) to `cfg.steps` optimiser steps;
+    `cond`: the conditioning of [concept prompt, background prompt] (`training_model`)."""
     accelerator, out = updates.accelerator, checkpoints.out
     start, state = checkpoints.resume(cfg.steps)
     updates.precision.load_state(state)
-    cond = model.conditioning([cfg.concept_prompt, cfg.background_prompt])
     objective = model.objective
     batches = _Batches(pairs, model, cfg, accelerator.process_index)
     log = TrainLog(accelerator, out, "finetune", cfg.report_to)
 
     def preview(step: int) -> None:
-        picture = inpainting_preview(model, batches, cfg.background_prompt)
+        picture = inpainting_preview(model, batches, select_rows(cond, torch.tensor([1])))
         save_png(out / "preview.png", picture)
         log.image("inpainting preview", picture, step)
 
@@ -380,8 +417,9 @@ def _train(cfg: FinetuneConfig, model, pairs: list[TrainingPair], denoiser_p, up
     log.end()
 
 
-def inpainting_preview(model, batches: "_Batches", prompt: str, count: int = 4, steps: int = 25) -> np.ndarray:
-    """image | M_pre | foreground inpainted with the background prompt, for a few training images."""
+def inpainting_preview(model, batches: "_Batches", background, count: int = 4, steps: int = 25) -> np.ndarray:
+    """image | M_pre | foreground inpainted with the background prompt (`background`: its
+    conditioning, computed before training), for a few training images."""
     from conceptseg.inpaint import inpaint_background
 
     was_training = model.denoiser.training
@@ -390,7 +428,7 @@ def inpainting_preview(model, batches: "_Batches", prompt: str, count: int = 4, 
         samples = [batches._sample(i, np.random.default_rng([0, i])) for i in range(min(count, len(batches.pairs)))]
         z0 = model.encode_images(np.stack([s.image for s in samples]))
         region = torch.from_numpy(np.stack([s.mask_latent for s in samples]))
-        filled = model.decode_latents(inpaint_background(model, z0, region, prompt, steps=steps,
+        filled = model.decode_latents(inpaint_background(model, z0, region, steps=steps, cond=background,
                                                          generator=torch.Generator().manual_seed(0)))
     finally:
         model.denoiser.train(was_training)

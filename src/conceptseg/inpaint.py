@@ -19,7 +19,7 @@ BACKGROUND_PROMPT = "a photo of a background"
 def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                        steps: int = 50, eta: float = 0.0, guidance: float = 1.0, negative_prompt: str | None = None,
                        sampler: str = "ddim", generator: torch.Generator | list[torch.Generator] | None = None,
-                       trace: list | None = None) -> torch.Tensor:
+                       trace: list | None = None, cond=None) -> torch.Tensor:
     """Latents with `region` (1 = to inpaint, (B, 1, h, w) or (B, h, w)) regenerated, the rest kept.
 
     guidance == 1 uses `prompt` alone (the paper's default). Otherwise, with `negative_prompt`,
@@ -27,7 +27,8 @@ def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: st
     `prompt` and away from `negative_prompt` (the empty prompt for plain sampling, the concept
     prompt for background inpainting). A list of generators, one per image, makes each image's
     noise independent of how images are batched. `trace`, if given, receives (level, latents after
-    blending) at every step.
+    blending) at every step. `cond`, if given, is the conditioning of [prompt] (+ [negative_prompt])
+    computed before (`model.conditioning`), so the text encoders are not needed here.
     """
     loop = model.objective.sampler(sampler, steps, eta, model.device)
     z0 = z0.to(model.device, torch.float32)
@@ -35,7 +36,8 @@ def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: st
     m = m[:, None] if m.ndim == 3 else m
     b = z0.shape[0]
     two = guidance != 1.0 and negative_prompt is not None
-    cond = model.conditioning([prompt] + ([negative_prompt] if two else []))
+    if cond is None:
+        cond = model.conditioning([prompt] + ([negative_prompt] if two else []))
     rows = select_rows(cond, torch.tensor([0] * b + [1] * b if two else [0] * b))
 
     def randn() -> torch.Tensor:

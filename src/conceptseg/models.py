@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from conceptseg.residency import Residency
 from conceptseg.vae import LatentCodec
 from conceptseg.schedules import DDPMObjective, ddpm_noised, scheduler_from_config, timestep_grid
 from conceptseg.tokenizer import check_prompt_length, concept_token_positions
@@ -65,7 +66,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 @dataclass
-class DiffusionModel(LatentCodec):
+class DiffusionModel(LatentCodec, Residency):
     """The parts of a latent diffusion model the pipeline uses, on one device and dtype.
 
     Also the SD 1.x/2.x member of the stage-1 interface every family gives (`conceptseg.families`).
@@ -133,11 +134,13 @@ class DiffusionModel(LatentCodec):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        self.check_text_encoders()
         for prompt in prompts:
             check_prompt_length(self.tokenizer, prompt)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+        # on the encoder's device: the CPU once it was offloaded (`residency`)
+        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.device, self.dtype)
 
     # ---- stages 2-4 (the interface of conceptseg.families)
 

@@ -15,6 +15,12 @@ records (the model's content identity, the dtype `auto` became on this device; `
 input files and the fingerprints of the stages it reads; `stages.json` keeps them. A stage whose
 fingerprint changed is redone, and so is every stage downstream of it; its old folder is kept
 beside it as `<name>.old` (one per stage: the next redo replaces it; `run --clean` removes them).
+
+Models: the run holds one diffusion model at a time (`LoadedModel`), loads each at most once and
+releases it when no later stage needs it: the stage-1 model for prelim and the untuned row (both
+before fine-tuning), handed to fine-tuning when it trains in the same dtype; the fine-tuned model
+(a LoRA fine-tune: its base with the adapters attached) for refine and synth. A per-image stage
+whose outputs are all there loads nothing, and neither does a finished fine-tune.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ import yaml
 
 from conceptseg import distributed, models
 from conceptseg.data.readers import Sample, keyed_apart, list_samples
-from conceptseg.finetune import FinetuneConfig
+from conceptseg.finetune import FinetuneConfig, training_dtypes
 from conceptseg.io import SettingsChanged, library_versions, write_json
 from conceptseg.prelim import PrelimConfig
-from conceptseg.refine import RefineConfig
+from conceptseg.refine import RefineConfig, prelim_geometry
+from conceptseg.residency import free_device_memory
 from conceptseg.segmenter.train import TrainSegConfig
 from conceptseg.settings import resolved_settings
 from conceptseg.synth import SynthConfig
@@ -269,6 +276,36 @@ class Ledger:
 
 # ---------------------------------------------------------------- the run
 
+class LoadedModel:
+    """The one diffusion model a run holds: `get` loads a model (source, device, dtype) at most once
+    while it is held, releasing the one held before; `take` hands it to a stage that changes it
+    (fine-tuning trains it in place), so it is not held any more; `free` releases it."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.model = None
+
+    def get(self, source, device: torch.device, dtype: torch.dtype):
+        key = (str(source) if source is not None else None, torch.device(device), dtype)
+        if key != self.key:
+            self.free()
+            self.model = models.load_model(source, device=device, dtype=dtype)
+            self.key = key
+        return self.model
+
+    def take(self, source, device: torch.device, dtype: torch.dtype):
+        model = self.get(source, device, dtype)
+        self.key, self.model = None, None
+        return model
+
+    def free(self) -> None:
+        if self.model is not None:
+            device = self.model.device
+            self.model.release()
+            self.key, self.model = None, None
+            free_device_memory(device)
+
+
 class Run:
     """`conceptseg run`: the stages of one config into its run folder. `clean`: once the run has
     finished, remove the `<stage>.old` folders that redone stages left."""
@@ -280,18 +317,13 @@ class Run:
         self.counts: dict[str, Any] = {}
         self.folders: dict[str, Path] = {}
         self.peak_cuda_mb: dict[str, float] = {}
-        self._model = None
+        self.models = LoadedModel()
         self._current = ""  # the stage running now
+        self._unchanged = False  # whether the stage running now kept its recorded fingerprint
         self.ledger = Ledger(self.out)
         # resolved once, here: what the stages run on and what their fingerprints record
         self.device = torch.device(cfg.device or distributed.device())
         self.dtype = models.resolve_dtype(cfg.dtype, self.device)
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._model = models.load_model(self.cfg.model, device=self.device, dtype=self.dtype)
-        return self._model
 
     def _stage(self, stage: Stage):
         """Run one stage into its folder. A fingerprint that differs from the ledger's (or an entry
@@ -310,7 +342,7 @@ class Run:
             self.ledger.record(stage.name, fp, stage.folder.relative_to(self.out).as_posix(), stage.upstream)
             self.ledger.save()  # before running: an interrupted stage resumes
         distributed.barrier()
-        self._current = stage.name
+        self._current, self._unchanged = stage.name, old == fp
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -355,6 +387,17 @@ class Run:
         distributed.finish_per_image_stage(out)
         return result
 
+    def _with_model(self, run_stage, source, done: Callable[[Any], bool], items: list, **kwargs):
+        """A per-image stage that runs `source` at the run's dtype: nothing is loaded when its
+        fingerprint is unchanged and every item's outputs are there (`done`), as `run_stage` would
+        find them; else `_per_image` with the model (loaded, or the one held)."""
+        out = Path(kwargs["out"])
+        mine = items[distributed.shard()[0] :: distributed.shard()[1]]
+        if (self._unchanged and (out / "manifest.json").exists() and not any(out.glob("manifest.shard-*.json"))
+                and all(done(i) for i in items)):
+            return {"images": len(mine), "processed": 0, "skipped_done": len(mine), "failed": 0}
+        return self._per_image(run_stage, model=self.models.get(source, self.device, self.dtype), **kwargs)
+
     @staticmethod
     def _trainer(out: Path, train):
         """A trainer: skip when finished, else train (resuming from its last checkpoint, if any)."""
@@ -371,9 +414,9 @@ class Run:
             _remove_temporaries(self.out)
         distributed.barrier()
         train, test = self._samples()
-        tuned = self._stages_1_to_4(train, test)
+        self._stages_1_to_4(train, test)
         seg_dirs = self._segmenters(train)
-        metrics = self._segment_and_score(test, seg_dirs, tuned) if test else {}
+        metrics = self._segment_and_score(test, seg_dirs) if test else {}
         if self.clean and distributed.is_main():
             self.remove_old_outputs()
         distributed.barrier()
@@ -396,11 +439,11 @@ class Run:
         self.counts["images"] = {"train": len(train), "test": len(test)}
         return train, test
 
-    def _stages_1_to_4(self, train: list[Sample], test: list[Sample]):
-        """prelim, finetune, refine, crop, synth; returns the fine-tuned model."""
+    def _stages_1_to_4(self, train: list[Sample], test: list[Sample]) -> None:
+        """prelim and the untuned row (the stage-1 model), finetune, refine, crop, synth (the fine-tuned
+        model); each model released once no later stage needs it."""
+        from conceptseg import prelim, refine, synth
         from conceptseg.finetune import finetune
-        from conceptseg.prelim import run_prelim
-        from conceptseg.refine import run_refine
 
         cfg, out = self.cfg, self.out
         train_keys = {s.key for s in train}
@@ -408,36 +451,42 @@ class Run:
         images, train_list, test_list = {"images": _file_list(both)}, {"images": _file_list(train)}, {"images": _file_list(test)}
         run_dtype = {"dtype": self.dtype}  # the stages that run a model at the run's dtype
 
+        def done(module, folder: str):
+            return lambda s: module.outputs_done(out / folder, s.key)
+
         prelim_cfg = PrelimConfig(cfg.concept, prompt=cfg.prompt, **asdict(cfg.prelim))
-        self._stage(Stage("prelim", out / "prelim", lambda: self._per_image(
-            run_prelim, model=self.model, images=both, out=out / "prelim", config=prelim_cfg, progress=self.progress),
-            prelim_cfg, {"model": cfg.model, **run_dtype}, images))
+        self._stage(Stage("prelim", out / "prelim", lambda: self._with_model(
+            prelim.run_prelim, cfg.model, done(prelim, "prelim"), both, images=both, out=out / "prelim", config=prelim_cfg,
+            progress=self.progress), prelim_cfg, {"model": cfg.model, **run_dtype}, images))
+        refine_cfg = RefineConfig(**asdict(cfg.refine))
+        if cfg.untuned_row and test:  # the same refinement with the model before fine-tuning, while it is held
+            self._stage(Stage("untuned", out / "untuned", lambda: self._with_model(
+                refine.run_refine, cfg.model, done(refine, "untuned"), test, images=test, prelim_dir=out / "prelim",
+                out=out / "untuned", config=refine_cfg, progress=self.progress),
+                refine_cfg, {"model": cfg.model, **run_dtype}, test_list, ("prelim",)))
         ft_cfg = FinetuneConfig(cfg.concept, images=train, prelim=out / "prelim", out=out / "finetune", model=cfg.model,
                                 prompt=cfg.prompt, progress=self.progress, **asdict(cfg.finetune))
-        tuned_dir = self._stage(Stage("finetune", out / "finetune", lambda: self._trainer(out / "finetune", lambda: finetune(ft_cfg)),
+        # the stage-1 model is handed over (no second copy) when it already is in the denoiser's training dtype
+        train_ft = lambda: finetune(ft_cfg, self.models.take(cfg.model, distributed.device(), training_dtypes(ft_cfg)[0]))  # noqa: E731
+        tuned_dir = self._stage(Stage("finetune", out / "finetune", lambda: self._trainer(out / "finetune", train_ft),
                                       dataclasses.replace(ft_cfg, images=[]), {"model": cfg.model}, train_list, ("prelim",)))
-        tuned = models.load_model(tuned_dir, device=self.device, dtype=self.dtype)
-        refine_cfg = RefineConfig(**asdict(cfg.refine))
-        self._stage(Stage("refine", out / "refine", lambda: self._per_image(
-            run_refine, model=tuned, images=both, prelim_dir=out / "prelim", out=out / "refine", config=refine_cfg,
-            progress=self.progress), refine_cfg, run_dtype, images, ("prelim", "finetune")))
+        self.models.free()  # no later stage runs the model before fine-tuning
+        self._stage(Stage("refine", out / "refine", lambda: self._with_model(
+            refine.run_refine, tuned_dir, done(refine, "refine"), both, images=both, prelim_dir=out / "prelim",
+            out=out / "refine", config=refine_cfg, progress=self.progress), refine_cfg, run_dtype, images, ("prelim", "finetune")))
         if cfg.baselines and test:
             crop_cfg = dataclasses.replace(refine_cfg, inpainter="crop")
             self._stage(Stage("crop", out / "crop", lambda: self._per_image(
-                run_refine, model=None, images=test, prelim_dir=out / "prelim", out=out / "crop", config=crop_cfg,
+                refine.run_refine, model=None, images=test, prelim_dir=out / "prelim", out=out / "crop", config=crop_cfg,
                 progress=self.progress), crop_cfg, {}, test_list, ("prelim",)))
-        if cfg.untuned_row and test:  # the same refinement with the model before fine-tuning
-            self._stage(Stage("untuned", out / "untuned", lambda: self._per_image(
-                run_refine, model=self.model, images=test, prelim_dir=out / "prelim", out=out / "untuned", config=refine_cfg,
-                progress=self.progress), refine_cfg, {"model": cfg.model, **run_dtype}, test_list, ("prelim",)))
         if cfg.synth.num > 0:
             sy = cfg.synth
             synth_cfg = SynthConfig(cfg.concept, num=sy.num, prompt=cfg.prompt, steps=sy.steps, guidance=sy.guidance,
                                     refine=refine_cfg, prelim_steps=cfg.prelim.steps, batch_size=sy.batch_size, seed=sy.seed)
             # grows by index: a larger `num` keeps the images made so far (num is not an output setting)
-            self._stage(Stage("synth", out / "synth", lambda: self._synth(tuned, synth_cfg), synth_cfg, run_dtype,
+            self._stage(Stage("synth", out / "synth", lambda: self._synth(tuned_dir, synth_cfg), synth_cfg, run_dtype,
                               upstream=("finetune",)))
-        return tuned
+        self.models.free()  # the segmenters and the evaluation run no diffusion model
 
     def _segmenters(self, train: list[Sample]) -> dict[str, Path]:
         """Stage 5: one U-Net per training set; their folders by row name."""
@@ -471,7 +520,7 @@ class Run:
                                                {**data_inputs, "images": _file_list(train)}, upstream))
         return seg_dirs
 
-    def _segment_and_score(self, test: list[Sample], seg_dirs: dict[str, Path], tuned) -> dict:
+    def _segment_and_score(self, test: list[Sample], seg_dirs: dict[str, Path]) -> dict:
         """Stage 6: segment the test images, score every row that has truth to score against."""
         from conceptseg.segmenter.predict import load_segmenter, run_segment
 
@@ -488,18 +537,20 @@ class Run:
 
             metrics = self.evaluate(scorable, seg_dirs)
             best = "unet_real_synth" if "unet_real_synth" in seg_dirs else "unet_real"
-            run_report(out, scorable, metrics, self.timings, ROW_NAMES, segmenter=best, model_resolution=tuned.resolution,
-                       protocol=self._protocol())
+            # stage 1's canvas, as its manifest records it: the report needs no model loaded
+            run_report(out, scorable, metrics, self.timings, ROW_NAMES, segmenter=best,
+                       model_resolution=prelim_geometry(out / "prelim")[0], protocol=self._protocol())
         elif distributed.is_main():
             print(f"the test images ({cfg.test_images}) have no masks or boxes: segmented into {out / 'eval'}, not scored")
         distributed.barrier()
         return metrics
 
-    def _synth(self, model, config) -> str:
-        from conceptseg.synth import run_synth, write_metadata
+    def _synth(self, source, config) -> str:
+        from conceptseg.synth import outputs_done, run_synth, write_metadata
 
         out = self.out / "synth"
-        self._per_image(run_synth, model=model, out=out, config=config, progress=self.progress)
+        self._with_model(run_synth, source, lambda i: outputs_done(out, i), list(range(config.num)), out=out, config=config,
+                         progress=self.progress)
         if distributed.is_main():
             write_metadata(out, config)
         return str(out)

@@ -5,7 +5,9 @@ The model folder's configs are all it reads (`model_index.json` and each compone
 so parameter counts are exact, and the family's own model class gives the resolution, latent grid
 and denoiser. Memory is then added up per stage (docs/plan.md has the formulas):
 
-  weights       parameters x bytes of the stage's dtype, for every resident component
+  weights       parameters x bytes of the stage's dtype, for every resident component (a fine-tune:
+                the denoiser in its training dtype, the frozen VAE in the weight dtype, the text
+                encoders only while the conditioning is computed, before training)
   training      fp32 gradients and AdamW states (2 x fp32; 8-bit AdamW 2 x 1 byte) for the trainable
                 parameters (the whole denoiser, or LoRA rank r on to_q/to_k/to_v/to_out.0), an fp32
                 EMA copy of them, the foreach AdamW step's temporary (1 x fp32, none when fused or
@@ -18,8 +20,9 @@ and denoiser. Memory is then added up per stage (docs/plan.md has the formulas):
   VAE           batch x 3 full-resolution feature maps of the channels that reach full resolution
 
 Each stage is predicted alone (the models of the other stages freed). A training stage peaks in
-one of its phases (forward, optimiser step, VAE encoding, the inpainting preview); the table shows
-that phase's items. GB here are GiB (2**30 bytes), what torch.cuda reports.
+one of its phases (text encoding before training, forward, optimiser step, VAE encoding, the
+inpainting preview); the table shows that phase's items. GB here are GiB (2**30 bytes), what
+torch.cuda reports.
 
 Disk: checkpoints (`checkpoints_total_limit` of them, plus the one being written before the
 oldest is removed): weights + AdamW + EMA of the trainable parameters (adapters only for LoRA);
@@ -52,9 +55,9 @@ INFERENCE_ELEMENTS = {"resnet": 4, "transformer": 16, "joint": 16, "single": 16}
 VAE_FULL_RES_MAPS = 3
 PNG_BYTES_PER_PIXEL = {"rgb": 1.5, "mask": 0.05}
 CUDA_OVERHEAD = 1.0 * GiB  # CUDA context and kernels' workspaces, outside torch's allocator
-# finetune.py keeps the text encoders on the device while training; set False when it frees them
-# once the conditioning is computed (the "offload text encoders" knob shows what that saves).
-TEXT_ENCODERS_RESIDENT_IN_TRAINING = True
+# finetune.py computes the conditioning once, before training, then the text encoders leave the
+# device (`residency`): they count in that phase only
+TEXT_ENCODERS_RESIDENT_IN_TRAINING = False
 NOT_NETWORKS = ("tokenizer", "scheduler", "feature_extractor", "safety_checker", "image_encoder")
 
 
@@ -264,11 +267,16 @@ def vae_bytes(model: ModelSizes, batch: int, dtype: torch.dtype) -> int:
     return batch * VAE_FULL_RES_MAPS * wide * model.resolution**2 * BYTES[dtype]
 
 
-def weights(model: ModelSizes, dtype: torch.dtype, text_encoders: bool = True) -> dict[str, int]:
-    b = BYTES[dtype]
-    out = {f"weights: {k} ({_dtype_name(dtype)})": n * b for k, n in model.parameters.items() if not k.startswith("text_encoder")}
+def weights(model: ModelSizes, dtype: torch.dtype, text_encoders: bool = True, frozen: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes of the resident weights: the denoiser in `dtype`, the other networks in `frozen` (default `dtype`)."""
+    frozen = frozen or dtype
+    out = {}
+    for k, n in model.parameters.items():
+        if not k.startswith("text_encoder"):
+            d = dtype if k == model.denoiser_name else frozen
+            out[f"weights: {k} ({_dtype_name(d)})"] = n * BYTES[d]
     if text_encoders and model.text_encoder_parameters:
-        out[f"weights: text encoders ({_dtype_name(dtype)})"] = model.text_encoder_parameters * b
+        out[f"weights: text encoders ({_dtype_name(frozen)})"] = model.text_encoder_parameters * BYTES[frozen]
     return out
 
 
@@ -338,11 +346,12 @@ def _checkpoints_kept(section) -> int:
 def plan_finetune(cfg, x: PlanInputs) -> StagePlan:
     f, m = cfg.finetune, x.model
     lora = f.method == "lora"
-    base_dtype = torch.float32 if not lora or f.mixed_precision == "no" else _mixed(f.mixed_precision)
-    act_dtype = _mixed(f.mixed_precision) or torch.float32
+    act_dtype = _mixed(f.mixed_precision) or torch.float32  # the weight dtype: autocast's, and the frozen parts'
+    base_dtype = act_dtype if lora else torch.float32  # the denoiser's (`finetune.training_dtypes`)
     trainable = m.lora(f.lora_rank) if lora else m.denoiser_parameters
     state_bytes = {"adamw": 8, "adamw-fused": 8, "adamw-8bit": 2}[f.optimizer]
-    fixed = {**x.overhead(), **weights(m, base_dtype, x.text_encoders_resident)}
+    encoding = {**x.overhead(), **weights(m, base_dtype, True, act_dtype)}  # before training: no optimiser, no EMA yet
+    fixed = {**x.overhead(), **weights(m, base_dtype, x.text_encoders_resident, act_dtype)}
     if lora:
         fixed["LoRA adapters (fp32)"] = trainable * 4
     fixed[f"optimiser states ({f.optimizer})"] = trainable * state_bytes
@@ -356,15 +365,16 @@ def plan_finetune(cfg, x: PlanInputs) -> StagePlan:
     step = {**fixed, **grads}
     if f.optimizer == "adamw":
         step["AdamW foreach temporary (fp32)"] = trainable * 4
-    phases = {"forward": forward, "optimiser step": step,
-              "VAE encode": {**fixed, f"VAE ({f.batch_size} images)": vae_bytes(m, f.batch_size, base_dtype)},
+    phases = {"text encoding": encoding, "forward": forward, "optimiser step": step,
+              "VAE encode": {**fixed, f"VAE ({f.batch_size} images)": vae_bytes(m, f.batch_size, act_dtype)},
               "preview": {**fixed, "activations (4 rows, no grad)": inference_activations(m, 4) * BYTES[base_dtype],
-                          "VAE (4 images)": vae_bytes(m, 4, base_dtype)}}
+                          "VAE (4 images)": vae_bytes(m, 4, act_dtype)}}
     checkpoint = trainable * (4 + state_bytes + 4) + 64 * 2**20  # weights + optimiser + EMA, RNG and small state
     kept = _checkpoints_kept(f)
-    exported = trainable * 4 if lora else sum(m.parameters.values()) * 4
+    # full: the fp32 denoiser and the frozen parts as training held them (in the weight dtype)
+    exported = trainable * 4 if lora else m.denoiser_parameters * 4 + (sum(m.parameters.values()) - m.denoiser_parameters) * BYTES[act_dtype]
     return StagePlan("finetune", phases, {f"checkpoints ({kept} x {'adapters' if lora else 'denoiser'} + optimiser + EMA)":
-                                          kept * checkpoint, f"exported model ({'LoRA weights' if lora else 'fp32 folder'})": exported})
+                                          kept * checkpoint, f"exported model ({'LoRA weights' if lora else 'diffusers folder'})": exported})
 
 
 def _sampling(name: str, x: PlanInputs, batch: int, guidance: float) -> dict:
@@ -448,7 +458,6 @@ def stages_run(cfg) -> list[str]:
 class Knob:
     label: str
     overrides: tuple[str, ...] = ()  # `--set` overrides of the run config
-    offload_text_encoders: bool = False
 
 
 def _batch_knobs(cfg, section: str, accumulate: bool) -> list[Knob]:
@@ -475,8 +484,6 @@ def candidate_knobs(stage: str, cfg, x: PlanInputs) -> list[list[Knob]]:
             kinds.append([Knob("gradient checkpointing", ("finetune.gradient_checkpointing=true",))])
         if f.optimizer != "adamw-8bit":
             kinds.append([Knob("8-bit AdamW", ("finetune.optimizer=adamw-8bit",))])
-        if x.text_encoders_resident and x.model.text_encoder_parameters:
-            kinds.append([Knob("offload the text encoders while training", offload_text_encoders=True)])
         kinds.append(_batch_knobs(cfg, "finetune", accumulate=True))
     elif stage in ("prelim", "refine", "synth"):
         if x.dtype == torch.float32 and x.cuda:
@@ -496,8 +503,7 @@ def _replan(stage: str, cfg, x: PlanInputs, knobs: list[Knob]) -> StagePlan:
     from conceptseg.pipeline import override_config
 
     changed = override_config(cfg, [o for k in knobs for o in k.overrides])
-    inputs = dataclasses.replace(x, dtype=resolve_dtype(changed.dtype, torch.device("cuda" if x.cuda else "cpu")),
-                                 text_encoders_resident=x.text_encoders_resident and not any(k.offload_text_encoders for k in knobs))
+    inputs = dataclasses.replace(x, dtype=resolve_dtype(changed.dtype, torch.device("cuda" if x.cuda else "cpu")))
     return STAGES[stage](changed, inputs)
 
 

@@ -267,6 +267,11 @@ def preliminary_masks(model: DiffusionModel, images: Sequence[Image.Image | np.n
     return [r for s in range(0, len(pil), per_batch) for r in runner(pil[s : s + per_batch], keys[s : s + per_batch])]
 
 
+def outputs_done(out: Path, key: str) -> bool:
+    """Whether stage 1's outputs for `key` are in `out` (its mask and map; the mask is written last)."""
+    return (Path(out) / "masks" / f"{key}.png").exists() and (Path(out) / "attention" / f"{key}.npy").exists()
+
+
 def run_prelim(model: DiffusionModel, images: str | Path | Sequence, out: Path, config: PrelimConfig,
                overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1), split: str = "all") -> dict:
     """The `prelim` command: OUT/attention/<key>.npy, OUT/masks/<key>.png, OUT/manifest.json.
@@ -284,7 +289,7 @@ def run_prelim(model: DiffusionModel, images: str | Path | Sequence, out: Path, 
     runner = PrelimRunner(model, config)
 
     def is_done(s: Sample) -> bool:
-        return (out / "masks" / f"{s.key}.png").exists() and (out / "attention" / f"{s.key}.npy").exists()
+        return outputs_done(out, s.key)
 
     def process(batch: list[Sample], images: list[Image.Image]) -> None:
         for s, res in zip(batch, runner(images, [s.key for s in batch])):

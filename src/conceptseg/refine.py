@@ -202,6 +202,11 @@ def prelim_geometry(prelim_dir: Path) -> tuple[int, int]:
     return geometry["resolution"], geometry["vae_scale_factor"]
 
 
+def outputs_done(out: Path, key: str) -> bool:
+    """Whether stage 3's outputs for `key` are in `out` (its mask and inpainted background)."""
+    return (Path(out) / "masks" / f"{key}.png").exists() and (Path(out) / "background" / f"{key}.png").exists()
+
+
 def run_refine(model: DiffusionModel | None, images: str | Path | Sequence, prelim_dir: Path, out: Path, config: RefineConfig,
                overwrite: bool = False, progress: bool = True, shard: tuple[int, int] = (0, 1), split: str = "all") -> dict:
     """The `refine` command: OUT/masks/<key>.png, OUT/background/<key>.png, OUT/manifest.json; resumable.
@@ -218,7 +223,7 @@ def run_refine(model: DiffusionModel | None, images: str | Path | Sequence, prel
         refiner = Refiner(model, config)
 
     def is_done(s: Sample) -> bool:
-        return (out / "masks" / f"{s.key}.png").exists() and (out / "background" / f"{s.key}.png").exists()
+        return outputs_done(out, s.key)
 
     def load(s: Sample) -> tuple[Image.Image, np.ndarray]:
         return load_image_and_mask(s.image, Path(prelim_dir) / "masks" / f"{s.key}.png", "preliminary mask (run `conceptseg prelim` first)")

@@ -79,7 +79,7 @@ class App:
             raise BadRequest(f"output must be map or mask, not {output!r}")
         from conceptseg.geometry import Canvas
 
-        from conceptseg.report import heatmap
+        from conceptseg.pictures import heatmap
 
         return Image.fromarray(heatmap(Canvas(image.width, image.height, self.model.resolution).restore(
             result.attention, Image.Resampling.BILINEAR)))

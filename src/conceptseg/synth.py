@@ -50,6 +50,11 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, 4, index]).integers(2**62)))
 
 
+def outputs_done(out: Path, index: int) -> bool:
+    """Whether synthetic pair `index` is in `out` (its mask is written last)."""
+    return (Path(out) / "masks" / f"{index:06d}.png").exists()
+
+
 def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: bool = True, shard: tuple[int, int] = (0, 1),
               overwrite: bool = False) -> Path:
     """Images 0..num-1 of D' (this process's share of them) into `out`; rows already there are kept
@@ -62,7 +67,7 @@ def run_synth(model: DiffusionModel, out: Path, config: SynthConfig, progress: b
     refiner = Refiner(model, config.refine)
 
     indices = list(range(config.num))[shard[0] :: shard[1]]
-    todo = [i for i in indices if overwrite or not (out / "masks" / f"{i:06d}.png").exists()]
+    todo = [i for i in indices if overwrite or not outputs_done(out, i)]
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc="synth", unit="img", disable=not progress)
     for start in range(0, len(todo), config.batch_size):
         chunk = todo[start : start + config.batch_size]
@@ -88,7 +93,7 @@ def write_metadata(out: Path, config: SynthConfig) -> None:
     """metadata.jsonl for every complete row, in index order (the imagefolder layout)."""
     rows = []
     for i in range(config.num):
-        if (out / "masks" / f"{i:06d}.png").exists():
+        if outputs_done(out, i):
             rows.append({"file_name": f"images/{i:06d}.png", "mask_file_name": f"masks/{i:06d}.png",
                          "caption": config.concept_prompt, "class": config.concept[0], "classes": config.concept[:1],
                          "split": "train", "synthetic": True})

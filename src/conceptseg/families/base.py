@@ -30,12 +30,13 @@ from typing import Sequence
 
 import torch
 
+from conceptseg.residency import Residency
 from conceptseg.vae import LatentCodec
 from conceptseg.tokenizer import concept_token_positions
 
 
 @dataclass
-class FamilyModel(LatentCodec):
+class FamilyModel(LatentCodec, Residency):
     """Fields every family has; subclasses add their denoiser, encoders and tokenizers."""
 
     source: str
@@ -91,3 +92,9 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str], max_length: in
 def tokenize(tokenizer, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
+
+
+def encode(encoder, tokenizer, prompts: list[str], max_length: int, **kwargs):
+    """`encoder`'s output for `prompts`, run on the encoder's own device (the CPU once the text
+    encoders were offloaded, `residency`); the caller moves what it keeps to the model's device."""
+    return encoder(tokenize(tokenizer, prompts, max_length, encoder.device), **kwargs)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conceptseg.concept_attention import FluxConceptProcessor, capture_concept_attention
-from conceptseg.families.base import FamilyModel, token_positions, tokenize
+from conceptseg.families.base import FamilyModel, encode, token_positions
 from conceptseg.joint_attention import FluxCaptureProcessor, capture_joint_attention
 from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
 
@@ -72,9 +72,10 @@ class FluxModel(FamilyModel):
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str]) -> FluxConditioning:
-        pooled = self.text_encoder(tokenize(self.tokenizer, prompts, CLIP_LENGTH, self.device)).pooler_output
-        t5 = self.text_encoder_2(tokenize(self.tokenizer_2, prompts, self.t5_length, self.device))[0]
-        return FluxConditioning(t5.to(self.dtype), pooled.to(self.dtype))
+        self.check_text_encoders()
+        pooled = encode(self.text_encoder, self.tokenizer, prompts, CLIP_LENGTH).pooler_output
+        t5 = encode(self.text_encoder_2, self.tokenizer_2, prompts, self.t5_length)[0]
+        return FluxConditioning(t5.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
 
     def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
         return token_positions(self.tokenizer_2, prompt, words, self.t5_length)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptseg.concept_attention import SD3ConceptProcessor, capture_concept_attention
-from conceptseg.families.base import FamilyModel, token_positions, tokenize
+from conceptseg.families.base import FamilyModel, encode, token_positions
 from conceptseg.joint_attention import SD3CaptureProcessor, capture_joint_attention
 from conceptseg.schedules import FlowObjective, flow_noised, flow_sigma_grid
 
@@ -73,14 +73,15 @@ class SD3Model(FamilyModel):
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str]) -> SD3Conditioning:
+        self.check_text_encoders()
         hidden, pooled = [], []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = enc(tokenize(tok, prompts, CLIP_LENGTH, self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
+            out = encode(enc, tok, prompts, CLIP_LENGTH, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(self.device))
+            pooled.append(out[0].to(self.device))
         clip = torch.cat(hidden, dim=-1).float()
         if self.has_t5:
-            t5 = self.text_encoder_3(tokenize(self.tokenizer_3, prompts, T5_LENGTH, self.device))[0].float()
+            t5 = encode(self.text_encoder_3, self.tokenizer_3, prompts, T5_LENGTH)[0].to(self.device).float()
         else:
             t5 = torch.zeros(len(prompts), T5_LENGTH, self.transformer.config.joint_attention_dim, device=self.device)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))

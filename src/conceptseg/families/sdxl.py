@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
-from conceptseg.families.base import FamilyModel, token_positions, tokenize
+from conceptseg.families.base import FamilyModel, encode, token_positions
 from conceptseg.schedules import DDPMObjective, ddpm_noised, timestep_grid
 
 CLIP_LENGTH = 77
@@ -70,12 +70,13 @@ class SDXLModel(FamilyModel):
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str]) -> SDXLConditioning:
+        self.check_text_encoders()
         hidden, pooled = [], None
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = enc(tokenize(tok, prompts, CLIP_LENGTH, self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            out = encode(enc, tok, prompts, CLIP_LENGTH, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(self.device))
             if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
-                pooled = out[0]
+                pooled = out[0].to(self.device)
         r = self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts), device=self.device, dtype=self.dtype)
         embeds, pooled = torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
