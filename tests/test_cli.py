@@ -49,7 +49,7 @@ OPTIONS = {
     'fid': ('--help', '--real', '--fake', '--inception-weights', '--device'),
     'finetune': ('--help', '--model', '--concept', '--prompt', '--images', '--split', '--prelim', '--out', '--steps',
         '--batch-size', '--lr', '--method', '--lora-rank', '--mixed-precision', '--gradient-accumulation',
-        '--max-grad-norm', '--gradient-checkpointing', '--optimizer', '--latent-cache', '--checkpoint-every',
+        '--max-grad-norm', '--gradient-checkpointing', '--no-gradient-checkpointing', '--optimizer', '--latent-cache', '--checkpoint-every',
         '--checkpoints-total-limit', '--nonfinite-loss', '--report-to', '--seed'),
     'medical': ('config', '--help', '--set'),
     'plan': ('config', '--help', '--set', '--json', '--device-memory-gb', '--images'),
@@ -79,7 +79,7 @@ OPTIONS = {
     'train-t2i': ('--help', '--data', '--out', '--preset', '--base-model', '--steps', '--vae-steps',
         '--decoder-steps', '--batch-size', '--lr', '--warmup-steps', '--seed', '--checkpoint-every',
         '--mixed-precision', '--gradient-accumulation', '--max-grad-norm', '--sample-prompt', '--sample-guidance',
-        '--train-text-encoder', '--no-train-text-encoder', '--forget-word', '--checkpoints-total-limit', '--threads'),
+        '--train-text-encoder', '--no-train-text-encoder', '--forget-word', '--context-layers', '--checkpoints-total-limit', '--threads'),
 }
 
 

@@ -355,14 +355,14 @@ def _limit(text: str) -> int | None:
 
 
 def _reader(hint: Any, default: Any, where: str) -> dict:
-    """How argparse reads a value of the annotation `hint`: a bool field is a flag (store_true, or
-    store_false for one that defaults to True; --x/--no-x for `bool | None`), a number is converted
-    (an optional one also takes 'none'), a path is a Path."""
+    """How argparse reads a value of the annotation `hint`: a bool field is a flag (store_true when it
+    defaults to False; --x/--no-x when it defaults to True or is `bool | None`, so that --x never turns
+    it off), a number is converted (an optional one also takes 'none'), a path is a Path."""
     parts = typing.get_args(hint)
     optional = type(None) in parts and len(parts) == 2
     kind = next(p for p in parts if p is not type(None)) if optional else hint
     if kind is bool:
-        return {"action": argparse.BooleanOptionalAction if optional else "store_false" if default else "store_true"}
+        return {"action": argparse.BooleanOptionalAction if optional or default else "store_true"}
     if kind in (int, float):
         return {"type": _or_none(kind) if optional else kind}
     if kind is Path:
@@ -383,6 +383,8 @@ def _config_option(container, config: type, name: str, *flags: str, **kwargs) ->
         kwargs["default"] = field.default_factory()
     else:
         kwargs.setdefault("required", True)
+    if flags and flags[0].startswith("--no-") and kwargs.get("default") is True:
+        kwargs.setdefault("action", "store_false")  # --no-orphan-filter: the one flag that turns it off
     if not {"type", "action", "nargs"} & set(kwargs):
         kwargs.update(_reader(typing.get_type_hints(config)[name], kwargs.get("default"), f"{config.__name__}.{name}"))
     if kwargs.get("action") == "store_false":
