@@ -79,7 +79,8 @@ def test_post_an_image_get_mask_or_cutout(serve, segmenter, textured):
     with urllib.request.urlopen(f"{base}/", timeout=10) as r:
         assert "conceptseg" in r.read().decode() and r.headers["Content-Type"].startswith("text/html")
     with urllib.request.urlopen(f"{base}/api/info", timeout=10) as r:
-        assert json.loads(r.read()) == {"segmenter": "seg", "input_size": 32, "threshold": 0.5, "stage1": False, "example": False}
+        assert json.loads(r.read()) == {"segmenter": "seg", "input_size": 32, "threshold": 0.5, "stage1": False, "example": False,
+                                        "maps": "cross-attention"}
 
 
 def test_bad_requests_get_one_clear_error(serve, segmenter, textured):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
 from conceptseg.io import save_png, write_folder, write_json
-from conceptseg.families.base import select_rows
+from conceptseg.families.base import lora_targets, select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model
 from conceptseg.report import picture_grid
 from conceptseg.schedules import TrainingBatch
@@ -243,7 +243,7 @@ def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
 
 def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
     """Put the denoiser in training mode, the whole of it (the paper) or LoRA adapters on its
-    attention projections (every family names them to_q / to_k / to_v / to_out.0); its trainable parameters."""
+    attention projections (`families.base.lora_targets`); its trainable parameters."""
     if cfg.method == "lora":
         from peft import LoraConfig
 
@@ -252,7 +252,7 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
         with torch.random.fork_rng():  # the adapters' random start is the run's seed's, so runs repeat
             torch.manual_seed(cfg.seed)
             denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                            target_modules=lora_targets(denoiser)))
         cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
     else:
         denoiser.requires_grad_(True)

@@ -50,7 +50,6 @@ INFERENCE_ELEMENTS = {"resnet": 4, "transformer": 16, "joint": 16, "single": 16}
 VAE_FULL_RES_MAPS = 3
 PNG_BYTES_PER_PIXEL = {"rgb": 1.5, "mask": 0.05}
 CUDA_OVERHEAD = 1.0 * GiB  # CUDA context and kernels' workspaces, outside torch's allocator
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what finetune.trainable_parameters adapts
 # finetune.py keeps the text encoders on the device while training; set False when it frees them
 # once the conditioning is computed (the "offload text encoders" knob shows what that saves).
 TEXT_ENCODERS_RESIDENT_IN_TRAINING = True
@@ -102,8 +101,12 @@ class ModelSizes:
         return self.lora_parameters[rank]
 
 
-def lora_parameters(denoiser: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> int:
-    """LoRA's trainable parameters: r x (in + out) for every Linear whose name ends in a target (peft's match)."""
+def lora_parameters(denoiser: torch.nn.Module, rank: int, targets=None) -> int:
+    """LoRA's trainable parameters: r x (in + out) for every Linear whose name ends in a target (peft's
+    match); the targets `finetune` adapts unless given."""
+    from conceptseg.families.base import lora_targets
+
+    targets = lora_targets(denoiser) if targets is None else targets
     return sum(rank * (m.in_features + m.out_features) for name, m in denoiser.named_modules()
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
@@ -180,6 +183,8 @@ def read_model(model: str | Path | None) -> ModelSizes:
 def _text_tokens(model) -> int:
     if model.family == "flux":
         return model.t5_length
+    if model.family in ("flux2", "qwenimage"):  # FLUX.2 pads to 512; Qwen-Image's prompts are at most 512 tokens
+        return model.text_length
     if model.family == "sd3":
         from conceptseg.families.sd3 import CLIP_LENGTH, T5_LENGTH
 
@@ -194,7 +199,8 @@ def denoiser_layers(denoiser: torch.nn.Module, latent_side: int, text_tokens: in
     if name == "UNet2DConditionModel":
         return _unet_layers(c, latent_side, text_tokens)
     patch = c.get("patch_size", 1) or 1
-    image = (latent_side // (2 if name == "FluxTransformer2DModel" else patch)) ** 2  # FLUX packs 2x2 latents
+    # FLUX.1 packs 2x2 latents; FLUX.2's latent grid is already patchified; SD 3 and Qwen-Image patch by 2
+    image = (latent_side // (2 if name == "FluxTransformer2DModel" else patch)) ** 2
     width, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
     layers = [Layer("joint", image + text_tokens, width, heads, text_tokens) for _ in range(c.num_layers)]
     layers += [Layer("single", image + text_tokens, width, heads, text_tokens) for _ in range(c.get("num_single_layers", 0))]
