@@ -176,8 +176,15 @@ def read_model(model: str | Path | None) -> ModelSizes:
     return ModelSizes(source=str(model or "embedded:toy"), family=family,
                       parameters={k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
                       denoiser_name=meta.denoiser_name, resolution=meta.resolution, latent_side=meta.latent_resolution,
-                      vae_channels=tuple(meta.vae.config.block_out_channels), layers=layers, skip_elements=skips,
+                      vae_channels=vae_channels(meta.vae.config), layers=layers, skip_elements=skips,
                       _denoiser=denoiser)
+
+
+def vae_channels(config) -> tuple[int, ...]:
+    """The VAE's channels per level: `block_out_channels`, or Qwen-Image's (Wan's) base_dim x dim_mult."""
+    if "block_out_channels" in config:
+        return tuple(config["block_out_channels"])
+    return tuple(config["base_dim"] * m for m in config["dim_mult"])
 
 
 def _text_tokens(model) -> int:

@@ -405,7 +405,7 @@ PRESETS: dict[tuple[str, str], object] = {
         head_dim=16, axes_dims_rope=(4, 4, 8), guidance_embeds=True, clip_l=_TINY_CLIP, t5=(32, 1, 2, 64, 16)),
     # FLUX.2's pipeline stacks the text encoder's hidden states 10, 20 and 30: the tiny Mistral has 30 layers
     ("flux2", "tiny"): Flux2Arch(
-        image_size=64, vae_channels=(32, 64), vae_layers=1, latent_channels=4, layers=1, single_layers=1, heads=2,
+        image_size=64, vae_channels=(32, 64), vae_layers=1, latent_channels=4, layers=2, single_layers=1, heads=2,
         head_dim=16, axes_dims_rope=(4, 4, 4, 4), timestep_channels=256, text=(16, 30, 2, 1, 8, 32, None),
         vision=(16, 1, 2, 32, 32, 8)),
     ("qwenimage", "tiny"): QwenImageArch(
