@@ -80,7 +80,8 @@ def test_conditioning_is_the_pipelines_encode_prompt(model, family):
 
 def test_concept_token_positions_point_at_the_word(model, family):
     pipe = _pipeline(model)
-    (bird,), (photo, bird2) = model.concept_token_positions(PROMPT, ["bird"]), model.concept_token_positions(PROMPT, ["photo", "bird"])
+    (bird,) = model.concept_token_positions(PROMPT, ["bird"])
+    photo, bird2 = model.concept_token_positions(PROMPT, ["photo", "bird"])
     assert bird2 == bird and photo[0] < bird[0]
     if family == "flux2":
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input
@@ -122,7 +123,9 @@ def _pipeline_latents(model, family, steps, init, guidance, output_type="latent"
     pipe.set_progress_bar_config(disable=True)
     if family == "flux2":  # unpacked noise in; packed latents out
         out = pipe(prompt=PROMPT, height=r, width=r, num_inference_steps=steps, latents=init, output_type=output_type)
-        return out.images if output_type != "latent" else pipe._unpack_latents_with_ids(out.images, pipe._prepare_latent_ids(init))
+        if output_type != "latent":
+            return out.images
+        return pipe._unpack_latents_with_ids(out.images, pipe._prepare_latent_ids(init))
     extra = {"negative_prompt": "", "true_cfg_scale": guidance} if guidance != 1 else {}
     out = pipe(prompt=PROMPT, height=r, width=r, num_inference_steps=steps, latents=pipe._pack_latents(init, b, c, h, w),
                output_type=output_type, **extra)
@@ -358,7 +361,8 @@ def test_lora_finetune_step_saves_adapters_that_load(folder, model, family, tmp_
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".attn." in k for k in changed)
     if family == "flux2":  # the single-stream blocks' fused projections are adapted too
-        assert any("to_qkv_mlp_proj" in k for k in changed) and any(k.startswith("single_transformer_blocks.0.attn.to_out") for k in changed)
+        assert any("to_qkv_mlp_proj" in k for k in changed)
+        assert any(k.startswith("single_transformer_blocks.0.attn.to_out") for k in changed)
     trained = json.loads((tmp_path / "ft" / "model" / "conceptseg_lora.json").read_text())
     assert trained["base_model"] == model.source and lora_parameters(model.transformer, 2) > 0
 

@@ -285,7 +285,8 @@ class Flux2Arch:
     head_dim: int
     axes_dims_rope: tuple[int, int, int, int]
     timestep_channels: int
-    text: tuple[int, int, int, int, int, int, int | None]  # Mistral: width, layers, heads, kv heads, head_dim, ff, vocab (None: the tokenizer's)
+    # Mistral: width, layers, heads, KV heads, head_dim, FF, vocabulary (None: the tokenizer's)
+    text: tuple[int, int, int, int, int, int, int | None]
     vision: tuple[int, int, int, int, int, int]  # Pixtral: width, layers, heads, ff, image size, patch
 
 
@@ -345,7 +346,8 @@ class QwenImageArch:
     heads: int
     head_dim: int
     axes_dims_rope: tuple[int, int, int]
-    text: tuple[int, int, int, int, int, tuple[int, int, int], int | None]  # Qwen2.5: width, layers, heads, kv heads, ff, mrope, vocab
+    # Qwen2.5: width, layers, heads, KV heads, FF, M-RoPE sections, vocabulary (None: the tokenizer's)
+    text: tuple[int, int, int, int, int, tuple[int, int, int], int | None]
     vision: tuple[int, int, int, int, int]  # Qwen2.5-VL vision: width, depth, heads, ff, full-attention period
 
 
