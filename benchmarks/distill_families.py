@@ -61,7 +61,7 @@ PROMPT = "a photo of a bird"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["sdxl", "sd3.5", "flux"], choices=["sdxl", "sd3", "sd3.5", "flux"])
+    p.add_argument("--families", nargs="+", default=["sdxl", "sd3.5", "flux"], choices=["sdxl", "sd3", "sd3.5", "flux", "flux2", "qwenimage"])
     p.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["full", "lora"])
     p.add_argument("--preset", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -39,6 +39,8 @@ FAMILIES = {  # label: (builder on the meta device, pipeline)
     "SDXL base 1.0": (lambda: build_family_components("sdxl", "full", device="meta"), "StableDiffusionXLPipeline"),
     "SD 3.5 medium": (lambda: build_family_components("sd3.5", "full", device="meta"), "StableDiffusion3Pipeline"),
     "FLUX.1-dev": (lambda: build_family_components("flux", "full", device="meta"), "FluxPipeline"),
+    "FLUX.2-dev": (lambda: build_family_components("flux2", "full", device="meta"), "Flux2Pipeline"),
+    "Qwen-Image": (lambda: build_family_components("qwenimage", "full", device="meta"), "QwenImagePipeline"),
 }
 STAGES = ("prelim", "finetune", "refine", "synth", "segmenter", "evaluation")
 

@@ -52,7 +52,7 @@ CONCEPT = "bird"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["sdxl", "sd3.5", "flux"], choices=["sdxl", "sd3", "sd3.5", "flux"])
+    p.add_argument("--families", nargs="+", default=["sdxl", "sd3.5", "flux"], choices=["sdxl", "sd3", "sd3.5", "flux", "flux2", "qwenimage"])
     p.add_argument("--preset", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -130,8 +130,7 @@ def _text_tokens(runner) -> int:
 def _captured_layers(model, runner) -> int:
     """How many layers add a map in one forward pass (one row at the smallest noise level)."""
     lat = model.latent_resolution
-    channels = model.vae.config.latent_channels
-    z = torch.zeros(1, channels, lat, lat, device=model.device, dtype=model.dtype)
+    z = torch.zeros(1, model.latent_channels, lat, lat, device=model.device, dtype=model.dtype)
     level = torch.tensor(runner.timesteps[:1], device=model.device)
     with torch.no_grad(), model.capture_attention(runner.token_groups) as store:
         model.denoise(z, level, runner.cond)
@@ -144,7 +143,7 @@ def shapes_on_meta(family: str, args) -> dict:
     model = family_from_components(family, parts, "meta", torch.float32, source=f"{family} {args.preset} (meta)")
     runner = PrelimRunner(model, PrelimConfig(CONCEPT, steps=args.steps))
     lat = model.latent_resolution
-    z = torch.zeros(2, model.vae.config.latent_channels, lat, lat, device="meta")
+    z = torch.zeros(2, model.latent_channels, lat, lat, device="meta")
     levels = torch.tensor(runner.timesteps[-2:], device="meta")
     with torch.no_grad(), model.capture_attention(runner.token_groups) as store:
         model.denoise(model.add_noise(z, torch.zeros_like(z), levels), levels, runner.cond)

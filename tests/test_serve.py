@@ -79,7 +79,8 @@ def test_post_an_image_get_mask_or_cutout(serve, segmenter, textured):
     with urllib.request.urlopen(f"{base}/", timeout=10) as r:
         assert "conceptseg" in r.read().decode() and r.headers["Content-Type"].startswith("text/html")
     with urllib.request.urlopen(f"{base}/api/info", timeout=10) as r:
-        assert json.loads(r.read()) == {"segmenter": "seg", "input_size": 32, "threshold": 0.5, "stage1": False, "example": False}
+        assert json.loads(r.read()) == {"segmenter": "seg", "input_size": 32, "threshold": 0.5, "stage1": False, "example": False,
+                                        "maps": "cross-attention"}
 
 
 def test_bad_requests_get_one_clear_error(serve, segmenter, textured):
@@ -180,3 +181,38 @@ def test_serve_takes_a_run_or_its_stage_folders(tmp_path, segmenter, tiny_model_
     assert apps[-1].source == str(stage / "model") and "the run's best: IoU 76.3" in said
     assert f"model {run / 'finetune' / 'model'} (the model of stage folder {run / 'finetune'})" in said
     assert apps[-1].model is not None and apps[-1].model.source == str((run / "finetune" / "model").resolve())
+
+
+def test_stage1_map_kind_option(serve, segmenter, tiny_model, textured, tmp_path, monkeypatch, capsys):
+    """`--maps` (App.maps) and `&maps=`: concept attention on a joint-attention family gives stage 1's
+    concept-attention mask; the default stays cross-attention; a family without joint attention or
+    an unknown kind is refused with one clear error."""
+    import conceptseg.serve
+    from conceptseg.cli import main
+    from conceptseg.families import family_from_components
+    from conceptseg.modeling.families import build_family_components
+    from conceptseg.prelim import preliminary_masks
+
+    flux = family_from_components("flux", build_family_components("flux", "tiny"), "cpu", torch.float32)
+    image = textured(40, 24, seed=1)
+    base = serve(App(segmenter, model=flux, maps="concept-attention"))
+    with urllib.request.urlopen(f"{base}/api/info", timeout=10) as r:
+        assert json.loads(r.read())["maps"] == "concept-attention"
+    concept = preliminary_masks(flux, [image], ["bird", "sky"], maps="concept-attention")[0].mask
+    cross = preliminary_masks(flux, [image], ["bird"])[0].mask  # words the prompt "a photo of a bird" holds
+    assert not np.array_equal(concept, cross)  # the two kinds differ here, so the comparisons can fail
+    for query, expected in (("bird+sky", concept), ("bird&maps=cross-attention", cross)):
+        body = _post(f"{base}/api/prelim?output=mask&concept={query}", _png(image))[2]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))) == 255, expected)
+    sd = serve(App(segmenter, model=tiny_model))  # SD 1.x: cross-attention only
+    for url, needle in ((f"{base}/api/prelim?concept=bird&maps=attention", "maps must be one of"),
+                        (f"{sd}/api/prelim?concept=cat&maps=concept-attention", "--maps cross-attention")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _post(url, _png(image))
+        assert e.value.code == 400 and needle in json.loads(e.value.read())["error"]
+    with pytest.raises(ValueError, match="joint-attention"):
+        App(segmenter, model=tiny_model, maps="concept-attention")
+    save_segmenter(segmenter.net, tmp_path / "seg", 32)
+    monkeypatch.setattr(conceptseg.serve, "make_server", lambda app, host, port: pytest.fail("served"))
+    assert main(["serve", "--segmenter", str(tmp_path / "seg"), "--device", "cpu", "--maps", "concept-attention"]) == 2
+    assert "need --model" in capsys.readouterr().err

@@ -270,7 +270,9 @@ def _cmd_serve(args) -> None:
         model = load_model(_model_source(args, from_run=False), device=device, dtype=args.dtype)
     if args.example is not None and not Path(args.example).is_file():
         raise FileNotFoundError(f"example image {args.example} not found")
-    server = make_server(App(seg, model, args.example, source), args.host, args.port)
+    if args.maps != "cross-attention" and model is None:
+        raise ValueError("--maps chooses stage 1's maps, which need --model")
+    server = make_server(App(seg, model, args.example, source, args.maps), args.host, args.port)
     host, port = server.server_address[:2]
     print(f"conceptseg serving {source} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
     try:
@@ -535,8 +537,9 @@ def _prelim_options(s) -> None:
     _config_option(s, PrelimConfig, "joint_attention", choices=NORMALISATIONS,
                    help="SD 3.x / FLUX: image-to-text attention renormalised over the text tokens, or the joint softmax's columns")
     _config_option(s, PrelimConfig, "maps", choices=MAP_KINDS,
-                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; SD 3.x / FLUX only: several "
-                        "--concept words then compete per pixel and the first is the foreground; docs/concept_attention.md)")
+                   help="cross-attention (the paper's) or concept-attention (ConceptAttention; joint-attention families only: "
+                        "several --concept words then compete per pixel and the first is the foreground; "
+                        "docs/concept_attention.md)")
     _config_option(s, PrelimConfig, "gmm_components",
                    help="GMM components of the threshold (2: the paper; 3 for chest radiographs); foreground = highest mean")
     _add_gmm_arg(s, PrelimConfig)
@@ -692,6 +695,8 @@ def _serve_options(s) -> None:
     _add_segmenter_args(s, "segmenter folder, hub id or .onnx file (as for segment)")
     s.add_argument("--model", default=None, help="diffusers folder or hub id: also serve stage 1 (the attention map and M_pre of a word)")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--maps", default="cross-attention", choices=["cross-attention", "concept-attention"],
+                   help="stage 1's maps with --model (concept-attention: joint-attention families; docs/concept_attention.md)")
     s.add_argument("--example", type=Path, help="an image the page offers as an example (/?example loads it at once)")
     s.add_argument("--host", default="127.0.0.1", help="default: this machine only")
     s.add_argument("--port", type=int, default=7860, help="0: any free port")

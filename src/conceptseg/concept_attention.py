@@ -1,4 +1,5 @@
-"""Concept-attention maps on joint-attention denoisers (SD 3.x, FLUX.1): `--maps concept-attention`.
+"""Concept-attention maps on joint-attention denoisers (SD 3.x, FLUX.1, FLUX.2, Qwen-Image):
+`--maps concept-attention`.
 
 ConceptAttention (Helbling et al., ICML 2025) adds the concept words as extra tokens to each
 joint-attention block's TEXT branch. For block l with text-branch modulation from the timestep
@@ -21,7 +22,13 @@ stage 1, over its timesteps).
 The concept tokens' input c_0 = the denoiser's `context_embedder` applied to each word's first token
 row when the word is encoded alone as a prompt by the family's own text encoders
 (`model.conditioning([word])`): ConceptAttention's choice for FLUX (T5's first token of the word).
-FLUX's concept tokens have position id 0, as its text tokens do (no rotation).
+FLUX's concept tokens have position id 0, as its text tokens do (no rotation); FLUX.2's and
+Qwen-Image's text tokens have positions, and their concept tokens none (no rotation either).
+
+The text branch differs by family (`AdaLNZeroBranch`: SD 3.x, FLUX.1; `Flux2Branch`: the
+transformer-wide modulation `temb_mod_txt` of affine-free norms; `QwenBranch`: `txt_mod`, `txt_norm1`,
+`txt_norm2`, `txt_mlp`, and `txt_in(txt_norm(.))` in place of `context_embedder`); each applies its
+family's own modules in the order the block does.
 
 Implementation: a forward pre-hook on the transformer (starts the concept stream), one on each
 joint block (the block's `temb`: the text-branch modulation of the concepts) and the blocks'
@@ -45,13 +52,13 @@ from conceptseg.attention import CrossAttentionStore, swapped_processors
 from conceptseg.joint_attention import sd3_attend, sd3_project, sd3_qkv
 
 MAP_KINDS = ("cross-attention", "concept-attention")
-JOINT_FAMILIES = ("sd3", "flux")
+JOINT_FAMILIES = ("sd3", "flux", "flux2", "qwenimage")
 
 
 def check_supports_concept_attention(model) -> None:
     """One clear error for a family without joint attention (SD 1.x/2.x, SDXL)."""
     if getattr(model, "family", "sd") not in JOINT_FAMILIES:
-        raise ValueError(f"--maps concept-attention needs a joint-attention model (SD 3.x or FLUX.1); "
+        raise ValueError(f"--maps concept-attention needs a joint-attention model (SD 3.x, FLUX.1, FLUX.2 or Qwen-Image); "
                          f"{model.describe()} has cross-attention layers only: use --maps cross-attention")
 
 
@@ -76,6 +83,75 @@ def embed_concepts(model, words: Sequence[str]) -> torch.Tensor:
     return torch.stack(rows)[None]
 
 
+class AdaLNZeroBranch:
+    """The text branch of SD 3.x's and FLUX.1's joint blocks: `norm1_context` is an AdaLayerNormZero
+    of the block's `temb` (SD 3's last block: AdaLayerNormContinuous, no text output), the MLP
+    `ff_context` after `norm2_context`."""
+
+    @staticmethod
+    def embed(transformer, x: torch.Tensor) -> torch.Tensor:
+        return transformer.context_embedder(x.to(transformer.context_embedder.weight.dtype))
+
+    @staticmethod
+    def enter(block, residual: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, tuple | None]:
+        temb = kwargs["temb"] if "temb" in kwargs else args[2]
+        if getattr(block, "context_pre_only", False):
+            return block.norm1_context(residual, temb), None
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(residual, emb=temb)
+        return normed, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+
+    @staticmethod
+    def leave(block, attn, residual: torch.Tensor, heads_out: torch.Tensor, state: tuple) -> torch.Tensor:
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = state
+        c = residual + gate_msa.unsqueeze(1) * attn.to_add_out(heads_out)
+        normed = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return c + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+
+
+class Flux2Branch(AdaLNZeroBranch):
+    """FLUX.2's double-stream blocks: affine-free `norm1_context` / `norm2_context` modulated by the
+    transformer-wide text modulation `temb_mod_txt` (shift, scale, gate for attention and MLP)."""
+
+    @staticmethod
+    def enter(block, residual, args, kwargs):
+        from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+        mod = kwargs["temb_mod_txt"] if "temb_mod_txt" in kwargs else args[3]
+        (shift, scale, gate), (shift2, scale2, gate2) = Flux2Modulation.split(mod, 2)
+        return (1 + scale) * block.norm1_context(residual) + shift, (gate, shift2, scale2, gate2)
+
+    @staticmethod
+    def leave(block, attn, residual, heads_out, state):
+        gate, shift2, scale2, gate2 = state
+        c = residual + gate * attn.to_add_out(heads_out)
+        return c + gate2 * block.ff_context(block.norm2_context(c) * (1 + scale2) + shift2)
+
+
+class QwenBranch:
+    """Qwen-Image's blocks: the text enters through `txt_norm` and `txt_in`; per block `txt_mod(temb)`
+    modulates `txt_norm1` (attention) and `txt_norm2` (`txt_mlp`), through the block's own `_modulate`."""
+
+    @staticmethod
+    def embed(transformer, x: torch.Tensor) -> torch.Tensor:
+        return transformer.txt_in(transformer.txt_norm(x.to(transformer.txt_in.weight.dtype)))
+
+    @staticmethod
+    def enter(block, residual, args, kwargs):
+        temb = kwargs["temb"] if "temb" in kwargs else args[3]
+        if block.zero_cond_t:  # as the block: the text is modulated by the first half
+            temb = torch.chunk(temb, 2, dim=0)[0]
+        mod1, mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+        normed, gate1 = block._modulate(block.txt_norm1(residual), mod1)
+        return normed, (gate1, mod2)
+
+    @staticmethod
+    def leave(block, attn, residual, heads_out, state):
+        gate1, mod2 = state
+        c = residual + gate1 * attn.to_add_out(heads_out)
+        normed, gate2 = block._modulate(block.txt_norm2(c), mod2)
+        return c + gate2 * block.txt_mlp(normed)
+
+
 @dataclass
 class ConceptStream:
     """The concept tokens' residual stream through one forward pass and the per-layer maps."""
@@ -84,37 +160,31 @@ class ConceptStream:
     recorded: set[int]  # block indices whose maps are kept
     store: CrossAttentionStore
     softmax: bool
+    branch: object = AdaLNZeroBranch  # the family's text branch: embed, enter, leave
     residual: torch.Tensor | None = field(default=None, repr=False)  # (B, C, D)
-    pending: tuple | None = field(default=None, repr=False)  # (index, block, normed, gates) of the running block
+    pending: tuple | None = field(default=None, repr=False)  # (index, block, normed, state) of the running block
 
     def start(self, transformer, args, kwargs) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        c0 = transformer.context_embedder(self.embeds.to(hidden.device, transformer.context_embedder.weight.dtype))
+        c0 = self.branch.embed(transformer, self.embeds.to(hidden.device))
         self.residual, self.pending = c0.expand(hidden.shape[0], -1, -1), None
 
     def enter_block(self, index: int, block, args, kwargs) -> None:
-        """The text branch's pre-attention norm and modulation of the concept tokens (the block's `temb`)."""
-        temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        if getattr(block, "context_pre_only", False):  # SD 3's last block: AdaLayerNormContinuous, no text output
-            self.pending = (index, block, block.norm1_context(self.residual, temb), None)
-        else:
-            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.residual, emb=temb)
-            self.pending = (index, block, normed, (gate_msa, shift_mlp, scale_mlp, gate_mlp))
+        """The text branch's pre-attention norm and modulation of the concept tokens."""
+        normed, state = self.branch.enter(block, self.residual, args, kwargs)
+        self.pending = (index, block, normed, state)
 
     def finish_block(self, attn, heads_out: torch.Tensor, o_img: torch.Tensor) -> None:
         """Record this layer's map from the concept and image attention outputs (B, C|N, H*D), and
         carry the concept tokens through the text branch's output projection and MLP."""
-        index, block, _, gates = self.pending
+        index, block, _, state = self.pending
         if index in self.recorded:
             scores = o_img.float() @ heads_out.float().transpose(1, 2)  # (B, N, C)
             self.store.add_maps(scores.softmax(-1) if self.softmax else scores)
-        if gates is None:
+        if state is None:
             return
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = gates
-        c = self.residual + gate_msa.unsqueeze(1) * attn.to_add_out(heads_out)
-        normed = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        c = c + gate_mlp.unsqueeze(1) * block.ff_context(normed)
-        self.residual = c.clip(-65504, 65504) if c.dtype == torch.float16 else c  # as FLUX's block does
+        c = self.branch.leave(block, attn, self.residual, heads_out, state)
+        self.residual = c.clip(-65504, 65504) if c.dtype == torch.float16 else c  # as the blocks do
 
 
 def concept_qkv(attn, normed: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,17 +254,56 @@ class FluxConceptProcessor:
         return out, attn.to_add_out(context.contiguous())
 
 
+class QwenConceptProcessor:
+    """`QwenDoubleStreamAttnProcessor2_0`'s computation ([text, image], the text's padding masked),
+    plus the concept branch (the concept tokens are not rotated: no RoPE position, as FLUX's id 0)."""
+
+    def __init__(self, stream: ConceptStream):
+        self.stream = stream
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        head_dim = attn.inner_dim // attn.heads
+        heads = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        q, k = (attn.norm_q(q) if attn.norm_q is not None else q), (attn.norm_k(k) if attn.norm_k is not None else k)
+        cq = attn.norm_added_q(cq) if attn.norm_added_q is not None else cq
+        ck = attn.norm_added_k(ck) if attn.norm_added_k is not None else ck
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+            cq, ck = apply_rotary_emb_qwen(cq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ck, txt_freqs, use_real=False)
+        t = encoder_hidden_states.shape[1]
+        out = dispatch_attention_fn(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1),
+                                    attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(q.dtype)
+        context, img = out[:, :t], out[:, t:]
+        self.stream.finish_block(attn, concept_outputs(self.stream, attn, k.transpose(1, 2), v.transpose(1, 2)), img)
+        img = attn.to_out[0](img.contiguous())
+        if len(attn.to_out) > 1:
+            img = attn.to_out[1](img)
+        return img, attn.to_add_out(context.contiguous())
+
+
 @contextmanager
 def capture_concept_attention(transformer, embeds: torch.Tensor, grid: tuple[int, int], processor_class,
-                              layers: Sequence[int] | None = None, softmax: bool | None = None) -> Iterator[CrossAttentionStore]:
-    """Within the block, every forward pass of `transformer` (SD3Transformer2DModel or
-    FluxTransformer2DModel) carries the concepts `embeds` (1, C, W_text) through its joint blocks
-    (`transformer_blocks`) and adds the maps of blocks `layers` (default: all) to the yielded store,
-    one group per concept. `softmax` (default: with more than one concept) over the concepts per layer."""
+                              layers: Sequence[int] | None = None, softmax: bool | None = None,
+                              branch=AdaLNZeroBranch) -> Iterator[CrossAttentionStore]:
+    """Within the block, every forward pass of `transformer` (SD 3, FLUX.1, FLUX.2 or Qwen-Image)
+    carries the concepts `embeds` (1, C, W_text) through its joint blocks (`transformer_blocks`, with
+    the family's text `branch`) and adds the maps of blocks `layers` (default: all) to the yielded
+    store, one group per concept. `softmax` (default: with more than one concept) over the concepts per layer."""
     blocks = transformer.transformer_blocks
     store = CrossAttentionStore([[i] for i in range(embeds.shape[1])], grid)
     stream = ConceptStream(embeds, set(resolve_layers(layers, len(blocks))), store,
-                           embeds.shape[1] > 1 if softmax is None else softmax)
+                           embeds.shape[1] > 1 if softmax is None else softmax, branch)
     names = {f"transformer_blocks.{i}.attn.processor" for i in range(len(blocks))}
     with ExitStack() as stack:
         handles = [transformer.register_forward_pre_hook(stream.start, with_kwargs=True)]

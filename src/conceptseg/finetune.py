@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
 from conceptseg.io import save_png, write_folder, write_json
-from conceptseg.families.base import select_rows
+from conceptseg.families.base import lora_targets, select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model, resolve_dtype
 from conceptseg.pictures import picture_grid
 from conceptseg.schedules import TrainingBatch
@@ -44,7 +44,6 @@ from conceptseg.training import (NONFINITE_LOSS, Checkpoints, OptimiserSteps, Pr
 
 BACKGROUND_PROMPT = "a photo of a background"
 # the attention projections `--method lora` adapts (every family names them so); `plan` counts their parameters
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 # ---------------------------------------------------------------- the background rectangle
@@ -262,7 +261,7 @@ def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
 
 def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
     """Put the denoiser in training mode, the whole of it (the paper) or LoRA adapters on its
-    attention projections (`LORA_TARGETS`); its trainable parameters."""
+    attention projections (`families.base.lora_targets`); its trainable parameters."""
     if cfg.method == "lora":
         from peft import LoraConfig
 
@@ -271,7 +270,7 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
         with torch.random.fork_rng():  # the adapters' random start is the run's seed's, so runs repeat
             torch.manual_seed(cfg.seed)
             denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                            target_modules=list(LORA_TARGETS)))
+                                            target_modules=lora_targets(denoiser)))
         cast_training_params(denoiser, torch.float32)  # the adapters train in fp32 whatever the base's dtype
     else:
         denoiser.requires_grad_(True)

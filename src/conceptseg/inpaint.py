@@ -3,8 +3,8 @@ from noise and is denoised with the background prompt, while at EVERY step the k
 replaced by the original latents re-noised to the current level (RePaint-style blending).
 
 One loop for every family: the model's `objective` gives the sampler (DDIM / DPM++ over DDPM
-timesteps for SD 1.x/2.x and SDXL; the flow's Euler solver over sigmas for SD 3.x and FLUX.1, whose
-known region at sigma is (1 - sigma) z0 + sigma eps), and `denoise` the prediction."""
+timesteps for SD 1.x/2.x and SDXL; the flow's Euler solver over sigmas for SD 3.x, FLUX.1, FLUX.2
+and Qwen-Image, whose known region at sigma is (1 - sigma) z0 + sigma eps), and `denoise` the prediction."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: st
     guidance == 1 uses `prompt` alone (the paper's default). Otherwise, with `negative_prompt`,
     pred = pred_negative + guidance * (pred_prompt - pred_negative): classifier-free guidance towards
     `prompt` and away from `negative_prompt` (the empty prompt for plain sampling, the concept
-    prompt for background inpainting). A list of generators, one per image, makes each image's
-    noise independent of how images are batched. `trace`, if given, receives (level, latents after
-    blending) at every step. `cond`, if given, is the conditioning of [prompt] (+ [negative_prompt])
-    computed before (`model.conditioning`), so the text encoders are not needed here.
+    prompt for background inpainting), or the family's own rule (`model.guided_prediction`). A list
+    of generators, one per image, makes each image's noise independent of how images are batched.
+    `trace`, if given, receives (level, latents after blending) at every step. `cond`, if given, is
+    the conditioning of [prompt] (+ [negative_prompt]) computed before (`model.conditioning`), so the
+    text encoders are not needed here.
     """
     loop = model.objective.sampler(sampler, steps, eta, model.device)
     z0 = z0.to(model.device, torch.float32)
@@ -53,11 +54,17 @@ def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: st
         zin = loop.model_input(z, i)
         if two:
             pred_pos, pred_neg = model.denoise(torch.cat([zin, zin]), level.expand(2 * b), rows).float().chunk(2)
-            pred = pred_neg + guidance * (pred_pos - pred_neg)
+            pred = getattr(model, "guided_prediction", classifier_free_guidance)(pred_pos, pred_neg, guidance)
         else:
             pred = model.denoise(zin, level.expand(b), rows).float()
         z = loop.step(pred, i, z)
     return z0 * (1 - m) + z * m
+
+
+def classifier_free_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """negative + scale * (positive - negative); a family whose pipeline guides otherwise defines
+    `guided_prediction` (Qwen-Image rescales the result)."""
+    return negative + scale * (positive - negative)
 
 
 def sample_latents(model, prompt: str, count: int, steps: int = 50, guidance: float = 1.0,

@@ -1,4 +1,5 @@
-"""Capture of image-to-text attention inside joint (MMDiT) attention: SD 3.x and FLUX.1.
+"""Capture of image-to-text attention inside joint (MMDiT) attention: SD 3.x, FLUX.1, FLUX.2 and
+Qwen-Image.
 
 In a joint block image and text tokens attend together in one softmax. Stage 1 wants, for each
 image query, its attention to the concept's text tokens. Two readings:
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptseg.attention import CrossAttentionStore, swapped_processors
@@ -33,10 +35,12 @@ SCORE_BLOCK_ELEMENTS = 2**25
 
 
 def concept_columns(q_img: torch.Tensor, k_txt: torch.Tensor, k_img: torch.Tensor | None, groups: Sequence[Sequence[int]],
-                    normalisation: str = "text", block: int = SCORE_BLOCK_ELEMENTS) -> torch.Tensor:
+                    normalisation: str = "text", block: int = SCORE_BLOCK_ELEMENTS,
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Head-averaged attention of image queries to each token group (the mean over its tokens).
 
-    q_img (B, H, N, D); k_txt (B, H, T, D); k_img (B, H, N', D), used with "joint" only.
+    q_img (B, H, N, D); k_txt (B, H, T, D); k_img (B, H, N', D), used with "joint" only; text_mask
+    (B, T) bool: the text keys the model attends to (Qwen-Image's padding is masked), None: all.
     Returns (B, N, G) float32. Scores are in float32 with SDPA's default scale 1/sqrt(D).
     """
     if normalisation not in NORMALISATIONS:
@@ -53,6 +57,8 @@ def concept_columns(q_img: torch.Tensor, k_txt: torch.Tensor, k_img: torch.Tenso
         for n0 in range(0, n, query_chunk):
             q = q_img[:, h0 : h0 + head_chunk, n0 : n0 + query_chunk].float()
             logits = (q @ kt.transpose(-1, -2)) * scale  # (B, h, q, T)
+            if text_mask is not None:
+                logits = logits.masked_fill(~text_mask.bool()[:, None, None, :], float("-inf"))
             lse = logits.logsumexp(-1)
             if normalisation == "joint":
                 for k0 in range(0, k_img.shape[2], key_chunk):
@@ -156,6 +162,72 @@ class FluxCaptureProcessor:
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             return out, attn.to_add_out(context.contiguous())
         return out
+
+
+class Flux2CaptureProcessor(FluxCaptureProcessor):
+    """FLUX.2: `Flux2AttnProcessor`'s double-stream computation is FLUX.1's (`FluxCaptureProcessor`);
+    the single-stream blocks' `Flux2ParallelSelfAttnProcessor` fuses q/k/v with the MLP's input
+    projection and the attention output with the MLP's output ([text, image] in one sequence, the
+    first `text_len` text). One instance serves both kinds of block."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        if not hasattr(attn, "to_qkv_mlp_proj"):
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+        attention_mask, image_rotary_emb = (list(args) + [None, None])[:2]
+        h = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+        n = h.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp = torch.split(h, [n, h.shape[-1] - n], dim=-1)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        t = self.text_len
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        self.store.add_maps(concept_columns(qh[:, :, t:], kh[:, :, :t], kh[:, :, t:], self.store.token_groups,
+                                            self.normalisation))
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask).flatten(2, 3).to(q.dtype)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class QwenCaptureProcessor:
+    """`QwenDoubleStreamAttnProcessor2_0`'s computation ([text, image] in one softmax, the text's
+    padding masked by `encoder_hidden_states_mask`; text and image rotated by their own RoPE) plus
+    the capture."""
+
+    def __init__(self, store: CrossAttentionStore, normalisation: str = "text"):
+        self.store, self.normalisation = store, normalisation
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        head_dim = attn.inner_dim // attn.heads
+        heads = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        q, k = (attn.norm_q(q) if attn.norm_q is not None else q), (attn.norm_k(k) if attn.norm_k is not None else k)
+        cq = attn.norm_added_q(cq) if attn.norm_added_q is not None else cq
+        ck = attn.norm_added_k(ck) if attn.norm_added_k is not None else ck
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+            cq, ck = apply_rotary_emb_qwen(cq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ck, txt_freqs, use_real=False)
+        self.store.add_maps(concept_columns(q.transpose(1, 2), ck.transpose(1, 2), k.transpose(1, 2), self.store.token_groups,
+                                            self.normalisation, text_mask=encoder_hidden_states_mask))
+        t = encoder_hidden_states.shape[1]
+        out = dispatch_attention_fn(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1),
+                                    attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(q.dtype)
+        img = attn.to_out[0](out[:, t:].contiguous())
+        if len(attn.to_out) > 1:
+            img = attn.to_out[1](img)
+        return img, attn.to_add_out(out[:, :t].contiguous())
 
 
 @contextmanager

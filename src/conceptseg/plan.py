@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from conceptseg.finetune import LORA_TARGETS
+from conceptseg.families.base import LORA_TARGETS
 
 GiB = 2**30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -106,8 +106,12 @@ class ModelSizes:
         return self.lora_parameters[rank]
 
 
-def lora_parameters(denoiser: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> int:
-    """LoRA's trainable parameters: r x (in + out) for every Linear whose name ends in a target (peft's match)."""
+def lora_parameters(denoiser: torch.nn.Module, rank: int, targets=None) -> int:
+    """LoRA's trainable parameters: r x (in + out) for every Linear whose name ends in a target (peft's
+    match); the targets `finetune` adapts unless given."""
+    from conceptseg.families.base import lora_targets
+
+    targets = lora_targets(denoiser) if targets is None else targets
     return sum(rank * (m.in_features + m.out_features) for name, m in denoiser.named_modules()
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
@@ -177,13 +181,22 @@ def read_model(model: str | Path | None) -> ModelSizes:
     return ModelSizes(source=str(model or "embedded:toy"), family=family,
                       parameters={k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
                       denoiser_name=meta.denoiser_name, resolution=meta.resolution, latent_side=meta.latent_resolution,
-                      vae_channels=tuple(meta.vae.config.block_out_channels), layers=layers, skip_elements=skips,
+                      vae_channels=vae_channels(meta.vae.config), layers=layers, skip_elements=skips,
                       _denoiser=denoiser)
+
+
+def vae_channels(config) -> tuple[int, ...]:
+    """The VAE's channels per level: `block_out_channels`, or Qwen-Image's (Wan's) base_dim x dim_mult."""
+    if "block_out_channels" in config:
+        return tuple(config["block_out_channels"])
+    return tuple(config["base_dim"] * m for m in config["dim_mult"])
 
 
 def _text_tokens(model) -> int:
     if model.family == "flux":
         return model.t5_length
+    if model.family in ("flux2", "qwenimage"):  # FLUX.2 pads to 512; Qwen-Image's prompts are at most 512 tokens
+        return model.text_length
     if model.family == "sd3":
         from conceptseg.families.sd3 import CLIP_LENGTH, T5_LENGTH
 
@@ -198,7 +211,8 @@ def denoiser_layers(denoiser: torch.nn.Module, latent_side: int, text_tokens: in
     if name == "UNet2DConditionModel":
         return _unet_layers(c, latent_side, text_tokens)
     patch = c.get("patch_size", 1) or 1
-    image = (latent_side // (2 if name == "FluxTransformer2DModel" else patch)) ** 2  # FLUX packs 2x2 latents
+    # FLUX.1 packs 2x2 latents; FLUX.2's latent grid is already patchified; SD 3 and Qwen-Image patch by 2
+    image = (latent_side // (2 if name == "FluxTransformer2DModel" else patch)) ** 2
     width, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
     layers = [Layer("joint", image + text_tokens, width, heads, text_tokens) for _ in range(c.num_layers)]
     layers += [Layer("single", image + text_tokens, width, heads, text_tokens) for _ in range(c.get("num_single_layers", 0))]

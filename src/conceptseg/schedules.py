@@ -1,5 +1,5 @@
 """Stage 1's noise levels and noising: the DDIM timestep grid (SD 1.x/2.x, SDXL) and the
-flow-matching sigma grid (SD 3.x, FLUX.1).
+flow-matching sigma grid (SD 3.x, FLUX.1, FLUX.2, Qwen-Image).
 
 A DDPM-style model is noised as z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps at the T0 smallest
 timesteps of the 50-step DDIM-uniform grid (METHOD.md §1). A rectified-flow model is noised as
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +54,13 @@ def flow_shift_mu(image_seq_len: int, config) -> float:
 
 
 def flow_sigma_grid(scheduler, t0: int, grid: str = "sampler", image_seq_len: int | None = None,
-                    explicit_sigmas: bool = False) -> list[float]:
+                    explicit_sigmas: bool = False, mu: float | None = None) -> list[float]:
     """The t0 smallest sigmas, ascending.
 
     "sampler": the scheduler's own 50-step grid as its pipeline sets it (`explicit_sigmas`: FLUX's
-    pipeline passes sigmas = linspace(1, 1/50, 50) to be shifted; `mu` from `image_seq_len` when the
-    scheduler shifts dynamically). "uniform": s = k / 50, k = 1..50, no shift.
+    pipeline passes sigmas = linspace(1, 1/50, 50) to be shifted; when the scheduler shifts
+    dynamically, `mu` as given (FLUX.2's pipeline computes its own) or else from `image_seq_len`).
+    "uniform": s = k / 50, k = 1..50, no shift.
     """
     if grid not in SIGMA_GRIDS:
         raise ValueError(f"unknown sigma grid {grid!r}; use one of {', '.join(SIGMA_GRIDS)}")
@@ -69,9 +71,9 @@ def flow_sigma_grid(scheduler, t0: int, grid: str = "sampler", image_seq_len: in
     sched = copy.deepcopy(scheduler)  # set_timesteps mutates the scheduler
     kwargs = {}
     if sched.config.get("use_dynamic_shifting"):
-        if image_seq_len is None:
+        if mu is None and image_seq_len is None:
             raise ValueError("a dynamically shifted scheduler needs the image sequence length")
-        kwargs["mu"] = flow_shift_mu(image_seq_len, sched.config)
+        kwargs["mu"] = flow_shift_mu(image_seq_len, sched.config) if mu is None else mu
     if explicit_sigmas:
         kwargs["sigmas"] = np.linspace(1.0, 1 / GRID_STEPS, GRID_STEPS)
         sched.set_timesteps(**kwargs)
@@ -178,17 +180,19 @@ class FlowObjective:
     FLUX), sigma = the training scheduler's sigma at index u * T (shifted for SD 3, not for FLUX,
     whose shift is resolution-dependent at sampling only), z = (1 - sigma) z0 + sigma eps, target
     the velocity eps - z0. Sampling: the flow's Euler solver at the family pipeline's sigmas (the
-    first-order solver DDIM is for this parametrisation; `ddim` names it)."""
+    first-order solver DDIM is for this parametrisation; `ddim` names it). `mu(steps)`: the shift a
+    pipeline computes itself for a step count (FLUX.2); default: from the image sequence length."""
 
     kind = "flow"
     samplers = ("ddim",)
 
-    def __init__(self, scheduler, weighting: str, image_seq_len: int, explicit_sigmas: bool):
+    def __init__(self, scheduler, weighting: str, image_seq_len: int, explicit_sigmas: bool,
+                 mu: Callable[[int], float] | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.scheduler = scheduler
         self.weighting = weighting
-        self.image_seq_len, self.explicit_sigmas = image_seq_len, explicit_sigmas
+        self.image_seq_len, self.explicit_sigmas, self.mu = image_seq_len, explicit_sigmas, mu
         self.train_sigmas = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config).sigmas  # the untouched schedule
 
     def training_batch(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
@@ -215,7 +219,7 @@ class FlowObjective:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting"):
-            kwargs["mu"] = flow_shift_mu(self.image_seq_len, scheduler.config)
+            kwargs["mu"] = flow_shift_mu(self.image_seq_len, scheduler.config) if self.mu is None else self.mu(steps)
         if self.explicit_sigmas:  # FLUX's pipeline: sigmas = linspace(1, 1/steps, steps), then shifted
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
         else:

@@ -4,8 +4,10 @@
     POST /api/segment?output=KIND  body: an image (raw bytes, or multipart/form-data with one file)
                                    -> PNG; KIND: mask (0/255), rgba (cut-out), overlay (mask tinted over the
                                    image), color (over &color=...); &threshold=0.5 overrides the default
-    POST /api/prelim?concept=WORD&output=map|mask   (with --model) stage 1: the cross-attention map or M_pre
-    GET  /api/info                 JSON: segmenter, input size, threshold, whether stage 1 is available
+    POST /api/prelim?concept=WORD&output=map|mask   (with --model) stage 1: the attention map or M_pre;
+                                   &maps=cross-attention|concept-attention overrides the server's --maps
+                                   (concept-attention: joint-attention families; several words compete)
+    GET  /api/info                 JSON: segmenter, input size, threshold, whether stage 1 is available, map kind
     GET  /example.png              the --example image (the page's "try the example" button)
 
 Built on the standard library's ThreadingHTTPServer: the tool needs one upload form and a few PNG
@@ -46,9 +48,20 @@ class App:
     model: object | None = None  # a DiffusionModel for stage 1, optional
     example: Path | None = None
     source: str = ""
+    maps: str = "cross-attention"  # stage 1's map kind (`prelim.PrelimConfig.maps`) unless a request names one
 
     def __post_init__(self):
         self.lock = threading.Lock()
+        self.check_maps(self.maps)
+
+    def check_maps(self, maps: str) -> None:
+        """One clear error for an unknown map kind, or concept attention on a model without joint attention."""
+        from conceptseg.concept_attention import MAP_KINDS, check_supports_concept_attention
+
+        if maps not in MAP_KINDS:
+            raise BadRequest(f"maps must be one of {', '.join(MAP_KINDS)}, not {maps!r}")
+        if maps == "concept-attention" and self.model is not None:
+            check_supports_concept_attention(self.model)
 
     def segment(self, image: Image.Image, output: str, threshold: float | None, color: str) -> Image.Image:
         if output not in SEGMENT_OUTPUTS:
@@ -64,15 +77,17 @@ class App:
             return over(image, mask, parse_color(color))
         return overlay(image, mask)
 
-    def prelim(self, image: Image.Image, concept: str, output: str) -> Image.Image:
+    def prelim(self, image: Image.Image, concept: str, output: str, maps: str | None = None) -> Image.Image:
         if self.model is None:
             raise BadRequest("stage 1 needs a diffusion model: start the server with --model")
         if not concept.strip():
             raise BadRequest("give a concept word (?concept=bird)")
+        maps = maps or self.maps
+        self.check_maps(maps)
         from conceptseg.prelim import preliminary_masks
 
         with self.lock:
-            result = preliminary_masks(self.model, [image], concept.split())[0]
+            result = preliminary_masks(self.model, [image], concept.split(), maps=maps)[0]
         if output == "mask":
             return Image.fromarray(np.where(result.mask, 255, 0).astype(np.uint8), mode="L")
         if output != "map":
@@ -86,7 +101,7 @@ class App:
 
     def info(self) -> dict:
         return {"segmenter": self.source, "input_size": self.segmenter.input_size, "threshold": self.segmenter.threshold,
-                "stage1": self.model is not None, "example": self.example is not None}
+                "stage1": self.model is not None, "example": self.example is not None, "maps": self.maps}
 
 
 def read_image(body: bytes, content_type: str) -> Image.Image:
@@ -161,7 +176,7 @@ def make_handler(app: App):
                     threshold = float(query["threshold"]) if "threshold" in query else None
                     result = app.segment(image, query.get("output", "mask"), threshold, query.get("color", "white"))
                 elif url.path == "/api/prelim":
-                    result = app.prelim(image, query.get("concept", ""), query.get("output", "map"))
+                    result = app.prelim(image, query.get("concept", ""), query.get("output", "map"), query.get("maps"))
                 else:
                     self._error(404, f"no such endpoint: {url.path}")
                     return

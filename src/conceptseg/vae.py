@@ -22,7 +22,11 @@ def encode(vae, images: np.ndarray | torch.Tensor, device: torch.device, dtype: 
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Scaled latents -> uint8 images (N, H, W, 3)."""
     shift = vae.config.get("shift_factor") or 0.0
-    x = vae.decode((latents.float() / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return to_uint8(vae.decode((latents.float() / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """A VAE's output (N, 3, H, W) in [-1, 1] -> uint8 images (N, H, W, 3)."""
     if not torch.isfinite(x).all():  # NaN would become black pixels, and black would become foreground
         raise NonFiniteError("the decoded image holds NaN or infinite values")
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

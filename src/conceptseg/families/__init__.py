@@ -1,8 +1,8 @@
 """Model families: which pipeline a diffusers folder holds (`model_index.json`'s `_class_name`) and
 the model object that gives stage 1 what it needs for that family (see `families.base`).
 
-SD 1.x/2.x load as `models.DiffusionModel`; SDXL, SD 3.x and FLUX.1 load as the classes here. Every
-family runs every stage.
+SD 1.x/2.x load as `models.DiffusionModel`; SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image load as the
+classes here. Every family runs every stage.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "Flux2Pipeline": "flux2",
+    "QwenImagePipeline": "qwenimage",
 }
-FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
+FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1", "flux2": "FLUX.2",
+                 "qwenimage": "Qwen-Image"}
 SUPPORTED = ", ".join(f"{FAMILY_LABELS[f]} ({p})" for p, f in PIPELINE_FAMILIES.items())
 
 
@@ -63,10 +66,12 @@ def pipeline_name(family: str) -> str:
 
 def family_class(family: str):
     from conceptseg.families.flux import FluxModel
+    from conceptseg.families.flux2 import Flux2Model
+    from conceptseg.families.qwenimage import QwenImageModel
     from conceptseg.families.sd3 import SD3Model
     from conceptseg.families.sdxl import SDXLModel
 
-    return {"sdxl": SDXLModel, "sd3": SD3Model, "flux": FluxModel}[family]
+    return {"sdxl": SDXLModel, "sd3": SD3Model, "flux": FluxModel, "flux2": Flux2Model, "qwenimage": QwenImageModel}[family]
 
 
 def required_components(family: str, model_index: dict) -> list[str]:

@@ -24,6 +24,7 @@ Stages 2-4 (`finetune`, `inpaint`, `refine`, `synth`) ask it for:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -98,3 +99,47 @@ def encode(encoder, tokenizer, prompts: list[str], max_length: int, **kwargs):
     """`encoder`'s output for `prompts`, run on the encoder's own device (the CPU once the text
     encoders were offloaded, `residency`); the caller moves what it keeps to the model's device."""
     return encoder(tokenize(tokenizer, prompts, max_length, encoder.device), **kwargs)
+
+
+def span_token_positions(tokenizer, text: str, prompt_start: int, prompt: str, words: Sequence[str], limit: int,
+                         drop: int = 0, expected_ids: Sequence[int] | None = None, **call) -> list[list[int]]:
+    """Positions of each word of `prompt` in the denoiser's text sequence, for families whose pipeline
+    wraps the prompt in a template (Qwen-Image) or a chat (FLUX.2): `text` is the filled-in template
+    with the prompt at character `prompt_start`. A word's positions are the tokens whose character
+    spans overlap its first whole-word occurrence (case-insensitive), less the `drop` leading tokens
+    the pipeline cuts, below `limit` (the text tokens the denoiser reads). `call`: the tokenizer call's arguments as the pipeline
+    passes them; `expected_ids`: the ids the pipeline's own call gives, which this call must reproduce.
+    (Matching on character spans rather than token ids: a byte-level BPE codes a word differently
+    after a space, and the template's tokens next to the prompt may merge with it.)"""
+    enc = tokenizer(text, return_offsets_mapping=True, **call)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    if expected_ids is not None and ids != list(expected_ids):
+        raise ValueError("the tokenizer gives other ids for the prompt than the pipeline's encoding does; "
+                         "the concept's text tokens cannot be placed")
+    found = []
+    for word in words:
+        m = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"concept word {word!r} does not occur in the prompt {prompt!r}")
+        a, b = prompt_start + m.start(), prompt_start + m.end()
+        hits = [i - drop for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a and drop <= i < drop + limit]
+        if not hits:
+            raise ValueError(f"concept word {word!r} falls beyond the {limit} text tokens the model reads; "
+                             "shorten the prompt")
+        found.append(hits)
+    return found
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_targets(denoiser) -> list[str]:
+    """The modules `--method lora` adapts: every attention's to_q / to_k / to_v / to_out.0, and in
+    FLUX.2's single-stream blocks, whose q/k/v are fused with the MLP's input and whose output
+    projection is one Linear, `to_qkv_mlp_proj` and `attn.to_out`, as diffusers' FLUX.2 DreamBooth
+    script adapts them."""
+    names = list(LORA_TARGETS)
+    singles = getattr(denoiser, "single_transformer_blocks", None) or []
+    if singles and hasattr(singles[0].attn, "to_qkv_mlp_proj"):
+        names += ["to_qkv_mlp_proj"] + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(len(singles))]
+    return names
