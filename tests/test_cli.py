@@ -67,7 +67,7 @@ OPTIONS = {
         '--background', '--threshold', '--rle', '--provider', '--num-workers', '--batch-size', '--device',
         '--overwrite'),
     'serve': ('--help', '--segmenter', '--run', '--model', '--dtype', '--example', '--host', '--port', '--threshold',
-        '--provider', '--device'),
+        '--provider', '--device', '--maps'),
     'share': ('--help', '--run', '--row', '--out', '--push-to-hub', '--private'),
     'synth': ('--help', '--model', '--device', '--dtype', '--concept', '--prompt', '--num', '--out',
         '--sample-steps', '--guidance', '--prelim-steps', '--inpaint-steps', '--postprocess', '--batch-size',

@@ -266,7 +266,7 @@ def test_chest_world_end_to_end_with_a_tiny_model(tiny_model_dir, tmp_path, caps
     assert main(["evaluate-findings", "--model", str(tiny_model_dir), "--dataset", f"chest:{data}", "--per-finding", "2",
                  "--steps", "2", "--batch-size", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prompt: finding" in printed and "| **mean** |" in printed
+    assert "prompt: photo" in printed and "| **mean** |" in printed
     report = json.loads(out.read_text())
     m = report["models"][str(tiny_model_dir)]
     assert set(m["per_finding"]) == {c.finding for c in cases}

@@ -216,6 +216,22 @@ def _vae_stage(vae, images: np.ndarray, cfg: TrainT2IConfig, accelerator):
     return vae
 
 
+def _refuse_fine_tuning_settings(cfg: TrainT2IConfig) -> None:
+    if cfg.forget_words:
+        raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
+    if cfg.context_layers:
+        raise ValueError("context_layers applies to fine-tuning (--base-model); from scratch the preset sets the encoder's layers")
+
+
+def _adapted_text_encoder(cfg: TrainT2IConfig, text_encoder, tokenizer):
+    """The base model's text encoder as fine-tuning starts from it: forgotten words re-drawn, context layers added."""
+    if cfg.forget_words:
+        forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
+    if cfg.context_layers:
+        text_encoder = add_context_layers(text_encoder, cfg.context_layers, cfg.seed)
+    return text_encoder
+
+
 def train_t2i(cfg: TrainT2IConfig) -> Path:
     with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
         return _train_t2i(cfg, accelerator)
@@ -225,10 +241,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
     out = Path(cfg.out)
     precision = Precision(cfg.mixed_precision, accelerator.device)
     from_scratch = cfg.base_model is None
-    if cfg.forget_words and from_scratch:
-        raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
-    if cfg.context_layers and from_scratch:
-        raise ValueError("context_layers applies to fine-tuning (--base-model); from scratch the preset sets the encoder's layers")
+    if from_scratch:
+        _refuse_fine_tuning_settings(cfg)
     lr = cfg.lr if cfg.lr is not None else (1e-3 if from_scratch else 1e-5)
     train_te = cfg.train_text_encoder if cfg.train_text_encoder is not None else from_scratch
 
@@ -264,10 +278,7 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         ids_all = tokenize(captions)
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
-    if cfg.forget_words:
-        forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
-    if cfg.context_layers:
-        text_encoder = add_context_layers(text_encoder, cfg.context_layers, cfg.seed)
+    text_encoder = _adapted_text_encoder(cfg, text_encoder, tokenizer)
 
     trained = [unet] + ([text_encoder] if train_te else [])
     for mod in trained:
