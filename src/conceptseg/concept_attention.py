@@ -49,7 +49,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptseg.attention import CrossAttentionStore, swapped_processors
-from conceptseg.joint_attention import sd3_attend, sd3_project, sd3_qkv
+from conceptseg.joint_attention import qwen_qkv, sd3_attend, sd3_project, sd3_qkv
 
 MAP_KINDS = ("cross-attention", "concept-attention")
 JOINT_FAMILIES = ("sd3", "flux", "flux2", "qwenimage")
@@ -263,23 +263,8 @@ class QwenConceptProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-        head_dim = attn.inner_dim // attn.heads
-        heads = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        q, k = (attn.norm_q(q) if attn.norm_q is not None else q), (attn.norm_k(k) if attn.norm_k is not None else k)
-        cq = attn.norm_added_q(cq) if attn.norm_added_q is not None else cq
-        ck = attn.norm_added_k(ck) if attn.norm_added_k is not None else ck
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
-            cq, ck = apply_rotary_emb_qwen(cq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ck, txt_freqs, use_real=False)
+        (q, k, v), (cq, ck, cv), attention_mask = qwen_qkv(attn, hidden_states, encoder_hidden_states,
+                                                           encoder_hidden_states_mask, attention_mask, image_rotary_emb)
         t = encoder_hidden_states.shape[1]
         out = dispatch_attention_fn(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1),
                                     attn_mask=attention_mask, dropout_p=0.0, is_causal=False)

@@ -70,6 +70,31 @@ def concept_columns(q_img: torch.Tensor, k_txt: torch.Tensor, k_img: torch.Tenso
     return out / heads
 
 
+def qwen_qkv(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None, attention_mask=None,
+             image_rotary_emb=None):
+    """`QwenDoubleStreamAttnProcessor2_0`'s projections: ((q, k, v) of the image tokens, (q, k, v) of
+    the text tokens), each (B, S, H, D) after the block's q/k norms and each stream's RoPE, and the
+    attention mask over [text, image] that masks the text's padding."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    if encoder_hidden_states_mask is not None:
+        image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+    head_dim = attn.inner_dim // attn.heads
+    heads = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
+    q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+    cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+    cv = heads(attn.add_v_proj(encoder_hidden_states))
+    q, k = (attn.norm_q(q) if attn.norm_q is not None else q), (attn.norm_k(k) if attn.norm_k is not None else k)
+    cq = attn.norm_added_q(cq) if attn.norm_added_q is not None else cq
+    ck = attn.norm_added_k(ck) if attn.norm_added_k is not None else ck
+    if image_rotary_emb is not None:
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        cq, ck = apply_rotary_emb_qwen(cq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ck, txt_freqs, use_real=False)
+    return (q, k, v), (cq, ck, cv), attention_mask
+
+
 def sd3_qkv(attn, hidden_states, encoder_hidden_states=None):
     """`JointAttnProcessor2_0`'s projections: ((q, k, v) of the image tokens, (q, k, v) of the text
     tokens, or None without `encoder_hidden_states`), each (B, H, S, D) after the block's q/k norms."""
@@ -201,23 +226,8 @@ class QwenCaptureProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-        head_dim = attn.inner_dim // attn.heads
-        heads = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        q, k = (attn.norm_q(q) if attn.norm_q is not None else q), (attn.norm_k(k) if attn.norm_k is not None else k)
-        cq = attn.norm_added_q(cq) if attn.norm_added_q is not None else cq
-        ck = attn.norm_added_k(ck) if attn.norm_added_k is not None else ck
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
-            cq, ck = apply_rotary_emb_qwen(cq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ck, txt_freqs, use_real=False)
+        (q, k, v), (cq, ck, cv), attention_mask = qwen_qkv(attn, hidden_states, encoder_hidden_states,
+                                                           encoder_hidden_states_mask, attention_mask, image_rotary_emb)
         self.store.add_maps(concept_columns(q.transpose(1, 2), ck.transpose(1, 2), k.transpose(1, 2), self.store.token_groups,
                                             self.normalisation, text_mask=encoder_hidden_states_mask))
         t = encoder_hidden_states.shape[1]
