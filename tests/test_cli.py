@@ -58,7 +58,7 @@ OPTIONS = {
         '--gmm-components', '--gmm', '--compile', '--compile-mode', '--channels-last', '--overwrite'),
     'refine': ('--help', '--model', '--device', '--dtype', '--images', '--split', '--prelim', '--out', '--prompt',
         '--inpainter', '--inpaint-steps', '--sampler', '--guidance', '--concept-prompt', '--samples',
-        '--postprocess', '--difference-to', '--batch-size', '--gmm', '--seed', '--overwrite'),
+        '--postprocess', '--difference-to', '--overlay', '--batch-size', '--gmm', '--seed', '--overwrite'),
     'remove': ('--help', '--model', '--device', '--dtype', '--images', '--split', '--masks', '--segmenter', '--run',
         '--out', '--prompt', '--steps', '--guidance', '--seed', '--batch-size', '--overwrite', '--grow',
         '--concept-prompt'),

@@ -157,6 +157,20 @@ def test_difference_to_image_or_reconstruction(tiny_model, textured):
         RefineConfig(difference_to="other")
 
 
+def test_overlay_pastes_the_image_back_outside_the_region(tiny_model, textured):
+    """The paper compares the whole decoding with x; `overlay` keeps the decoding inside M_pre's region
+    only, so what the VAE decoder changes outside it does not count as difference."""
+    image = textured(32, 32, seed=6)
+    prelim = np.zeros((32, 32), bool)
+    prelim[:8, :8] = True  # on the latent grid: the region is exactly these pixels
+    x = np.asarray(image)
+    paper = Refiner(tiny_model, RefineConfig(steps=2))([image], [prelim], ["k"])[0]
+    pasted = Refiner(tiny_model, RefineConfig(steps=2, overlay=True))([image], [prelim], ["k"])[0]
+    np.testing.assert_array_equal(pasted.background[prelim], paper.background[prelim])  # the same inpainting
+    np.testing.assert_array_equal(pasted.background[~prelim], x[~prelim])
+    assert pasted.difference[~prelim].max() == 0 and paper.difference[~prelim].max() > 1
+
+
 def test_local_stats_difference_ignores_a_texture_swapped_for_a_like_one():
     """Per-pixel colour difference sees one noise texture replaced by another of the same statistics as
     a change everywhere; the local mean/std difference sees it only where the statistics change."""

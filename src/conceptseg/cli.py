@@ -600,6 +600,8 @@ def _refine_options(s) -> None:
     _config_option(s, C, "postprocess", help="binary closing + fill holes")
     _config_option(s, C, "difference_to", choices=["image", "reconstruction"],
                    help="compare the inpainted background with the image (the paper) or with its VAE reconstruction")
+    _config_option(s, C, "overlay", help="paste the image back outside M_pre before comparing (a deviation; the paper "
+                   "compares the decoding everywhere)")
     _config_option(s, C, "batch_size")
     _add_gmm_arg(s, C)
     _config_option(s, C, "seed")

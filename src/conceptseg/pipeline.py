@@ -92,6 +92,7 @@ class RefineSection:
     samples: int = _default(RefineConfig, "samples")
     postprocess: bool = _default(RefineConfig, "postprocess")
     difference_to: str = _default(RefineConfig, "difference_to")
+    overlay: bool = _default(RefineConfig, "overlay")
     difference: str = _default(RefineConfig, "difference")
     window: int = _default(RefineConfig, "window")
     aggregate: str = _default(RefineConfig, "aggregate")

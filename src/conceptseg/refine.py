@@ -46,6 +46,11 @@ class RefineConfig:
     # |x - x_bg| with x the image (the paper), or "reconstruction": the VAE's decoding of x, so the
     # VAE's own reconstruction error (large for small VAEs) does not count as foreground
     difference_to: str = "image"
+    # x_bg outside M_pre's region: the decoded latents (the paper), or the image itself pasted back
+    # (`overlay`, as diffusers' inpainting pipelines do with `apply_overlay`): the VAE decoder's
+    # GroupNorm and attention carry the hole's content into the whole picture, so outside the hole the
+    # decoding differs from x by more than its reconstruction error, which raises the GMM's threshold
+    overlay: bool = added_setting(False)
     # how x and x_bg are compared (`difference_map`): "color", the per-pixel mean over RGB of |x - x_bg|
     # (the paper), or "local_stats", the difference of local mean and standard deviation per channel
     # over a `window` x `window` neighbourhood, in which one texture replaced by a similar one barely differs
@@ -179,7 +184,8 @@ class Refiner:
                 z = inpaint_background(self.model, z0, torch.from_numpy(m_lat), cfg.prompt, steps=cfg.steps, eta=cfg.eta,
                                        guidance=cfg.guidance, negative_prompt=cfg.concept_prompt, sampler=cfg.sampler,
                                        generator=_generators(cfg.seed, keys, k))
-                backgrounds.append(self.model.decode_latents(z))
+                decoded = self.model.decode_latents(z)
+                backgrounds.append(np.where(regions[..., None], decoded, pixels) if cfg.overlay else decoded)
         maps = [difference_map(reference, b, cfg.difference, cfg.window) for b in backgrounds]
         diffs = np.min(maps, axis=0) if cfg.aggregate == "min" else np.mean(maps, axis=0)
         results = []

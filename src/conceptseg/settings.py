@@ -68,7 +68,7 @@ def resolved_settings(config: Any, base: str | Path, **resolved: Any) -> dict:
         resolved["model"] = model_identity(resolved["model"])
     if resolved.get("dtype") is not None:
         resolved["dtype"] = str(resolved["dtype"]).replace("torch.", "")
-    return output_settings({**(output_settings(config) if config is not None else {}), **resolved}, base)
+    return output_settings({**(output_settings(config, base) if config is not None else {}), **resolved}, base)
 
 
 def stage_settings(config: Any, out: str | Path, **extra: Any) -> dict:
