@@ -369,7 +369,8 @@ def test_lora_finetune_step_saves_adapters_that_load(folder, model, family, tmp_
 
 def test_tiny_run_end_to_end(folder, tmp_path, family):
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import ROW_NAMES, Run, override_config
+    from conceptseg.config import override_config
+    from conceptseg.pipeline import ROW_NAMES, Run
 
     cfg = demo_config(tmp_path / "run", model=str(folder), device="cpu", num_images=6)
     cfg.prelim.steps = 2

@@ -216,7 +216,8 @@ def test_family_finetune_resumes_to_the_same_weights(tiny_family_dirs, tmp_path)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_run_end_to_end(tiny_family_dirs, tmp_path, family):
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import ROW_NAMES, Run, override_config
+    from conceptseg.config import override_config
+    from conceptseg.pipeline import ROW_NAMES, Run
 
     cfg = demo_config(tmp_path / "run", model=str(tiny_family_dirs[family]), device="cpu", num_images=6)
     cfg.prelim.steps = 2

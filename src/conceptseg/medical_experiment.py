@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
+from conceptseg.config import apply_overrides
 from conceptseg.io import write_json
-from conceptseg.pipeline import _apply_overrides
 from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
 
 
@@ -92,7 +92,7 @@ def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalC
         data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    data = _apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
+    data = apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
     return _build(MedicalConfig, data, str(path))
 
 
