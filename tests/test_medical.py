@@ -305,6 +305,20 @@ def test_medical_experiment_from_yaml(tiny_model_dir, tmp_path, capsys) -> None:
     assert load_medical_config(config, ["evaluate.prompt=finding"]).evaluate.prompt == "finding"
 
 
+def test_medical_finetune_settings_default_to_train_t2i(tmp_path) -> None:
+    """A medical config's `finetune:` keys are train-t2i's: each omitted one takes TrainT2IConfig's default."""
+    import dataclasses
+
+    from conceptseg.medical_experiment import load_medical_config
+    from conceptseg.train_t2i import TrainT2IConfig
+
+    config = tmp_path / "m.yaml"
+    config.write_text("out: x\neval_data: chest:y\nfinetune: {steps: 7}\n")
+    section = dataclasses.asdict(load_medical_config(config).finetune)
+    reference = dataclasses.asdict(TrainT2IConfig(data="d", out=Path("o")))
+    assert section.pop("steps") == 7 and section == {k: reference[k] for k in section}
+
+
 def test_medical_demo_config(tmp_path) -> None:
     from conceptseg.demo import medical_demo_config
 

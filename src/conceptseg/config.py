@@ -16,10 +16,13 @@ C = TypeVar("C")
 
 
 def field_default(config_class: type, name: str) -> Any:
-    """A config's own default for `name`: the one place a setting's default is written (the run's
-    YAML sections, the stage's Python API and its CLI all take it from there)."""
+    """A dataclass field with `config_class`'s own default for `name` (its default factory, for a
+    list): the one place a setting's default is written (the YAML sections, the stage's Python API
+    and its CLI all take it from there)."""
     f = config_class.__dataclass_fields__[name]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory)
+    return dataclasses.field(default=f.default)
 
 
 def build_config(cls: type[C], data: dict, where: str) -> C:
