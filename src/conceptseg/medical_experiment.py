@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from conceptseg.config import apply_overrides, field_default
+from conceptseg.config import apply_overrides, build_config, field_default
 from conceptseg.io import write_json
 from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
 from conceptseg.train_t2i import TrainT2IConfig
@@ -70,23 +70,6 @@ class MedicalConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)} (known: {sorted(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        sub = {"finetune": FinetuneT2ISection, "evaluate": EvaluateSection}.get(name) if cls is MedicalConfig else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalConfig:
     """A MedicalConfig from YAML, then `key.sub=value` overrides (values parsed as YAML)."""
     path = Path(path)
@@ -97,7 +80,7 @@ def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalC
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     data = apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
-    return _build(MedicalConfig, data, str(path))
+    return build_config(MedicalConfig, data, str(path))
 
 
 def _eval_config(e: EvaluateSection, per_finding: int | None, full: bool) -> FindingEvalConfig:
