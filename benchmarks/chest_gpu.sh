@@ -11,29 +11,16 @@
 # Sizes come from the environment: STEPS (16000), BATCH (16), NUM (12000 chest-world images),
 # CONTEXT_LAYERS (2), PER_FINDING (15, the table), CURVE_PER_FINDING (5), EVERY (1000: checkpoint and
 # curve spacing). The GPU machine has torch but not diffusers: put diffusers' wheel in wheels/ first
-# (`pip download diffusers==0.42.1 --no-deps -d wheels`).
+# (gpu_env.sh).
 #
 # The same script on a CPU at a tiny size (proof that it runs; numbers meaningless):
 #   DEVICE=cpu STEPS=4 EVERY=2 NUM=40 PER_FINDING=1 CURVE_PER_FINDING=1 bash benchmarks/chest_gpu.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if ! python -c "import diffusers" 2>/dev/null; then
-    wheel=$(ls wheels/diffusers-*.whl 2>/dev/null | head -n 1 || true)
-    if [ -z "$wheel" ]; then
-        echo "diffusers is not installed and wheels/ holds no diffusers wheel: pip download diffusers==0.42.1 --no-deps -d wheels" >&2
-        exit 2
-    fi
-    pip install --no-deps --quiet "$wheel"
-fi
-
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-device="${DEVICE:-cuda}"
-out="${OUT:-benchmarks/results}"
+source "$(dirname "$0")/gpu_env.sh"  # repository root, diffusers, PYTHONPATH, $device, $out
 work="${WORK:-/tmp/chest_gpu}"
 steps="${STEPS:-16000}"
 every="${EVERY:-1000}"
-mkdir -p "$out" "$work"
+mkdir -p "$work"
 
 python -m conceptseg toyworld --domain chest --out "$work/data" --num "${NUM:-12000}" --seed 0 --workers "$(nproc)"
 # --device is not a train-t2i option: accelerate takes the GPU when there is one

@@ -10,30 +10,13 @@
 #   bash benchmarks/gpu_speed.sh                      # writes $OUT (or benchmarks/results)/speed_paths-cuda.{json,log}
 #   bash benchmarks/gpu_speed.sh --parts prelim       # extra arguments go to speed_paths.py
 #
-# The GPU machine has torch but not diffusers: put diffusers' wheel (pure Python) in wheels/ first
-# (`pip download diffusers==0.42.1 --no-deps -d wheels`); it is installed with --no-deps. conceptseg
-# itself runs from src/ (PYTHONPATH), nothing else is installed.
+# The GPU machine has torch but not diffusers: put diffusers' wheel in wheels/ first (gpu_env.sh).
 #
 # The same script on a CPU at a tiny size (proof that it runs; numbers meaningless):
 #   DEVICE=cpu bash benchmarks/gpu_speed.sh --preset tiny --images 1 --steps 4 --batch-sizes 4 8 \
 #       --compile-modes default --compile-backend aot_eager --gmm-maps 2 --gmm-size 64 --seg-steps 2 --seg-images 8 --workers 2
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if ! python -c "import diffusers" 2>/dev/null; then
-    wheel=$(ls wheels/diffusers-*.whl 2>/dev/null | head -n 1 || true)
-    if [ -z "$wheel" ]; then
-        echo "diffusers is not installed and wheels/ holds no diffusers wheel: pip download diffusers==0.42.1 --no-deps -d wheels" >&2
-        exit 2
-    fi
-    pip install --no-deps --quiet "$wheel"
-fi
-
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-device="${DEVICE:-cuda}"
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+source "$(dirname "$0")/gpu_env.sh"  # repository root, diffusers, PYTHONPATH, $device, $out
 # segmenter and GMM first (about 2 min), then stage 1 with its compilations
 python benchmarks/speed_paths.py --device "$device" --parts gmm segmenter prelim \
     --json "$out/speed_paths-$device.json" "$@" 2>&1 | tee "$out/speed_paths-$device.log"

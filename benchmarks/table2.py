@@ -106,8 +106,8 @@ def score_concept_scenes(segmenter_folder: Path, scenes: list[dict], device: str
 # ---------------------------------------------------------------- one run folder
 
 def _seed_config(out: Path, world: int, seg: int, args):
+    from conceptseg.config import override_config
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import override_config
 
     cfg = demo_config(out, args.concept, full=args.full, model=args.model, device=args.device, seed=world, num_images=args.num_images,
                       world=args.world)

@@ -13,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import functools  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -92,16 +94,25 @@ def textured():
 
 
 @pytest.fixture(scope="session")
-def tiny_family_dirs(tmp_path_factory) -> dict:
-    """The tiny SDXL, SD 3, SD 3.5 and FLUX.1 presets (seed 0) saved as diffusers folders, by family name."""
+def tiny_family_dir(tmp_path_factory):
+    """tiny_family_dir(family) -> the family's `tiny` preset (seed 0) saved as a diffusers folder,
+    built once per session. Shared: do not modify it."""
     from conceptseg.modeling.families import build_family_components, save_family_model
 
     root = tmp_path_factory.mktemp("tiny_families")
-    dirs = {}
-    for family in ("sdxl", "sd3", "sd3.5", "flux"):
+
+    @functools.cache
+    def build(family: str) -> Path:
         save_family_model(family, build_family_components(family, "tiny", seed=0), root / family)
-        dirs[family] = root / family
-    return dirs
+        return root / family
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tiny_family_dir) -> dict:
+    """The tiny SDXL, SD 3, SD 3.5 and FLUX.1 folders (`tiny_family_dir`), by family name."""
+    return {family: tiny_family_dir(family) for family in ("sdxl", "sd3", "sd3.5", "flux")}
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +121,65 @@ def tiny_family_models(tiny_family_dirs) -> dict:
     from conceptseg.models import load_model
 
     return {family: load_model(path, device="cpu", dtype="fp32") for family, path in tiny_family_dirs.items()}
+
+
+@pytest.fixture
+def noised():
+    """noised(model, rows=2, seed=0) -> (noisy latents, levels): `rows` random images encoded by
+    `model`, noised one per level (the second and third of 3 levels; of `rows` levels for more
+    rows), the input of one `denoise` call."""
+
+    def make(model, rows: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.randint(0, 256, (rows, model.resolution, model.resolution, 3), generator=g, dtype=torch.uint8)
+        latents = model.encode_images(pixels.numpy())
+        levels = torch.tensor(model.noise_levels(3)[1 : 1 + rows] if rows <= 2 else model.noise_levels(rows))
+        return model.add_noise(latents, torch.randn(latents.shape, generator=g), levels), levels
+
+    return make
+
+
+@pytest.fixture
+def finetune_pairs():
+    """finetune_pairs(root, n=3, size=64) -> (images, prelim): n random images with a central square
+    as M_pre, in the layout `finetune` reads."""
+
+    def make(root: Path, n: int = 3, size: int = 64) -> tuple[Path, Path]:
+        rng = np.random.default_rng(0)
+        (root / "images").mkdir(parents=True)
+        (root / "prelim" / "masks").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+            mask = np.zeros((size, size), np.uint8)
+            mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+            Image.fromarray(mask).save(root / "prelim" / "masks" / f"im{i}.png")
+        return root / "images", root / "prelim"
+
+    return make
+
+
+@pytest.fixture
+def tiny_run():
+    """tiny_run(model_dir, out) -> metrics: `conceptseg run` of the demo's config on a tiny family
+    model, cut to seconds and to the family's part (stages 1-4 and the U-Nets that read D_s, D'_s),
+    its rows and mask counts checked."""
+    from conceptseg.config import override_config
+    from conceptseg.demo import demo_config
+    from conceptseg.pipeline import ROW_NAMES, Run
+
+    def run(model_dir: Path, out: Path) -> dict:
+        cfg = demo_config(out, model=str(model_dir), device="cpu", num_images=6)
+        cfg.prelim.steps = 2
+        cfg.finetune.steps = 1
+        cfg.refine.steps = 2
+        cfg.synth.num, cfg.synth.steps = 2, 2
+        cfg.segmenter.steps, cfg.segmenter.width, cfg.segmenter.input_size = 1, 4, 32
+        cfg = override_config(cfg, ["segmenter.supervised=false", "segmenter.train_on_prelim=false", "baselines=false"])
+        metrics = Run(cfg, progress=False).execute()
+        assert {"refined", "unet_real", "unet_real_synth"} <= set(metrics) <= set(ROW_NAMES)
+        counts = json.loads((out / "manifest.json").read_text())["counts"]["images"]
+        assert len(list((out / "refine" / "masks").glob("*.png"))) == counts["train"] + counts["test"]
+        assert len(list((out / "synth" / "masks").glob("*.png"))) == 2
+        return metrics
+
+    return run

@@ -26,12 +26,8 @@ CLASSES = {"flux2": "Flux2Model", "qwenimage": "QwenImageModel"}
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, family):
-    from conceptseg.modeling.families import build_family_components, save_family_model
-
-    out = tmp_path_factory.mktemp(family) / family
-    save_family_model(family, build_family_components(family, "tiny", seed=0), out)
-    return out
+def folder(tiny_family_dir, family):
+    return tiny_family_dir(family)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +39,6 @@ def _pipeline(model):
     import diffusers
 
     return getattr(diffusers, PIPELINES[model.family])(**{k: getattr(model, k) for k in model.components})
-
-
-def _inputs(model, rows: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (rows, model.resolution, model.resolution, 3), generator=g, dtype=torch.uint8)
-    latents = model.encode_images(pixels.numpy())
-    levels = torch.tensor(model.noise_levels(3)[1 : 1 + rows])
-    return model.add_noise(latents, torch.randn(latents.shape, generator=g), levels), levels
 
 
 # ------------------------------------------------------------------ loading, conditioning, latents
@@ -199,8 +187,8 @@ def _text_len(model):
     return model.text_conditioning(PROMPT).prompt_embeds.shape[1]
 
 
-def test_cross_attention_maps_sum_to_one_over_the_text_and_leave_the_output(model, family):
-    z, levels = _inputs(model)
+def test_cross_attention_maps_sum_to_one_over_the_text_and_leave_the_output(model, family, noised):
+    z, levels = noised(model)
     cond = model.text_conditioning(PROMPT)
     before = dict(model.transformer.attn_processors)
     every_token = [[i] for i in range(_text_len(model))]
@@ -293,9 +281,9 @@ def _strong_text_modulation(model, family):
     return dataclasses.replace(model, transformer=t)
 
 
-def test_concept_attention_maps_from_the_weights_and_the_image_stream_untouched(model, family):
+def test_concept_attention_maps_from_the_weights_and_the_image_stream_untouched(model, family, noised):
     model = _strong_text_modulation(model, family)
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     cond = model.text_conditioning(PROMPT)
     embeds = embed_concepts(model, ["bird", "sky"])
     blocks = model.transformer.transformer_blocks
@@ -340,21 +328,12 @@ def test_prelim_cli_with_both_map_kinds(folder, make_image, tmp_path, capsys):
 # ------------------------------------------------------------------ stages 2-4
 
 
-def test_lora_finetune_step_saves_adapters_that_load(folder, model, family, tmp_path):
-    from PIL import Image
-
+def test_lora_finetune_step_saves_adapters_that_load(folder, model, family, tmp_path, finetune_pairs):
     from conceptseg.finetune import FinetuneConfig, finetune
     from conceptseg.plan import lora_parameters
 
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    (tmp_path / "prelim" / "masks").mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"im{i}.png")
-        mask = np.zeros((64, 64), np.uint8)
-        mask[16:48, 16:48] = 255
-        Image.fromarray(mask).save(tmp_path / "prelim" / "masks" / f"im{i}.png")
-    cfg = FinetuneConfig("bird", tmp_path / "images", tmp_path / "prelim", tmp_path / "ft", model=str(folder), steps=1,
+    images, prelim = finetune_pairs(tmp_path, n=2)
+    cfg = FinetuneConfig("bird", images, prelim, tmp_path / "ft", model=str(folder), steps=1,
                          batch_size=2, lr=1e-2, ema_decay=0.0, method="lora", lora_rank=2, progress=False)
     tuned = load_model(finetune(cfg), device="cpu", dtype="fp32")
     before, after = model.transformer.state_dict(), tuned.transformer.state_dict()
@@ -367,24 +346,10 @@ def test_lora_finetune_step_saves_adapters_that_load(folder, model, family, tmp_
     assert trained["base_model"] == model.source and lora_parameters(model.transformer, 2) > 0
 
 
-def test_tiny_run_end_to_end(folder, tmp_path, family):
-    from conceptseg.demo import demo_config
-    from conceptseg.pipeline import ROW_NAMES, Run, override_config
-
-    cfg = demo_config(tmp_path / "run", model=str(folder), device="cpu", num_images=6)
-    cfg.prelim.steps = 2
-    cfg.finetune.steps = 1
-    cfg.refine.steps = 2
-    cfg.synth.num, cfg.synth.steps = 2, 2
-    cfg.segmenter.steps, cfg.segmenter.width, cfg.segmenter.input_size = 1, 4, 32
-    cfg = override_config(cfg, ["segmenter.supervised=false", "segmenter.train_on_prelim=false", "baselines=false"])
-    metrics = Run(cfg, progress=False).execute()
-    assert {"refined", "unet_real", "unet_real_synth"} <= set(metrics) <= set(ROW_NAMES)
-    run = tmp_path / "run"
-    assert json.loads((run / "finetune" / "model" / "model_index.json").read_text())["_class_name"] == PIPELINES[family]
-    counts = json.loads((run / "manifest.json").read_text())["counts"]["images"]
-    assert len(list((run / "refine" / "masks").glob("*.png"))) == counts["train"] + counts["test"]
-    assert len(list((run / "synth" / "masks").glob("*.png"))) == 2
+def test_tiny_run_end_to_end(folder, tmp_path, family, tiny_run):
+    tiny_run(folder, tmp_path / "run")
+    index = tmp_path / "run" / "finetune" / "model" / "model_index.json"
+    assert json.loads(index.read_text())["_class_name"] == PIPELINES[family]
 
 
 # ------------------------------------------------------------------ plan at the published size

@@ -16,8 +16,6 @@ DEFERRED_CIRCLES = {
     # the family registry imports an adapter module (and its diffusers pipeline classes) only for the
     # family a model folder names; the adapters build on families.base
     ("conceptseg.families", "conceptseg.families.*"): "a registry that loads each family's adapter on demand",
-    # plan applies a knob's overrides with pipeline.override_config, and a run checks its plan first
-    ("conceptseg.plan", "conceptseg.pipeline"): "override_config has no home below both yet",
 }
 
 

@@ -23,14 +23,6 @@ PROMPT = "a photo of a bird"
 WORDS = ["bird", "sky"]
 
 
-def _inputs(model, rows: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (rows, model.resolution, model.resolution, 3), generator=g, dtype=torch.uint8)
-    latents = model.encode_images(pixels.numpy())
-    levels = torch.tensor(model.noise_levels(3)[1 : 1 + rows])
-    return model.add_noise(latents, torch.randn(latents.shape, generator=g), levels), levels
-
-
 @dataclass
 class Case:
     """A tiny joint-attention model with two noised latents, PROMPT's conditioning and WORDS' concept tokens."""
@@ -43,10 +35,10 @@ class Case:
 
 
 @pytest.fixture
-def case(tiny_family_models, family) -> Case:
+def case(tiny_family_models, family, noised) -> Case:
     """The setup of a test parametrized over `family`."""
     model = tiny_family_models[family]
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     return Case(model, z, levels, model.text_conditioning(PROMPT), embed_concepts(model, WORDS))
 
 

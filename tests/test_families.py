@@ -32,15 +32,6 @@ def _denoiser(model):
     return model.unet if model.family == "sdxl" else model.transformer
 
 
-def _inputs(model, rows: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (rows, model.resolution, model.resolution, 3), generator=g, dtype=torch.uint8)
-    latents = model.encode_images(pixels.numpy())
-    eps = torch.randn(latents.shape, generator=g)
-    levels = torch.tensor(model.noise_levels(3)[1 : 1 + rows] if rows <= 2 else model.noise_levels(rows))
-    return model.add_noise(latents, eps, levels), levels
-
-
 def _text_len(model) -> int:
     cond = model.text_conditioning(PROMPT)
     return cond.prompt_embeds.shape[1]
@@ -112,11 +103,11 @@ def test_text_conditioning_matches_the_pipeline(tiny_family_models, family) -> N
     torch.testing.assert_close(cond.pooled, pooled)
 
 
-def test_flux_packing_and_ids_match_the_pipeline(tiny_family_models) -> None:
+def test_flux_packing_and_ids_match_the_pipeline(tiny_family_models, noised) -> None:
     from diffusers import FluxPipeline
 
     model = tiny_family_models["flux"]
-    z, sigma = _inputs(model)
+    z, sigma = noised(model)
     cond = model.text_conditioning(PROMPT)
     b, c, h, w = z.shape
     packed = FluxPipeline._pack_latents(z, b, c, h, w)
@@ -198,9 +189,9 @@ def test_concept_columns_match_the_explicit_softmax_and_do_not_depend_on_chunkin
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_text_probabilities_sum_to_one_and_maps_have_the_family_grid(tiny_family_models, family) -> None:
+def test_text_probabilities_sum_to_one_and_maps_have_the_family_grid(tiny_family_models, family, noised) -> None:
     model = tiny_family_models[family]
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     cond = model.text_conditioning(PROMPT)
     every_token = [[i] for i in range(_text_len(model))]
     with torch.no_grad(), model.capture_attention(every_token) as store:
@@ -219,9 +210,9 @@ def test_text_probabilities_sum_to_one_and_maps_have_the_family_grid(tiny_family
 
 
 @pytest.mark.parametrize("family", ("sd3", "flux"))
-def test_joint_normalisation_gives_less_than_one_over_text(tiny_family_models, family) -> None:
+def test_joint_normalisation_gives_less_than_one_over_text(tiny_family_models, family, noised) -> None:
     model = tiny_family_models[family]
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     every_token = [[i] for i in range(_text_len(model))]
     with torch.no_grad(), model.capture_attention(every_token, normalisation="joint") as store:
         model.denoise(z, levels, model.text_conditioning(PROMPT))
@@ -230,9 +221,9 @@ def test_joint_normalisation_gives_less_than_one_over_text(tiny_family_models, f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_capture_does_not_change_the_output(tiny_family_models, family) -> None:
+def test_capture_does_not_change_the_output(tiny_family_models, family, noised) -> None:
     model = tiny_family_models[family]
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     cond = model.text_conditioning(PROMPT)
     with torch.no_grad():
         plain = model.denoise(z, levels, cond)
@@ -271,10 +262,10 @@ def test_which_processors_are_swapped(tiny_family_models, family) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_processors_restored_after_an_exception(tiny_family_models, family) -> None:
+def test_processors_restored_after_an_exception(tiny_family_models, family, noised) -> None:
     model = tiny_family_models[family]
     before = _processors(model)
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     cond = model.text_conditioning(PROMPT)
     cond.prompt_embeds = cond.prompt_embeds[..., :7]  # wrong text width: fails inside the forward pass
     with pytest.raises(RuntimeError), torch.no_grad(), model.capture_attention([[5]]):
@@ -285,9 +276,9 @@ def test_processors_restored_after_an_exception(tiny_family_models, family) -> N
     _assert_restored(model, before)
 
 
-def test_sd3_group_is_the_mean_of_its_clip_and_t5_columns(tiny_family_models) -> None:
+def test_sd3_group_is_the_mean_of_its_clip_and_t5_columns(tiny_family_models, noised) -> None:
     model = tiny_family_models["sd3"]
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     with torch.no_grad(), model.capture_attention([[5], [81], [5, 81]]) as store:
         model.denoise(z, levels, model.text_conditioning(PROMPT))
         maps = store.pop_mean()

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conceptseg.finetune import FinetuneConfig, denoising_loss, finetune
 from conceptseg.inpaint import inpaint_background, sample_latents
@@ -158,27 +157,14 @@ def test_sampling_with_guidance_gives_images(tiny_family_models, family):
 # ------------------------------------------------------------------ fine-tuning
 
 
-def _pairs(root, n: int = 3, size: int = 64):
-    """n textured images with a central square as M_pre, in the layout `finetune` reads."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "prelim" / "masks").mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
-        mask = np.zeros((size, size), np.uint8)
-        mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
-        Image.fromarray(mask).save(root / "prelim" / "masks" / f"im{i}.png")
-    return root / "images", root / "prelim"
-
-
 def _state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("family,method", [("sdxl", "full"), ("sd3", "full"), ("flux", "full"), ("flux", "lora")])
 def test_one_finetune_step_changes_the_denoiser_and_saves_the_family(tiny_family_dirs, tiny_family_models, tmp_path,
-                                                                     family, method):
-    images, prelim = _pairs(tmp_path)
+                                                                     finetune_pairs, family, method):
+    images, prelim = finetune_pairs(tmp_path)
     base = tiny_family_models[family]
     cfg = FinetuneConfig("bird", images, prelim, tmp_path / "ft", model=str(tiny_family_dirs[family]), steps=1, batch_size=2,
                          lr=1e-2, ema_decay=0.0, method=method, lora_rank=2, progress=False)
@@ -193,8 +179,8 @@ def test_one_finetune_step_changes_the_denoiser_and_saves_the_family(tiny_family
         assert json.loads((tmp_path / "ft" / "model" / "conceptseg_lora.json").read_text())["base_model"] == base.source
 
 
-def test_family_finetune_resumes_to_the_same_weights(tiny_family_dirs, tmp_path):
-    images, prelim = _pairs(tmp_path)
+def test_family_finetune_resumes_to_the_same_weights(tiny_family_dirs, tmp_path, finetune_pairs):
+    images, prelim = finetune_pairs(tmp_path)
 
     def run(out, steps):
         return finetune(FinetuneConfig("bird", images, prelim, out, model=str(tiny_family_dirs["flux"]), steps=steps,
@@ -214,26 +200,11 @@ def test_family_finetune_resumes_to_the_same_weights(tiny_family_dirs, tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_run_end_to_end(tiny_family_dirs, tmp_path, family):
-    from conceptseg.demo import demo_config
-    from conceptseg.pipeline import ROW_NAMES, Run, override_config
-
-    cfg = demo_config(tmp_path / "run", model=str(tiny_family_dirs[family]), device="cpu", num_images=6)
-    cfg.prelim.steps = 2
-    cfg.finetune.steps = 1
-    cfg.refine.steps = 2
-    cfg.synth.num, cfg.synth.steps = 2, 2
-    cfg.segmenter.steps, cfg.segmenter.width, cfg.segmenter.input_size = 1, 4, 32
-    # the family's part ends with stage 4: the segmenters that do not read D_s, D'_s are left out
-    cfg = override_config(cfg, ["segmenter.supervised=false", "segmenter.train_on_prelim=false", "baselines=false"])
-    metrics = Run(cfg, progress=False).execute()
-    assert {"refined", "unet_real", "unet_real_synth"} <= set(metrics) <= set(ROW_NAMES)
-    run = tmp_path / "run"
-    assert json.loads((run / "finetune" / "model" / "model_index.json").read_text())["_class_name"] == {
+def test_tiny_run_end_to_end(tiny_family_dirs, tmp_path, family, tiny_run):
+    tiny_run(tiny_family_dirs[family], tmp_path / "run")
+    index = tmp_path / "run" / "finetune" / "model" / "model_index.json"
+    assert json.loads(index.read_text())["_class_name"] == {
         "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
-    counts = json.loads((run / "manifest.json").read_text())["counts"]["images"]
-    assert len(list((run / "refine" / "masks").glob("*.png"))) == counts["train"] + counts["test"]
-    assert len(list((run / "synth" / "masks").glob("*.png"))) == 2
 
 
 def test_the_family_distillation_benchmark_runs_on_the_tiny_models(tmp_path):

@@ -298,11 +298,25 @@ def test_medical_experiment_from_yaml(tiny_model_dir, tmp_path, capsys) -> None:
     assert all(0 <= p["mean_auc"] <= 1 for p in curve["points"])
     # bad configs: one clear error naming the file and the setting
     config.write_text("out: x\neval_data: chest:y\nfinetune: {stepz: 3}\n")
-    with pytest.raises(ValueError, match=r"chest.yaml.finetune: unknown setting\(s\) \['stepz'\]"):
+    with pytest.raises(ValueError, match=r"chest.yaml.finetune: unknown setting\(s\) stepz; known: steps"):
         load_medical_config(config)
     config.write_text("out: x\neval_data: chest:y\n")
     assert load_medical_config(config).evaluate.prompt == "photo"  # stage 1's y_f by default
     assert load_medical_config(config, ["evaluate.prompt=finding"]).evaluate.prompt == "finding"
+
+
+def test_medical_finetune_settings_default_to_train_t2i(tmp_path) -> None:
+    """A medical config's `finetune:` keys are train-t2i's: each omitted one takes TrainT2IConfig's default."""
+    import dataclasses
+
+    from conceptseg.medical_experiment import load_medical_config
+    from conceptseg.train_t2i import TrainT2IConfig
+
+    config = tmp_path / "m.yaml"
+    config.write_text("out: x\neval_data: chest:y\nfinetune: {steps: 7}\n")
+    section = dataclasses.asdict(load_medical_config(config).finetune)
+    reference = dataclasses.asdict(TrainT2IConfig(data="d", out=Path("o")))
+    assert section.pop("steps") == 7 and section == {k: reference[k] for k in section}
 
 
 def test_medical_demo_config(tmp_path) -> None:

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conceptseg.demo import demo_config
-from conceptseg.pipeline import ROW_NAMES, Run, load_config, override_config
+from conceptseg.config import override_config
+from conceptseg.pipeline import ROW_NAMES, Run, load_config
 
 
 def test_config_from_yaml_with_overrides(tmp_path):

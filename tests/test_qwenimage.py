@@ -3,7 +3,7 @@
 import pytest
 
 from family_checks import *  # noqa: F401,F403  (the shared checks, collected here for this family)
-from family_checks import PROMPT, _inputs
+from family_checks import PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -11,14 +11,14 @@ def family():
     return "qwenimage"
 
 
-def test_padded_text_is_masked_in_the_maps(model):
+def test_padded_text_is_masked_in_the_maps(model, noised):
     """A prompt padded beside a longer one (its padding masked, `encoder_hidden_states_mask`) gives
     the denoiser output and the text-normalised maps of the prompt alone."""
     import torch
 
     from conceptseg.families.base import select_rows
 
-    z, levels = _inputs(model)
+    z, levels = noised(model)
     alone = model.text_conditioning(PROMPT)
     padded = select_rows(model.conditioning([PROMPT, "a photo of a background with a bird on a branch"]), torch.tensor([0]))
     n = alone.prompt_embeds.shape[1]

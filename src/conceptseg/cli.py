@@ -91,7 +91,8 @@ def _cmd_demo(args) -> None:
         print(f"\nnumbers: {args.out}/findings.json")
         return
     from conceptseg.demo import demo_config
-    from conceptseg.pipeline import Run, override_config
+    from conceptseg.config import override_config
+    from conceptseg.pipeline import Run
     from conceptseg.tables import format_table
 
     cfg = demo_config(args.out, args.concept, full=args.full, model=args.model, device=args.device, num_images=args.num_images,

@@ -19,24 +19,28 @@ from typing import Any
 
 import yaml
 
+from conceptseg.config import apply_overrides, build_config, field_default
 from conceptseg.io import write_json
-from conceptseg.pipeline import _apply_overrides
 from conceptseg.medical_eval import FindingEvalConfig, evaluate_findings, format_table
+from conceptseg.train_t2i import TrainT2IConfig
 
 
 @dataclass
 class FinetuneT2ISection:
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    train_text_encoder: bool = True  # new words (findings) need their token embeddings trained
-    context_layers: int = 0  # layers added to a context-free text encoder, so that "No pneumothorax." can be read
-    checkpoint_every: int = 100
-    mixed_precision: str = "no"
-    seed: int = 0
-    sample_prompts: list[str] = field(default_factory=list)  # samples.png; default: the first four reports
-    samples_per_prompt: int = 4
+    """The `train-t2i` settings a medical config sets; their defaults (and meaning) are TrainT2IConfig's."""
+
+    steps: int = field_default(TrainT2IConfig, "steps")
+    batch_size: int = field_default(TrainT2IConfig, "batch_size")
+    lr: float | None = field_default(TrainT2IConfig, "lr")
+    warmup_steps: int = field_default(TrainT2IConfig, "warmup_steps")
+    # a new word (a finding unknown to the base model) needs its token embedding trained: set it true
+    train_text_encoder: bool | None = field_default(TrainT2IConfig, "train_text_encoder")
+    context_layers: int = field_default(TrainT2IConfig, "context_layers")
+    checkpoint_every: int = field_default(TrainT2IConfig, "checkpoint_every")
+    mixed_precision: str = field_default(TrainT2IConfig, "mixed_precision")
+    seed: int = field_default(TrainT2IConfig, "seed")
+    sample_prompts: list[str] = field_default(TrainT2IConfig, "sample_prompts")
+    samples_per_prompt: int = field_default(TrainT2IConfig, "samples_per_prompt")
 
 
 @dataclass
@@ -66,23 +70,6 @@ class MedicalConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)} (known: {sorted(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        sub = {"finetune": FinetuneT2ISection, "evaluate": EvaluateSection}.get(name) if cls is MedicalConfig else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalConfig:
     """A MedicalConfig from YAML, then `key.sub=value` overrides (values parsed as YAML)."""
     path = Path(path)
@@ -92,8 +79,8 @@ def load_medical_config(path: str | Path, overrides: list[str] = ()) -> MedicalC
         data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    data = _apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
-    return _build(MedicalConfig, data, str(path))
+    data = apply_overrides(data, overrides)  # the same key.sub=value overrides as `conceptseg run`
+    return build_config(MedicalConfig, data, str(path))
 
 
 def _eval_config(e: EvaluateSection, per_finding: int | None, full: bool) -> FindingEvalConfig:
@@ -115,16 +102,12 @@ def run_medical(cfg: MedicalConfig, progress: bool = True) -> dict:
     tuned = cfg.model
     if cfg.train_data is not None and tuned is None:
         from conceptseg.models import EMBEDDED_MODEL
-        from conceptseg.train_t2i import TrainT2IConfig, train_t2i
+        from conceptseg.train_t2i import train_t2i
 
-        f = cfg.finetune
         tuned = str(train_t2i(TrainT2IConfig(
             data=cfg.train_data, out=out / "finetune", preset=None, base_model=str(cfg.base_model or EMBEDDED_MODEL),
-            steps=f.steps, batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps,
-            train_text_encoder=f.train_text_encoder, context_layers=f.context_layers, checkpoint_every=f.checkpoint_every,
             checkpoints_total_limit=None if cfg.evaluate.curve_per_finding else 2,  # the curve reads every checkpoint
-            mixed_precision=f.mixed_precision, seed=f.seed, sample_prompts=list(f.sample_prompts),
-            samples_per_prompt=f.samples_per_prompt, progress=progress)))
+            progress=progress, **dataclasses.asdict(cfg.finetune))))
     names = {"base": cfg.base_model, "fine-tuned": tuned} if tuned else {"base": cfg.base_model}
     models = {n: load_model(m, device=cfg.device, dtype=cfg.dtype) for n, m in names.items()}
     e = cfg.evaluate

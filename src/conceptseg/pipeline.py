@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from conceptseg import distributed, models
+from conceptseg.config import apply_overrides, build_config, field_default
 from conceptseg.data.readers import Sample, keyed_apart, list_samples
 from conceptseg.finetune import FinetuneConfig, training_dtypes
 from conceptseg.io import SettingsChanged, library_versions, write_json
@@ -52,61 +53,54 @@ from conceptseg.synth import SynthConfig
 from conceptseg.tables import ROW_NAMES
 
 
-def _default(config_class, name: str):
-    """A stage config's own default: the one place a setting's default is written (the run's YAML
-    sections, the stage's Python API and its CLI all take it from there)."""
-    f = config_class.__dataclass_fields__[name]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 @dataclass
 class PrelimSection:
-    steps: int = _default(PrelimConfig, "steps")
-    batch_size: int = _default(PrelimConfig, "batch_size")
-    seed: int = _default(PrelimConfig, "seed")
+    steps: int = field_default(PrelimConfig, "steps")
+    batch_size: int = field_default(PrelimConfig, "batch_size")
+    seed: int = field_default(PrelimConfig, "seed")
 
 
 @dataclass
 class FinetuneSection:
-    steps: int = _default(FinetuneConfig, "steps")
-    batch_size: int = _default(FinetuneConfig, "batch_size")
-    lr: float = _default(FinetuneConfig, "lr")
-    method: str = _default(FinetuneConfig, "method")
-    lora_rank: int = _default(FinetuneConfig, "lora_rank")
-    mixed_precision: str = _default(FinetuneConfig, "mixed_precision")
-    gradient_accumulation: int = _default(FinetuneConfig, "gradient_accumulation")
-    max_grad_norm: float | None = _default(FinetuneConfig, "max_grad_norm")
-    gradient_checkpointing: bool = _default(FinetuneConfig, "gradient_checkpointing")
-    optimizer: str = _default(FinetuneConfig, "optimizer")
-    latent_cache: int = _default(FinetuneConfig, "latent_cache")
-    checkpoint_every: int = _default(FinetuneConfig, "checkpoint_every")
-    checkpoints_total_limit: int | None = _default(FinetuneConfig, "checkpoints_total_limit")
-    nonfinite_loss: str = _default(FinetuneConfig, "nonfinite_loss")
-    seed: int = _default(FinetuneConfig, "seed")
+    steps: int = field_default(FinetuneConfig, "steps")
+    batch_size: int = field_default(FinetuneConfig, "batch_size")
+    lr: float = field_default(FinetuneConfig, "lr")
+    method: str = field_default(FinetuneConfig, "method")
+    lora_rank: int = field_default(FinetuneConfig, "lora_rank")
+    mixed_precision: str = field_default(FinetuneConfig, "mixed_precision")
+    gradient_accumulation: int = field_default(FinetuneConfig, "gradient_accumulation")
+    max_grad_norm: float | None = field_default(FinetuneConfig, "max_grad_norm")
+    gradient_checkpointing: bool = field_default(FinetuneConfig, "gradient_checkpointing")
+    optimizer: str = field_default(FinetuneConfig, "optimizer")
+    latent_cache: int = field_default(FinetuneConfig, "latent_cache")
+    checkpoint_every: int = field_default(FinetuneConfig, "checkpoint_every")
+    checkpoints_total_limit: int | None = field_default(FinetuneConfig, "checkpoints_total_limit")
+    nonfinite_loss: str = field_default(FinetuneConfig, "nonfinite_loss")
+    seed: int = field_default(FinetuneConfig, "seed")
 
 
 @dataclass
 class RefineSection:
-    steps: int = _default(RefineConfig, "steps")
-    sampler: str = _default(RefineConfig, "sampler")
-    samples: int = _default(RefineConfig, "samples")
-    postprocess: bool = _default(RefineConfig, "postprocess")
-    difference_to: str = _default(RefineConfig, "difference_to")
-    overlay: bool = _default(RefineConfig, "overlay")
-    difference: str = _default(RefineConfig, "difference")
-    window: int = _default(RefineConfig, "window")
-    aggregate: str = _default(RefineConfig, "aggregate")
-    batch_size: int = _default(RefineConfig, "batch_size")
-    seed: int = _default(RefineConfig, "seed")
+    steps: int = field_default(RefineConfig, "steps")
+    sampler: str = field_default(RefineConfig, "sampler")
+    samples: int = field_default(RefineConfig, "samples")
+    postprocess: bool = field_default(RefineConfig, "postprocess")
+    difference_to: str = field_default(RefineConfig, "difference_to")
+    overlay: bool = field_default(RefineConfig, "overlay")
+    difference: str = field_default(RefineConfig, "difference")
+    window: int = field_default(RefineConfig, "window")
+    aggregate: str = field_default(RefineConfig, "aggregate")
+    batch_size: int = field_default(RefineConfig, "batch_size")
+    seed: int = field_default(RefineConfig, "seed")
 
 
 @dataclass
 class SynthSection:
     num: int = 0  # 0: no synthetic set (and no D_s + D'_s row)
-    steps: int = _default(SynthConfig, "steps")
-    guidance: float = _default(SynthConfig, "guidance")
-    batch_size: int = _default(SynthConfig, "batch_size")
-    seed: int = _default(SynthConfig, "seed")
+    steps: int = field_default(SynthConfig, "steps")
+    guidance: float = field_default(SynthConfig, "guidance")
+    batch_size: int = field_default(SynthConfig, "batch_size")
+    seed: int = field_default(SynthConfig, "seed")
     # which pairs the D_s + D'_s U-Net trains on: "none" = all (the paper); "plausible" = those whose
     # mask looks like one object of a size M has on D (synth_filter.py, a named deviation)
     filter: str = "none"
@@ -114,19 +108,19 @@ class SynthSection:
 
 @dataclass
 class SegmenterSection:
-    steps: int = _default(TrainSegConfig, "steps")
-    batch_size: int = _default(TrainSegConfig, "batch_size")
-    lr: float = _default(TrainSegConfig, "lr")
-    lr_schedule: str = _default(TrainSegConfig, "lr_schedule")
-    width: int = _default(TrainSegConfig, "width")
-    input_size: int = _default(TrainSegConfig, "input_size")
-    checkpoint_every: int = _default(TrainSegConfig, "checkpoint_every")
-    checkpoints_total_limit: int | None = _default(TrainSegConfig, "checkpoints_total_limit")
-    mixed_precision: str = _default(TrainSegConfig, "mixed_precision")
-    nonfinite_loss: str = _default(TrainSegConfig, "nonfinite_loss")
+    steps: int = field_default(TrainSegConfig, "steps")
+    batch_size: int = field_default(TrainSegConfig, "batch_size")
+    lr: float = field_default(TrainSegConfig, "lr")
+    lr_schedule: str = field_default(TrainSegConfig, "lr_schedule")
+    width: int = field_default(TrainSegConfig, "width")
+    input_size: int = field_default(TrainSegConfig, "input_size")
+    checkpoint_every: int = field_default(TrainSegConfig, "checkpoint_every")
+    checkpoints_total_limit: int | None = field_default(TrainSegConfig, "checkpoints_total_limit")
+    mixed_precision: str = field_default(TrainSegConfig, "mixed_precision")
+    nonfinite_loss: str = field_default(TrainSegConfig, "nonfinite_loss")
     train_on_prelim: bool = True  # the "U-Net on (D, M_pre)" row
     supervised: bool = True  # the upper bound, when the images have true masks
-    seed: int = _default(TrainSegConfig, "seed")
+    seed: int = field_default(TrainSegConfig, "seed")
 
 
 @dataclass
@@ -158,23 +152,6 @@ class RunConfig:
 
 # ---------------------------------------------------------------- config from YAML + overrides
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _build(type(sub()), value, f"{where}.{name}") if sub and dataclasses.is_dataclass(sub()) else value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """A RunConfig from YAML, then `key.sub=value` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
@@ -183,25 +160,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.exists():
             raise FileNotFoundError(f"config {path} not found")
         data = yaml.safe_load(path.read_text()) or {}
-    return _build(RunConfig, _apply_overrides(data, overrides), str(path or "config"))
-
-
-def override_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """`cfg` with `key.sub=value` overrides applied (checked as in `load_config`)."""
-    return _build(RunConfig, _apply_overrides(dataclasses.asdict(cfg), overrides), "config") if overrides else cfg
-
-
-def _apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value (e.g. finetune.steps=200)")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return data
+    return build_config(RunConfig, apply_overrides(data, overrides), str(path or "config"))
 
 
 # ---------------------------------------------------------------- the stage graph

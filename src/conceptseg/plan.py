@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from conceptseg.config import override_config
 from conceptseg.families.base import LORA_TARGETS
 
 GiB = 2**30
@@ -514,7 +515,6 @@ def candidate_knobs(stage: str, cfg, x: PlanInputs) -> list[list[Knob]]:
 
 def _replan(stage: str, cfg, x: PlanInputs, knobs: list[Knob]) -> StagePlan:
     from conceptseg.models import resolve_dtype
-    from conceptseg.pipeline import override_config
 
     changed = override_config(cfg, [o for k in knobs for o in k.overrides])
     inputs = dataclasses.replace(x, dtype=resolve_dtype(changed.dtype, torch.device("cuda" if x.cuda else "cpu")))
