@@ -94,7 +94,7 @@ def textured():
 @pytest.fixture(scope="session")
 def tiny_family_dirs(tmp_path_factory) -> dict:
     """The tiny SDXL, SD 3, SD 3.5 and FLUX.1 presets (seed 0) saved as diffusers folders, by family name."""
-    from conceptseg.modeling.families import build_family_components, save_family_model
+    from conceptseg.modeling.presets import build_family_components, save_family_model
 
     root = tmp_path_factory.mktemp("tiny_families")
     dirs = {}
