@@ -17,7 +17,7 @@ encoded (image loading and VAE encoding are not in the figure):
   `--inpaint-batch` images per call, in the benchmark dtype.
 
 Models: `--preset full` builds the published architectures with random weights directly on the
-device (see `modeling.families.PRESETS`); `--preset tiny` the test-sized ones, so the script runs on
+device (see `modeling.presets.PRESETS`); `--preset tiny` the test-sized ones, so the script runs on
 a CPU (those numbers only show that it works).
 
     python benchmarks/distill_families.py                                      # GPU: full sizes, 1024 px
@@ -51,7 +51,7 @@ from conceptseg.families import family_from_components
 from conceptseg.families.base import select_rows
 from conceptseg.finetune import FinetuneConfig, background_box_mask, denoising_loss, make_optimizer, trainable_parameters
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
-from conceptseg.modeling.families import build_family_components
+from conceptseg.modeling.presets import build_family_components
 from conceptseg.models import resolve_dtype
 from conceptseg.training import Precision
 

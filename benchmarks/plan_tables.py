@@ -4,7 +4,7 @@ each family's documented example (`configs/cub.yaml` with the family's model) at
 resolution, against one 80 GB GPU (79 GiB, what torch reports for an 80 GB A100 or H100).
 
 No weights are needed or downloaded: each family's published architecture is built on the meta
-device by the benchmarks' builders (`modeling.diffusion`, `modeling.families`) and written as a
+device by the benchmarks' builders (`modeling.sd`, `modeling.presets`) and written as a
 config-only folder, which is what `plan` reads.
 
     python benchmarks/plan_tables.py            # prints the markdown tables
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from conceptseg.modeling.diffusion import build_components
-from conceptseg.modeling.families import build_family_components
+from conceptseg.modeling.sd import build_components
+from conceptseg.modeling.presets import build_family_components
 from conceptseg.pipeline import load_config
 from conceptseg.plan import GiB, plan_run, write_config_folder
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prelim_speed import PeakMemory, device_name, gib, sync
 
 from conceptseg.families import family_from_components
-from conceptseg.modeling.families import build_family_components
+from conceptseg.modeling.presets import build_family_components
 from conceptseg.models import resolve_dtype
 from conceptseg.prelim import PrelimConfig, PrelimRunner
 

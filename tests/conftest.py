@@ -97,7 +97,7 @@ def textured():
 def tiny_family_dir(tmp_path_factory):
     """tiny_family_dir(family) -> the family's `tiny` preset (seed 0) saved as a diffusers folder,
     built once per session. Shared: do not modify it."""
-    from conceptseg.modeling.families import build_family_components, save_family_model
+    from conceptseg.modeling.presets import build_family_components, save_family_model
 
     root = tmp_path_factory.mktemp("tiny_families")
 

@@ -1,7 +1,7 @@
 """The checks every newer family (FLUX.2, Qwen-Image) passes, on its tiny random-weight model:
 `test_flux2.py` and `test_qwenimage.py` import them and name the family (their `family` fixture).
 
-The text encoders and tokenizers are tiny ones built in code (`modeling.families.mistral_tokenizer`,
+The text encoders and tokenizers are tiny ones built in code (`modeling.presets.mistral_tokenizer`,
 `qwen_tokenizer`: NOT the real vocabularies). Reference values come from the diffusers pipelines
 themselves (`encode_prompt`, `__call__` from the same noise, `_encode_vae_image`) or are written out
 from the blocks' weights (the concept-attention maps)."""
@@ -361,7 +361,7 @@ PUBLISHED = {  # parameters in billions, the model cards' rounded figures
 
 
 def test_plan_reads_the_published_sizes_from_a_config_only_folder(family, tmp_path):
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.presets import build_family_components
     from conceptseg.pipeline import load_config
     from conceptseg.plan import GiB, plan_run, read_model, write_config_folder
 

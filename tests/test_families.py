@@ -1,7 +1,7 @@
 """Stage 1 on SDXL, SD 3 / 3.5 and FLUX.1: family detection, conditioning as the pipelines form it,
 noise grids, the joint-attention capture (probabilities, chunking, processors restored) and the
 CLI end to end, on tiny random-weight models built from configs (the T5 tokenizer is the small
-one built in code by `modeling.families.t5_tokenizer`, not T5's real vocabulary)."""
+one built in code by `modeling.presets.t5_tokenizer`, not T5's real vocabulary)."""
 
 from __future__ import annotations
 

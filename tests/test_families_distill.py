@@ -1,6 +1,6 @@
 """Stages 2-4 on SDXL, SD 3.x and FLUX.1 (and SD 2.x's v-prediction): each family's training
 objective, the RePaint loop on each family's sampler, fine-tuning (full and LoRA) with resume, and a
-tiny `run` end to end per family, on the tiny random-weight models of `modeling.families`."""
+tiny `run` end to end per family, on the tiny random-weight models of `modeling.presets`."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def test_the_family_distillation_benchmark_runs_on_the_tiny_models(tmp_path):
 def test_lora_trains_fp32_adapters_on_a_half_precision_base():
     from conceptseg.families import family_from_components
     from conceptseg.finetune import trainable_parameters
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.presets import build_family_components
 
     model = family_from_components("flux", build_family_components("flux"), "cpu", torch.bfloat16)
     cfg = FinetuneConfig("bird", [], ".", ".", method="lora", lora_rank=2, mixed_precision="bf16")

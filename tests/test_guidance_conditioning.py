@@ -18,7 +18,7 @@ SD15_PNDM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
-    from conceptseg.modeling.families import build_family_components, save_family_model
+    from conceptseg.modeling.presets import build_family_components, save_family_model
 
     folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
     save_family_model("sdxl", build_family_components("sdxl", "tiny", seed=0), folder)

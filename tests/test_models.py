@@ -1,4 +1,4 @@
-"""Loading models: local diffusers folders, dtypes, helpful errors; the DiffusionModel helpers."""
+"""Loading models: local diffusers folders, dtypes, helpful errors; the SD 1.x/2.x model's helpers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conceptseg.cli import main
+from conceptseg.families.sd import SDModel
 from conceptseg.modeling import PRESETS, build_components
 from conceptseg.models import (
     COMPONENTS,
-    DiffusionModel,
     ModelLoadError,
     from_components,
     load_model,
@@ -20,17 +20,17 @@ from conceptseg.models import (
 )
 
 
-def _params(model: DiffusionModel):
+def _params(model: SDModel):
     return [p for m in (model.vae, model.unet, model.text_encoder) for p in m.parameters()]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir) -> DiffusionModel:
+def loaded(tiny_model_dir) -> SDModel:
     return load_model(tiny_model_dir, device="cpu")
 
 
 def test_load_saved_folder(loaded, tiny_model, tiny_model_dir) -> None:
-    assert isinstance(loaded, DiffusionModel)
+    assert isinstance(loaded, SDModel)
     assert loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
     assert loaded.source == str(tiny_model_dir.resolve())
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" and not p.requires_grad for p in _params(loaded))

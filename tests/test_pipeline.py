@@ -56,11 +56,11 @@ def _tiny_demo(out, model_dir, num_images=20):
 
 def _count_loads(monkeypatch) -> list[str]:
     """The folders whose weights are read from disk, once per read (the SD 1.x/2.x loader)."""
-    from conceptseg import models
+    from conceptseg.families import sd
 
     loads: list[str] = []
-    real = models._load_parts
-    monkeypatch.setattr(models, "_load_parts", lambda source, *a, **k: loads.append(str(source)) or real(source, *a, **k))
+    real = sd._load_parts
+    monkeypatch.setattr(sd, "_load_parts", lambda source, *a, **k: loads.append(str(source)) or real(source, *a, **k))
     return loads
 
 

@@ -25,8 +25,8 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 @pytest.fixture(scope="module")
 def config_folders(tmp_path_factory) -> dict[str, Path]:
     """Config-only folders of SD 1.5, SDXL base 1.0 and FLUX.1-dev: no weights anywhere."""
-    from conceptseg.modeling.diffusion import build_components
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.sd import build_components
+    from conceptseg.modeling.presets import build_family_components
 
     root = tmp_path_factory.mktemp("configs")
     with torch.device("meta"):
@@ -93,8 +93,8 @@ def test_finetune_plan_holds_what_finetune_keeps_on_the_device(config_folders):
 def test_lora_count_is_what_finetune_trains():
     """The planner's LoRA count equals the trainable parameters `finetune` creates with peft."""
     from conceptseg.finetune import FinetuneConfig, trainable_parameters
-    from conceptseg.modeling.diffusion import build_components
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.sd import build_components
+    from conceptseg.modeling.presets import build_family_components
 
     for parts in (build_components("tiny"), build_family_components("flux", "tiny")):
         denoiser = parts.get("unet") or parts["transformer"]

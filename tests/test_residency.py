@@ -113,7 +113,7 @@ def test_gradient_checkpointing_is_on_by_default_and_changes_no_result(stage1, t
 def test_the_policy_on_the_model_object():
     """cast_frozen, offload_text_encoders (kept: conditioning still works; dropped: it refuses) and release."""
     from conceptseg.families import family_from_components
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.presets import build_family_components
 
     sd = from_components(build_components("tiny"), device="cpu", dtype="fp32")
     flux = family_from_components("flux", build_family_components("flux", "tiny"), "cpu", torch.float32)

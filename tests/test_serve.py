@@ -190,7 +190,7 @@ def test_stage1_map_kind_option(serve, segmenter, tiny_model, textured, tmp_path
     import conceptseg.serve
     from conceptseg.cli import main
     from conceptseg.families import family_from_components
-    from conceptseg.modeling.families import build_family_components
+    from conceptseg.modeling.presets import build_family_components
     from conceptseg.prelim import preliminary_masks
 
     flux = family_from_components("flux", build_family_components("flux", "tiny"), "cpu", torch.float32)

@@ -49,13 +49,14 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptseg.attention import CrossAttentionStore, swapped_processors
+from conceptseg.families.base import DiffusionModel
 from conceptseg.joint_attention import qwen_qkv, sd3_attend, sd3_project, sd3_qkv
 
 MAP_KINDS = ("cross-attention", "concept-attention")
 JOINT_FAMILIES = ("sd3", "flux", "flux2", "qwenimage")
 
 
-def check_supports_concept_attention(model) -> None:
+def check_supports_concept_attention(model: DiffusionModel) -> None:
     """One clear error for a family without joint attention (SD 1.x/2.x, SDXL)."""
     if getattr(model, "family", "sd") not in JOINT_FAMILIES:
         raise ValueError(f"--maps concept-attention needs a joint-attention model (SD 3.x, FLUX.1, FLUX.2 or Qwen-Image); "
@@ -74,7 +75,7 @@ def resolve_layers(layers: Sequence[int] | None, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def embed_concepts(model, words: Sequence[str]) -> torch.Tensor:
+def embed_concepts(model: DiffusionModel, words: Sequence[str]) -> torch.Tensor:
     """(1, C, W_text): each word's first token row of `model.conditioning([word])`."""
     rows = []
     for word in words:

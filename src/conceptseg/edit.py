@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from conceptseg.cutout import alpha_of, fit, load_background, over
+from conceptseg.families.base import DiffusionModel
 from conceptseg.geometry import Canvas, load_image_and_mask, load_rgb
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background, sample_latents
 from conceptseg.data.readers import Sample, list_samples
@@ -62,7 +63,7 @@ def covering_latent_mask(mask: np.ndarray, canvas: Canvas, factor: int) -> np.nd
     return full.reshape(lat, factor, lat, factor).any(axis=(1, 3))
 
 
-def remove(model, images: Sequence[Image.Image], masks: Sequence[np.ndarray], keys: Sequence[str],
+def remove(model: DiffusionModel, images: Sequence[Image.Image], masks: Sequence[np.ndarray], keys: Sequence[str],
            config: EditConfig = EditConfig()) -> list[np.ndarray]:
     """Each image (uint8 RGB, original size) with the masked object replaced by inpainted background."""
     warn_if_not_toy_world(model, [im.size for im in images])
@@ -80,7 +81,7 @@ def remove(model, images: Sequence[Image.Image], masks: Sequence[np.ndarray], ke
     return out
 
 
-def generate_backgrounds(model, keys: Sequence[str], config: EditConfig = EditConfig()) -> list[Image.Image]:
+def generate_backgrounds(model: DiffusionModel, keys: Sequence[str], config: EditConfig = EditConfig()) -> list[Image.Image]:
     """One background per key from the background prompt, at the model's resolution; a key's
     background does not depend on the batch it is made in."""
     gens = [_generator(config.seed, k) for k in keys]
@@ -124,7 +125,7 @@ class MaskSource:
         return str(self.folder.resolve()) if self.folder is not None else f"segmenter (input size {self.segmenter.input_size})"
 
 
-def run_remove(model, images, masks: MaskSource, out: Path, config: EditConfig, overwrite: bool = False,
+def run_remove(model: DiffusionModel, images, masks: MaskSource, out: Path, config: EditConfig, overwrite: bool = False,
                progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
     """`conceptseg remove`: OUT/removed/<key>.png (original size), OUT/manifest.json; resumable."""
     out = Path(out)
@@ -143,8 +144,9 @@ def run_remove(model, images, masks: MaskSource, out: Path, config: EditConfig, 
                           masks.load, process, overwrite, progress)
 
 
-def run_composite(images, masks: MaskSource, out: Path, config: EditConfig, background: str | Path | None = None, model=None,
-                  overwrite: bool = False, progress: bool = True, split: str = "all", shard: tuple[int, int] = (0, 1)) -> dict:
+def run_composite(images, masks: MaskSource, out: Path, config: EditConfig, background: str | Path | None = None,
+                  model: DiffusionModel | None = None, overwrite: bool = False, progress: bool = True, split: str = "all",
+                  shard: tuple[int, int] = (0, 1)) -> dict:
     """`conceptseg composite`: OUT/composites/<key>.png over `background`, or over a background
     `model` generates per image (kept in OUT/backgrounds/<key>.png); OUT/manifest.json."""
     if (background is None) == (model is None):

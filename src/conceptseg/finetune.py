@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.data.readers import list_samples
 from conceptseg.io import save_png, write_folder, write_json
-from conceptseg.families.base import lora_targets, select_rows
+from conceptseg.families.base import DiffusionModel, lora_targets, select_rows
 from conceptseg.models import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_model, resolve_dtype
 from conceptseg.pictures import picture_grid
 from conceptseg.schedules import TrainingBatch
@@ -117,7 +117,7 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return (((pred.float() - target.float()) * mask) ** 2).mean(dim=(1, 2, 3))
 
 
-def denoising_loss(model, module, batch: TrainingBatch, cond, loss_mask: torch.Tensor) -> torch.Tensor:
+def denoising_loss(model: DiffusionModel, module, batch: TrainingBatch, cond, loss_mask: torch.Tensor) -> torch.Tensor:
     """Per sample: `masked_loss` of `module`'s prediction on the batch's noised latents against the
     target of the model's own objective (epsilon or v by the scheduler's `prediction_type` for SD 1.x,
     2.x and SDXL; the velocity eps - z0 for SD 3.x and FLUX.1), times the objective's weight."""
@@ -283,7 +283,7 @@ def trainable_parameters(denoiser, cfg: FinetuneConfig) -> list[torch.nn.Paramet
 class _Batches:
     """Augmented (image, M_pre) batches, from disk each step or from a cache of encoded views."""
 
-    def __init__(self, pairs: list[TrainingPair], model, cfg: FinetuneConfig, rank: int):
+    def __init__(self, pairs: list[TrainingPair], model: DiffusionModel, cfg: FinetuneConfig, rank: int):
         self.pairs, self.model, self.cfg, self.rank = pairs, model, cfg, rank
         self.cache = None
         if cfg.latent_cache > 0:
@@ -311,7 +311,7 @@ class _Batches:
         return latents, torch.from_numpy(np.stack([s.mask_latent for s in samples])), rng
 
 
-def finetune(cfg: FinetuneConfig, model=None) -> Path:
+def finetune(cfg: FinetuneConfig, model: DiffusionModel | None = None) -> Path:
     """Train, checkpoint, resume; returns OUT/model (a diffusers folder, or LoRA weights + base reference).
 
     `model`: the base model already loaded on the training device in the denoiser's training dtype
@@ -321,7 +321,7 @@ def finetune(cfg: FinetuneConfig, model=None) -> Path:
         return _finetune(cfg, accelerator, model)
 
 
-def training_model(cfg: FinetuneConfig, device: torch.device, model=None):
+def training_model(cfg: FinetuneConfig, device: torch.device, model: DiffusionModel | None = None):
     """(the base model as training holds it, the conditioning of [concept prompt, background prompt]).
     Loaded once (or `model`, handed over); frozen parts in the weight dtype; both prompts encoded
     once; then the text encoders leave the device before the first step: to the CPU for a full
@@ -340,7 +340,7 @@ def training_model(cfg: FinetuneConfig, device: torch.device, model=None):
     return model, cond
 
 
-def _finetune(cfg: FinetuneConfig, accelerator, model=None) -> Path:
+def _finetune(cfg: FinetuneConfig, accelerator, model: DiffusionModel | None = None) -> Path:
     out = Path(cfg.out)
     pairs, problems = collect_pairs(cfg.images, cfg.prelim, cfg.split)
     for msg in problems:
@@ -373,7 +373,7 @@ def _finetune(cfg: FinetuneConfig, accelerator, model=None) -> Path:
     return final
 
 
-def _train(cfg: FinetuneConfig, model, cond, pairs: list[TrainingPair], denoiser_p, updates: OptimiserSteps,
+def _train(cfg: FinetuneConfig, model: DiffusionModel, cond, pairs: list[TrainingPair], denoiser_p, updates: OptimiserSteps,
            checkpoints: Checkpoints) -> None:
     """The loop: from the last checkpoint (validated against `cfg`) to `cfg.steps` optimiser steps;
     `cond`: the conditioning of [concept prompt, background prompt] (`training_model`)."""
@@ -416,7 +416,7 @@ def _train(cfg: FinetuneConfig, model, cond, pairs: list[TrainingPair], denoiser
     log.end()
 
 
-def inpainting_preview(model, batches: "_Batches", background, count: int = 4, steps: int = 25) -> np.ndarray:
+def inpainting_preview(model: DiffusionModel, batches: "_Batches", background, count: int = 4, steps: int = 25) -> np.ndarray:
     """image | M_pre | foreground inpainted with the background prompt (`background`: its
     conditioning, computed before training), for a few training images."""
     from conceptseg.inpaint import inpaint_background

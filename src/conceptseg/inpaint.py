@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from conceptseg.families.base import select_rows
+from conceptseg.families.base import DiffusionModel, select_rows
 
 BACKGROUND_PROMPT = "a photo of a background"
 
 
 @torch.no_grad()
-def inpaint_background(model, z0: torch.Tensor, region: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
+def inpaint_background(model: DiffusionModel, z0: torch.Tensor, region: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                        steps: int = 50, eta: float = 0.0, guidance: float = 1.0, negative_prompt: str | None = None,
                        sampler: str = "ddim", generator: torch.Generator | list[torch.Generator] | None = None,
                        trace: list | None = None, cond=None) -> torch.Tensor:
@@ -67,7 +67,7 @@ def classifier_free_guidance(positive: torch.Tensor, negative: torch.Tensor, sca
     return negative + scale * (positive - negative)
 
 
-def sample_latents(model, prompt: str, count: int, steps: int = 50, guidance: float = 1.0,
+def sample_latents(model: DiffusionModel, prompt: str, count: int, steps: int = 50, guidance: float = 1.0,
                    sampler: str = "ddim", generator=None) -> torch.Tensor:
     """Plain text-to-image sampling: inpainting with nothing known. guidance != 1 is classifier-free
     guidance against the empty prompt."""

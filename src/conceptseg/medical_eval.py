@@ -47,9 +47,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from conceptseg.data.medical import FindingCase, ReportedImage, negates
+from conceptseg.families.base import DiffusionModel
 from conceptseg.geometry import image_size, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
-from conceptseg.models import DiffusionModel
 from conceptseg.prelim import PrelimConfig, PrelimRunner
 from conceptseg.toy_eval import _centre_prior
 

@@ -1,23 +1,21 @@
-"""Loading a Stable-Diffusion-style model: a local diffusers folder, a hub id, or the embedded default."""
+"""Loading, wrapping and saving models, and their names: a local diffusers folder, a hub id, or an
+embedded model. What a loaded model is and does is its family's (`conceptseg.families`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from conceptseg.residency import Residency
-from conceptseg.vae import LatentCodec
-from conceptseg.schedules import DDPMObjective, ddpm_noised, scheduler_from_config, timestep_grid
-from conceptseg.tokenizer import check_prompt_length, concept_token_positions
+from conceptseg.families import (FAMILY_LABELS, UnsupportedFamily, family_from_components, family_of, load_family_model,
+                                 read_model_index, required_components, save_components)
+from conceptseg.families.base import DiffusionModel
+from conceptseg.families.sd import SDModel
 
-COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = SDModel.components  # an SD 1.x/2.x folder's (`save_model`, `from_components`)
 EMBEDDED_MODEL = "embedded:toy"
 EMBEDDED_CHEST_MODEL = "embedded:chest"  # the toy model fine-tuned on chest-world reports (docs/medical.md)
 # The models that ship with the package: name -> (assets folder, the toy world it knows). "embedded:toy"
@@ -65,118 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
-@dataclass
-class DiffusionModel(LatentCodec, Residency):
-    """The parts of a latent diffusion model the pipeline uses, on one device and dtype.
-
-    Also the SD 1.x/2.x member of the stage-1 interface every family gives (`conceptseg.families`).
-    """
-
-    family = "sd"
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
-    source: str
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self) -> int:
-        """Image side the model was trained at (512 for SD 1.x)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def latent_resolution(self) -> int:
-        return self.unet.config.sample_size
-
-    @property
-    def attention_resolution(self) -> int:
-        """Side of the grid stage 1's maps are averaged on: the latent grid."""
-        return self.unet.config.sample_size
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod
-
-    # ---- stage 1 (the interface of conceptseg.families)
-
-    def describe(self) -> str:
-        return f"Stable Diffusion 1.x/2.x (UNet cross-attention) from {self.source}"
-
-    def text_conditioning(self, prompt: str) -> torch.Tensor:
-        return self.encode_prompts([prompt])
-
-    def concept_token_positions(self, prompt: str, words) -> list[list[int]]:
-        return concept_token_positions(self.tokenizer, prompt, words)
-
-    def noise_levels(self, t0: int, grid: str = "sampler") -> list[int]:
-        """The T0 smallest timesteps of the 50-step DDIM grid (the same for either `grid`)."""
-        return timestep_grid(t0, offset=self.scheduler.config.get("steps_offset", 1) or 0)
-
-    def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ddpm_noised(self.alphas_cumprod, latents, eps, t)
-
-    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, module=None) -> torch.Tensor:
-        """One conditional pass; `module`: the UNet as a trainer wrapped it (default: this model's)."""
-        return (module or self.unet)(noisy.to(self.dtype), t, cond.expand(len(noisy), -1, -1)).sample
-
-    def capture_attention(self, token_groups, per_level: bool = False, **options):
-        from conceptseg.attention import capture_cross_attention
-
-        grid = (self.attention_resolution, self.attention_resolution)
-        return capture_cross_attention(self.unet, token_groups, grid, per_level=per_level)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        self.check_text_encoders()
-        for prompt in prompts:
-            check_prompt_length(self.tokenizer, prompt)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        # on the encoder's device: the CPU once it was offloaded (`residency`)
-        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.device, self.dtype)
-
-    # ---- stages 2-4 (the interface of conceptseg.families)
-
-    denoiser_name = "unet"
-
-    @property
-    def denoiser(self) -> UNet2DConditionModel:
-        return self.unet
-
-    @property
-    def objective(self) -> DDPMObjective:
-        return DDPMObjective(self.scheduler)
-
-    def conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """One row per prompt, for `denoise` (select rows with `families.select_rows`)."""
-        return self.encode_prompts(prompts)
-
-    def save_pretrained(self, dest: Path, denoiser=None) -> None:
-        """This model, with `denoiser` for its UNet, as a standard diffusers folder."""
-        save_model(dict(vae=self.vae, unet=denoiser or self.unet, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                        scheduler=self.scheduler), dest)
-
-
-def _load_parts(source, dtype: torch.dtype, local_files_only: bool) -> tuple:
-    # use_safetensors=True: weights are never unpickled from a .bin a user may not have made
-    kw = dict(local_files_only=local_files_only)
-    return (
-        AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw),
-        UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **kw),
-        CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True, **kw),
-        CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-        scheduler_from_config(DDIMScheduler, DDIMScheduler.load_config(source, subfolder="scheduler", **kw)),
-    )
-
-
-def _check_folder(path: Path, components=COMPONENTS, kind: str = "Stable Diffusion") -> None:
+def _check_folder(path: Path, components, kind: str) -> None:
     missing = []
     for name in components:
         sub = path / name
@@ -200,16 +87,14 @@ def _check_folder(path: Path, components=COMPONENTS, kind: str = "Stable Diffusi
 
 
 def load_model(model: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None) -> DiffusionModel:
     """Load a diffusers folder or hub id; the family comes from its model_index.json.
 
-    Stable Diffusion 1.x/2.x (or a folder without model_index.json) gives a `DiffusionModel` (vae,
-    unet, text encoder, tokenizer, scheduler); SDXL, SD 3.x and FLUX.1 give the family's model of
-    `conceptseg.families`; every stage runs on each. `model.family` and `model.describe()` say
-    which was found. `None` or "embedded:toy" is the toy-world model that ships with the package.
+    Stable Diffusion 1.x/2.x (or a folder without model_index.json) gives a `families.sd.SDModel`;
+    SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image give their family's model (`conceptseg.families`);
+    every stage runs on each. `model.family` and `model.describe()` say which was found. `None` or
+    "embedded:toy" is the toy-world model that ships with the package.
     """
-    from conceptseg.families import FAMILY_LABELS, UnsupportedFamily, family_of, read_model_index, required_components
-
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if model is not None and (Path(model) / LORA_CONFIG_FILE).exists():
@@ -232,25 +117,11 @@ def load_model(model: str | Path | None = None, device: str | torch.device | Non
         family = family_of(index, str(path if local else model)) if index is not None else "sd"
     except UnsupportedFamily as e:
         raise ModelLoadError(str(e)) from None
-    if family != "sd":
-        if local:
-            _check_folder(path, required_components(family, index), FAMILY_LABELS[family])
-        return _load_with_fallback(lambda offline: _load_family(family, source_id, device, torch_dtype, offline, source),
-                                   path, model, local)
     if local:
-        _check_folder(path)
-    parts = _load_with_fallback(lambda offline: _load_parts(source_id, torch_dtype, local_files_only=offline),
-                                path, model, local)
-    vae, unet, text_encoder, tokenizer, scheduler = parts
-    for m in (vae, unet, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    return DiffusionModel(vae, unet, text_encoder, tokenizer, scheduler, source, device, torch_dtype)
-
-
-def _load_family(family, source_id, device, dtype, local_files_only, source):
-    from conceptseg.families import load_family_model
-
-    return load_family_model(family, source_id, device, dtype, local_files_only, source)
+        kind = "Stable Diffusion" if family == "sd" else FAMILY_LABELS[family]
+        _check_folder(path, required_components(family, index), kind)
+    return _load_with_fallback(lambda offline: load_family_model(family, source_id, device, torch_dtype, offline, source),
+                               path, model, local)
 
 
 def _load_with_fallback(load, path: Path, model, local: bool):
@@ -310,22 +181,14 @@ def warn_if_not_toy_world(model: DiffusionModel, sizes) -> bool:
 
 
 def from_components(components: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                    source: str = "in-memory") -> DiffusionModel:
-    """Wrap components built in memory (e.g. `modeling.build_components`) without saving them."""
+                    source: str = "in-memory") -> SDModel:
+    """Wrap SD 1.x/2.x components built in memory (e.g. `modeling.build_components`) without saving
+    them (`families.family_from_components` wraps any family's)."""
     device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    parts = {k: components[k] for k in COMPONENTS}
-    for k in ("vae", "unet", "text_encoder"):
-        parts[k] = parts[k].to(device).eval().requires_grad_(False)
-        if parts[k].dtype != torch_dtype:
-            parts[k] = parts[k].to(torch_dtype)
-    return DiffusionModel(**parts, source=source, device=device, dtype=torch_dtype)
+    return family_from_components("sd", {k: components[k] for k in COMPONENTS}, device, resolve_dtype(dtype, device), source)
 
 
 def save_model(model_parts: dict, out: Path) -> None:
-    """A standard diffusers folder that `StableDiffusionPipeline.from_pretrained(out)` loads offline."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(**{k: model_parts[k] for k in COMPONENTS}, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
+    """A standard diffusers folder of SD 1.x/2.x components, which `StableDiffusionPipeline.from_pretrained(out)`
+    loads offline (`families.save_components` saves any family's)."""
+    save_components("sd", {k: model_parts[k] for k in COMPONENTS}, out)

@@ -157,7 +157,6 @@ def build_on_meta(library: str, class_name: str, config_file: Path) -> torch.nn.
 def read_model(model: str | Path | None) -> ModelSizes:
     """The planner's view of a model folder (or hub id) from its configs alone."""
     from conceptseg.families import family_class, family_of, read_model_index
-    from conceptseg.models import DiffusionModel
 
     source, local = model_folder(model)
     index = read_model_index(source, local)
@@ -168,7 +167,7 @@ def read_model(model: str | Path | None) -> ModelSizes:
         index = {"vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
                  "text_encoder": ["transformers", "CLIPTextModel"]}
     family = family_of(index, str(source)) if "_class_name" in index else "sd"
-    cls = DiffusionModel if family == "sd" else family_class(family)
+    cls = family_class(family)
     wanted = [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "device", "dtype")]
     parts = {}
     for name in wanted:
@@ -662,7 +661,7 @@ def check_fits(config, device_memory_gb: float | None = None) -> None:
 def write_config_folder(components: dict, pipeline: str, out: Path) -> Path:
     """A diffusers folder of configs only (model_index.json, each network's config.json, the
     scheduler's config; no weights, no tokenizer files): what `plan` reads. For tests and docs, from
-    components built on the meta device (`modeling.families.build_family_components(..., device="meta")`)."""
+    components built on the meta device (`modeling.presets.build_family_components(..., device="meta")`)."""
     out = Path(out)
     index = {"_class_name": pipeline}
     for name, part in components.items():

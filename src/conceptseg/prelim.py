@@ -25,10 +25,11 @@ from PIL import Image
 
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.geometry import Canvas, load_rgb, to_rgb
+from conceptseg.families.base import DiffusionModel
 from conceptseg.concept_attention import MAP_KINDS, check_supports_concept_attention, embed_concepts, foreground_map
 from conceptseg.io import Manifest, process_images, save_mask_png, save_npy
 from conceptseg.joint_attention import NORMALISATIONS
-from conceptseg.models import DiffusionModel, warn_if_not_toy_world
+from conceptseg.models import warn_if_not_toy_world
 from conceptseg.schedules import SIGMA_GRIDS, timestep_grid  # noqa: F401  (timestep_grid: still importable from here)
 from conceptseg.settings import added_setting, execution_setting, stage_settings
 from conceptseg.thresholding import GMM_METHODS, binarize, binarize_maps

@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from conceptseg.families.base import DiffusionModel
 from conceptseg.geometry import Canvas, load_image_and_mask
 from conceptseg.inpaint import BACKGROUND_PROMPT, inpaint_background
 from conceptseg.data.readers import Sample, list_samples
 from conceptseg.io import Manifest, process_images, save_mask_png, save_png
-from conceptseg.models import DiffusionModel, warn_if_not_toy_world
+from conceptseg.models import warn_if_not_toy_world
 from conceptseg.settings import added_setting, execution_setting, stage_settings
 from conceptseg.thresholding import GMM_METHODS, binarize
 

@@ -30,7 +30,7 @@ def free_device_memory(device: torch.device | str | None = None) -> None:
 
 class Residency:
     """The residency policy of a model dataclass with `vae`, `text_encoder*` fields and `device`
-    (mixed into `models.DiffusionModel` and `families.base.FamilyModel`)."""
+    (mixed into `families.base.FamilyModel`, which every family's model class subclasses)."""
 
     text_encoders_dropped = False  # set by offload_text_encoders(keep=False)
 

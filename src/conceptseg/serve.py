@@ -45,7 +45,7 @@ class BadRequest(ValueError):
 @dataclass
 class App:
     segmenter: object  # conceptseg.segmenter.Segmenter
-    model: object | None = None  # a DiffusionModel for stage 1, optional
+    model: object | None = None  # a `families.base.DiffusionModel` for stage 1, optional
     example: Path | None = None
     source: str = ""
     maps: str = "cross-attention"  # stage 1's map kind (`prelim.PrelimConfig.maps`) unless a request names one

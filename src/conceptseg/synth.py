@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from conceptseg.inpaint import sample_latents
 from conceptseg.io import Manifest, save_mask_png, save_png, write_text
-from conceptseg.models import DiffusionModel
+from conceptseg.families.base import DiffusionModel
 from conceptseg.settings import execution_setting, stage_settings
 from conceptseg.prelim import PrelimConfig, PrelimRunner
 from conceptseg.refine import RefineConfig, Refiner

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
 from conceptseg.data.toyworld import CLASSES, caption_for, load_rows, render_scene
+from conceptseg.families.sd import SDModel
 from conceptseg.geometry import Canvas, load_mask_file, load_rgb
 from conceptseg.metrics import PooledCounts, auc_roc
-from conceptseg.models import DiffusionModel
 from conceptseg.prelim import (PrelimConfig, PrelimRunner, attention_maps, attention_maps_by_level, image_noise,
                                timestep_grid)
 from conceptseg.tokenizer import concept_token_positions
@@ -43,12 +43,13 @@ class ToyEvalConfig:
     world: str | None = None  # toy world of the binding scenes; None: the dataset's (v2 rows record their scene)
 
 
-def _random_init(model: DiffusionModel, seed: int) -> DiffusionModel:
+def _random_init(model: SDModel, seed: int) -> SDModel:
     """The same architecture with fresh random UNet and text-encoder weights (the VAE is kept)."""
     torch.manual_seed(seed)
     unet = type(model.unet).from_config(model.unet.config).to(model.device, model.dtype).eval()
     text_encoder = type(model.text_encoder)(copy.deepcopy(model.text_encoder.config)).to(model.device, model.dtype).eval()
-    return DiffusionModel(model.vae, unet, text_encoder, model.tokenizer, model.scheduler, "random-init", model.device, model.dtype)
+    return SDModel(vae=model.vae, unet=unet, text_encoder=text_encoder, tokenizer=model.tokenizer, scheduler=model.scheduler,
+                   source="random-init", device=model.device, dtype=model.dtype)
 
 
 def _centre_prior(size: tuple[int, int]) -> np.ndarray:
@@ -57,12 +58,12 @@ def _centre_prior(size: tuple[int, int]) -> np.ndarray:
     return -np.hypot((yy + 0.5) / h - 0.5, (xx + 0.5) / w - 0.5)
 
 
-def _prelim_runners(model: DiffusionModel, words, cfg: ToyEvalConfig) -> dict[str, PrelimRunner]:
+def _prelim_runners(model: SDModel, words, cfg: ToyEvalConfig) -> dict[str, PrelimRunner]:
     """Stage 1 as `conceptseg prelim` runs it, one runner per word."""
     return {w: PrelimRunner(model, PrelimConfig(w, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)) for w in set(words)}
 
 
-def _localisation(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
+def _localisation(model: SDModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
     """Mean per-image AUC of the raw map and pooled scores of M_pre, for each image's given word."""
     aucs, counts, per_class = [], PooledCounts(), defaultdict(list)
     runners = _prelim_runners(model, words, cfg)
@@ -77,7 +78,7 @@ def _localisation(model: DiffusionModel, images, keys, truths, words, cfg: ToyEv
 
 
 @torch.no_grad()
-def _per_level(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
+def _per_level(model: SDModel, images, keys, truths, words, cfg: ToyEvalConfig, progress: bool) -> dict:
     """Mean per-image AUC of each UNet resolution's own map (same noise and prompt as stage 1):
     which levels localise, which only add noise to the equal-weight average."""
     aucs = defaultdict(list)
@@ -92,7 +93,7 @@ def _per_level(model: DiffusionModel, images, keys, truths, words, cfg: ToyEvalC
 
 
 @torch.no_grad()
-def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEvalConfig, progress: bool) -> float:
+def _classify(model: SDModel, images, keys, labels, classes, cfg: ToyEvalConfig, progress: bool) -> float:
     """Accuracy of argmin over class prompts of the denoising error (same noise for every prompt)."""
     conds = model.encode_prompts([f"a photo of a {c}" for c in classes])
     t = torch.tensor(cfg.classify_timesteps, device=model.device)
@@ -111,7 +112,7 @@ def _classify(model: DiffusionModel, images, keys, labels, classes, cfg: ToyEval
 
 
 @torch.no_grad()
-def _binding(model: DiffusionModel, cfg: ToyEvalConfig, classes, world: str, progress: bool) -> float:
+def _binding(model: SDModel, cfg: ToyEvalConfig, classes, world: str, progress: bool) -> float:
     """Mean AUC, over both words of fresh two-object scenes, of a word's map separating its object from the other."""
     timesteps = timestep_grid(cfg.steps)
     aucs = []
@@ -134,7 +135,7 @@ def _binding(model: DiffusionModel, cfg: ToyEvalConfig, classes, world: str, pro
     return float(np.nanmean(aucs))
 
 
-def evaluate_toy_model(model: DiffusionModel, data_root, cfg: ToyEvalConfig | None = None, progress: bool = True) -> dict:
+def evaluate_toy_model(model: SDModel, data_root, cfg: ToyEvalConfig | None = None, progress: bool = True) -> dict:
     cfg = cfg or ToyEvalConfig()
     rows = [r for r in read_imagefolder(data_root, split="test") if len(r.classes) == 1]
     by_class = defaultdict(list)

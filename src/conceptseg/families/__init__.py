@@ -1,8 +1,8 @@
 """Model families: which pipeline a diffusers folder holds (`model_index.json`'s `_class_name`) and
-the model object that gives stage 1 what it needs for that family (see `families.base`).
+the model class that gives the stages what they need for that family (`families.base.DiffusionModel`).
 
-SD 1.x/2.x load as `models.DiffusionModel`; SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image load as the
-classes here. Every family runs every stage.
+One registry: SD 1.x/2.x (`sd.SDModel`), SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image, each a
+`families.base.FamilyModel` loaded, wrapped and saved the same way. Every family runs every stage.
 """
 
 from __future__ import annotations
@@ -65,26 +65,29 @@ def pipeline_name(family: str) -> str:
 
 
 def family_class(family: str):
+    """The model class of a family name ("sd", "sdxl", ...; "sd3.5" counts as "sd3")."""
     from conceptseg.families.flux import FluxModel
     from conceptseg.families.flux2 import Flux2Model
     from conceptseg.families.qwenimage import QwenImageModel
+    from conceptseg.families.sd import SDModel
     from conceptseg.families.sd3 import SD3Model
     from conceptseg.families.sdxl import SDXLModel
 
-    return {"sdxl": SDXLModel, "sd3": SD3Model, "flux": FluxModel, "flux2": Flux2Model, "qwenimage": QwenImageModel}[family]
+    classes = {"sd": SDModel, "sdxl": SDXLModel, "sd3": SD3Model, "flux": FluxModel, "flux2": Flux2Model,
+               "qwenimage": QwenImageModel}
+    return classes["sd3" if family == "sd3.5" else family]
 
 
-def required_components(family: str, model_index: dict) -> list[str]:
+def required_components(family: str, model_index: dict | None) -> list[str]:
     """The components a folder of this family must hold (optional ones only where its index names them)."""
     cls = family_class(family)
     optional = [k for k in ("text_encoder_3", "tokenizer_3") if k in cls.__dataclass_fields__]
-    return list(cls.components) + [k for k in optional if (model_index.get(k) or [None])[0] is not None]
+    return list(cls.components) + [k for k in optional if ((model_index or {}).get(k) or [None])[0] is not None]
 
 
 def family_from_components(family: str, components: dict, device, dtype, source: str = "in-memory"):
-    """Wrap a family's components built in memory (`modeling.families.build_family_components`)
+    """Wrap a family's components built in memory (`modeling.presets.build_family_components`)
     without saving them; "sd3.5" counts as "sd3"."""
-    family = "sd3" if family == "sd3.5" else family
     cls = family_class(family)
     parts = {k: components.get(k) for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")}
     for m in parts.values():
@@ -97,22 +100,14 @@ def family_from_components(family: str, components: dict, device, dtype, source:
 
 def load_family_model(family: str, source, device: torch.device, dtype: torch.dtype, local_files_only: bool,
                       source_label: str):
-    """Load a non-SD family's pipeline with diffusers and keep the parts stage 1 uses."""
+    """Load a family's model from a diffusers folder or hub id (its class's `from_pretrained`)."""
+    return family_class(family).from_pretrained(source, device, dtype, local_files_only, source_label)
+
+
+def save_components(family: str, components: dict, out: Path) -> None:
+    """A standard diffusers folder of the family's pipeline, which its `from_pretrained` loads offline."""
     import diffusers
 
     cls = family_class(family)
-    pipe = getattr(diffusers, pipeline_name(family)).from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                             local_files_only=local_files_only)
-    names = [k for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")]
-    parts = {k: getattr(pipe, k) if k in pipe.components else pipe.config.get(k) for k in names}  # modules, then settings
-    missing = [k for k in cls.components if parts.get(k) is None]
-    if missing:
-        raise ValueError(f"the {FAMILY_LABELS[family]} pipeline has no {', '.join(missing)} (a refiner or a "
-                         "partial checkpoint?); stage 1 needs them")
-    for m in parts.values():
-        if isinstance(m, torch.nn.Module):
-            m.to(device).eval().requires_grad_(False)
-    vae = parts["vae"]
-    if dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as its pipelines know
-    return cls(source=source_label, device=device, dtype=dtype, **parts)
+    pipeline = getattr(diffusers, pipeline_name(cls.family))(**components, **cls.pipeline_options)
+    pipeline.save_pretrained(out, safe_serialization=True)

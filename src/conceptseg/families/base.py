@@ -1,24 +1,7 @@
-"""What the newer families share: the stage-1 interface, VAE encoding, and token positions over
-several tokenizers.
-
-Stage 1 (`conceptseg.prelim`) asks a model for:
-  resolution / attention_resolution   canvas side in pixels / side of the grid the maps live on
-  encode_images(uint8 N,H,W,3)        -> latents (N, C, h, w), the posterior mean, scaled (and shifted)
-  text_conditioning(prompt)           -> whatever `denoise` needs about the prompt (one row)
-  concept_token_positions(prompt, w)  -> each word's positions in the denoiser's text sequence
-  noise_levels(t0, grid)              -> the T0 noise levels (timesteps or sigmas), ascending
-  add_noise(latents, eps, levels)     -> z at those levels (float32)
-  denoise(z, levels, cond)            -> one conditional forward pass
-  capture_attention(groups, ...)      -> a context manager yielding a CrossAttentionStore
-
-Stages 2-4 (`finetune`, `inpaint`, `refine`, `synth`) ask it for:
-  denoiser / denoiser_name            the network stage 2 trains ("unet" or "transformer")
-  conditioning(prompts)               -> one row per prompt (`select_rows` picks rows for a batch)
-  denoise(z, levels, cond, module)    -> the prediction, (B, C, h, w), of `module` (default: the model's own)
-  objective                           -> `schedules.DDPMObjective` or `FlowObjective`: training batches, samplers
-  decode_latents(z)                   -> uint8 images
-  save_pretrained(dest, denoiser)     a diffusers folder of the family's pipeline
-`DiffusionModel` (SD 1.x/2.x) gives the same interface.
+"""What every family shares: the interface the stages are typed against (`DiffusionModel`), VAE
+encoding, residency, loading and saving (`FamilyModel`), and token positions over several
+tokenizers. Each family's module (`sd`, `sdxl`, `sd3`, `flux`, `flux2`, `qwenimage`) subclasses
+`FamilyModel` with its denoiser, encoders and tokenizers.
 """
 
 from __future__ import annotations
@@ -27,18 +10,111 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from conceptseg.residency import Residency
+from conceptseg.schedules import DDPMObjective, FlowObjective
 from conceptseg.vae import LatentCodec
 from conceptseg.tokenizer import concept_token_positions
+
+if TYPE_CHECKING:
+    from conceptseg.attention import CrossAttentionStore
+
+
+class DiffusionModel(Protocol):
+    """What the stages ask of a loaded model, whatever its family (`load_model` returns one).
+
+    Noise levels are timesteps (DDPM families) or sigmas (flow families); a conditioning is whatever
+    the family's `denoise` reads (a tensor, or a dataclass of batch-first tensors: `select_rows`).
+    A family whose pipeline guides otherwise than `negative + scale * (positive - negative)` also
+    has `guided_prediction(positive, negative, scale)` (`inpaint` looks for it).
+    """
+
+    family: str  # the registry's name: "sd", "sdxl", "sd3", "flux", "flux2", "qwenimage"
+    source: str  # where it was loaded from (a path, a hub id, an embedded name)
+    device: torch.device
+    dtype: torch.dtype
+    denoiser_name: str  # the denoiser's component name: "unet" or "transformer"
+
+    # ---- geometry
+    @property
+    def resolution(self) -> int:
+        """Canvas side in pixels."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image side / latent side."""
+
+    @property
+    def latent_resolution(self) -> int: ...
+
+    @property
+    def latent_channels(self) -> int: ...
+
+    @property
+    def attention_resolution(self) -> int:
+        """Side of the grid stage 1's maps live on."""
+
+    # ---- stage 1
+    def describe(self) -> str: ...
+
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> latents (N, C, h, w) as the family's pipeline forms them."""
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 images (N, H, W, 3)."""
+
+    def text_conditioning(self, prompt: str) -> Any:
+        """`conditioning([prompt])`: one row."""
+
+    def concept_token_positions(self, prompt: str, words: Sequence[str]) -> list[list[int]]:
+        """Each word's positions in the denoiser's text sequence."""
+
+    def noise_levels(self, t0: int, grid: str = "sampler") -> list:
+        """The T0 noise levels, ascending."""
+
+    def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, levels: torch.Tensor) -> torch.Tensor: ...
+
+    def denoise(self, noisy: torch.Tensor, levels: torch.Tensor, cond: Any,
+                module: torch.nn.Module | None = None) -> torch.Tensor:
+        """One conditional pass of `module` (default: the model's own denoiser): the prediction (B, C, h, w)."""
+
+    def capture_attention(self, token_groups: Sequence[Sequence[int]], per_level: bool = False,
+                          **options) -> ContextManager[CrossAttentionStore]:
+        """A context manager under which `denoise` adds each group's maps to the yielded store."""
+
+    # ---- stages 2-4
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network stage 2 trains."""
+
+    @property
+    def objective(self) -> DDPMObjective | FlowObjective:
+        """Training batches and samplers."""
+
+    def conditioning(self, prompts: list[str]) -> Any:
+        """One row per prompt."""
+
+    def save_pretrained(self, dest: Path, denoiser: torch.nn.Module | None = None) -> None:
+        """A diffusers folder of the family's pipeline, with `denoiser` in place of the model's own."""
+
+    # ---- residency (`conceptseg.residency`)
+    def to(self, device: torch.device | str) -> DiffusionModel: ...
+
+    def cast_frozen(self, dtype: torch.dtype) -> None: ...
+
+    def offload_text_encoders(self, keep: bool = True) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
 class FamilyModel(LatentCodec, Residency):
-    """Fields every family has; subclasses add their denoiser, encoders and tokenizers."""
+    """Fields every family has; subclasses add their denoiser, encoders and tokenizers (dataclass
+    fields named as the components of the family's diffusers pipeline) and `DiffusionModel`'s methods."""
 
     source: str
     device: torch.device
@@ -46,6 +122,33 @@ class FamilyModel(LatentCodec, Residency):
 
     family = "?"
     label = "?"
+    # unannotated: class attributes (a ClassVar would still be listed in __dataclass_fields__, which the loaders read)
+    components = ()  # the pipeline components a folder must hold
+    pipeline_options = {}  # further arguments of the pipeline's constructor when saving
+
+    @classmethod
+    def from_pretrained(cls, source, device: torch.device, dtype: torch.dtype, local_files_only: bool,
+                        source_label: str):
+        """Load the family's pipeline with diffusers and keep the parts the stages use."""
+        import diffusers
+
+        from conceptseg.families import FAMILY_LABELS, pipeline_name
+
+        pipe = getattr(diffusers, pipeline_name(cls.family)).from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                                         local_files_only=local_files_only)
+        names = [k for k in cls.__dataclass_fields__ if k not in ("source", "device", "dtype")]
+        parts = {k: getattr(pipe, k) if k in pipe.components else pipe.config.get(k) for k in names}  # modules, then settings
+        missing = [k for k in cls.components if parts.get(k) is None]
+        if missing:
+            raise ValueError(f"the {FAMILY_LABELS[cls.family]} pipeline has no {', '.join(missing)} (a refiner or a "
+                             "partial checkpoint?); stage 1 needs them")
+        for m in parts.values():
+            if isinstance(m, torch.nn.Module):
+                m.to(device).eval().requires_grad_(False)
+        vae = parts["vae"]
+        if dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as its pipelines know
+        return cls(source=source_label, device=device, dtype=dtype, **parts)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -67,13 +170,11 @@ class FamilyModel(LatentCodec, Residency):
 
     def save_pretrained(self, dest: Path, denoiser=None) -> None:
         """This model, with `denoiser` in place of its own, as the family pipeline's diffusers folder."""
-        import diffusers
-
-        from conceptseg.families import pipeline_name
+        from conceptseg.families import save_components
 
         names = [f.name for f in dataclasses.fields(self) if f.name not in ("source", "device", "dtype")]
         parts = {k: getattr(self, k) for k in names} | ({self.denoiser_name: denoiser} if denoiser is not None else {})
-        getattr(diffusers, pipeline_name(self.family))(**parts).save_pretrained(dest, safe_serialization=True)
+        save_components(self.family, parts, dest)
 
 
 def select_rows(cond, index: torch.Tensor):

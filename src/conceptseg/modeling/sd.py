@@ -1,8 +1,9 @@
-"""Stable-Diffusion-style components built from configs, with random weights.
+"""Stable Diffusion 1.x/2.x components built from configs, with random weights.
 
-A registry of named presets over one private builder (the segment-anything pattern). Used by the
-tests (`tiny`), by `train-t2i` from scratch (`toy`, the embedded default's architecture) and by
-the benchmarks (`sd15` and `sd21-768`, the published SD v1.5 and v2.1-768 architectures).
+Named presets over one builder (the segment-anything pattern), also listed in the registry of every
+family's presets (`presets`). Used by the tests (`tiny`), by `train-t2i` from scratch (`toy`, the
+embedded default's architecture) and by the benchmarks (`sd15` and `sd21-768`, the published SD
+v1.5 and v2.1-768 architectures).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SD_SCHEDULER_CONFIG = dict(
 
 
 @dataclass(frozen=True)
-class DiffusionArch:
+class SDArch:
     image_size: int
     vae_channels: tuple[int, ...]
     latent_channels: int
@@ -50,8 +51,8 @@ def build_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
-def _build(arch: DiffusionArch, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
+def build_networks(arch: SDArch) -> dict:
+    """vae, unet, text_encoder and tokenizer of `arch`, with random weights from torch's current seed."""
     n_vae = len(arch.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,
@@ -91,18 +92,18 @@ def _build(arch: DiffusionArch, seed: int = 0) -> dict:
             projection_dim=arch.text_width,
         )
     )
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=build_scheduler(arch.prediction_type))
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=clip_tokenizer())
 
 
-PRESETS: dict[str, DiffusionArch] = {
+PRESETS: dict[str, SDArch] = {
     # For tests: 32x32 images, 16x16 latents, seconds on a CPU.
-    "tiny": DiffusionArch(
+    "tiny": SDArch(
         image_size=32, vae_channels=(32, 64), latent_channels=4, unet_channels=(32, 64),
         unet_cross_attention=(True, True), unet_layers_per_block=1, unet_heads=2,
         text_width=32, text_layers=2, text_heads=2,
     ),
     # `tiny` predicting v (as SD 2.x 768 does), for the v-prediction paths.
-    "tiny-v": DiffusionArch(
+    "tiny-v": SDArch(
         image_size=32, vae_channels=(32, 64), latent_channels=4, unet_channels=(32, 64),
         unet_cross_attention=(True, True), unet_layers_per_block=1, unet_heads=2,
         text_width=32, text_layers=2, text_heads=2, prediction_type="v_prediction", linear_projection=True,
@@ -110,19 +111,19 @@ PRESETS: dict[str, DiffusionArch] = {
     # The embedded default's architecture: 64x64 images, 32x32x4 latents, cross-attention at
     # 32, 16 and 8. The text encoder has ZERO transformer layers so each word keeps its own token
     # (a deep encoder trained from scratch smears the class into the end and padding tokens).
-    "toy": DiffusionArch(
+    "toy": SDArch(
         image_size=64, vae_channels=(16, 32), latent_channels=4, unet_channels=(16, 32, 64),
         unet_cross_attention=(True, True, True), unet_layers_per_block=1, unet_heads=(1, 2, 4),
         text_width=64, text_layers=0, text_heads=2,
     ),
     # Stable Diffusion v1.5's published architecture (random weights), for benchmarks.
-    "sd15": DiffusionArch(
+    "sd15": SDArch(
         image_size=512, vae_channels=(128, 256, 512, 512), latent_channels=4,
         unet_channels=(320, 640, 1280, 1280), unet_cross_attention=(True, True, True, False),
         unet_layers_per_block=2, unet_heads=8, text_width=768, text_layers=12, text_heads=12,
     ),
     # Stable Diffusion 2.1 (768 px, v-prediction, OpenCLIP ViT-H text encoder; random weights).
-    "sd21-768": DiffusionArch(
+    "sd21-768": SDArch(
         image_size=768, vae_channels=(128, 256, 512, 512), latent_channels=4,
         unet_channels=(320, 640, 1280, 1280), unet_cross_attention=(True, True, True, False),
         unet_layers_per_block=2, unet_heads=(5, 10, 20, 20), text_width=1024, text_layers=23, text_heads=16,
@@ -135,6 +136,8 @@ def build_components(preset: str, seed: int = 0) -> dict:
     """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return _build(PRESETS[preset], seed)
+    torch.manual_seed(seed)
+    arch = PRESETS[preset]
+    return {**build_networks(arch), "scheduler": build_scheduler(arch.prediction_type)}
 
 

@@ -1,8 +1,9 @@
-"""SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image components built from configs, with random weights.
+"""Every family's components built from configs, with random weights: the registry of presets.
 
-A registry of named presets over one private builder per family, as `diffusion.py` does for SD 1.x:
-`tiny` presets (the sizes diffusers' own fast tests use) for the tests and the CPU run of the
-benchmark, and the published architectures (random weights) for the GPU benchmark and `plan`. No T5
+Named presets, keyed (family, preset), over one builder per family: SD 1.x/2.x's are `sd`'s (listed
+here as ("sd", name)); SDXL, SD 3.x, FLUX.1, FLUX.2 and Qwen-Image are built here. `tiny` presets
+(the sizes diffusers' own fast tests use) for the tests and the CPU run of the benchmark, and the
+published architectures (random weights) for the GPU benchmark and `plan`. No T5
 tokenizer ships offline, so `t5_tokenizer` builds one in code from a small Unigram vocabulary:
 enough to tokenize test prompts the way T5 does (SentencePiece pieces with a leading "▁", an
 end-of-sequence token, pad id 0), NOT T5's real 32k vocabulary. Likewise `qwen_tokenizer` and
@@ -32,6 +33,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from conceptseg.modeling import sd
 from conceptseg.tokenizer import clip_tokenizer
 
 # Words of the prompts the tests and the CLI defaults use; anything else falls back to letters.
@@ -374,8 +376,8 @@ def _build_qwenimage(a: QwenImageArch) -> dict:
     z = a.latent_channels
     g = torch.Generator().manual_seed(1)  # the published latents' statistics are not 0 and 1: random ones for tests
     stats = ({} if a.image_size is None else
-             dict(latents_mean=torch.randn(z, generator=g).mul(0.5).tolist(),
-                  latents_std=torch.rand(z, generator=g).add(0.5).tolist()))
+             dict(latents_mean=torch.randn(z, generator=g, device="cpu").mul(0.5).tolist(),  # (also when built on "meta")
+                  latents_std=torch.rand(z, generator=g, device="cpu").add(0.5).tolist()))
     vae = AutoencoderKLQwenImage(base_dim=a.vae_base, z_dim=z, dim_mult=list(a.vae_mult), num_res_blocks=a.vae_blocks,
                                  temperal_downsample=list(a.temporal_downsample), **stats)
     if a.image_size is not None:  # read back as a hidden config entry (families/qwenimage.py)
@@ -447,36 +449,36 @@ PRESETS: dict[tuple[str, str], object] = {
         latent_channels=16, layers=60, heads=24, head_dim=128, axes_dims_rope=(16, 56, 56),
         text=(3584, 28, 28, 4, 18944, (16, 24, 24), 152064), vision=(1280, 32, 16, 3420, 8)),
 }
-_BUILDERS = {SDXLArch: _build_sdxl, SD3Arch: _build_sd3, FluxArch: _build_flux, Flux2Arch: _build_flux2,
-             QwenImageArch: _build_qwenimage}
+PRESETS.update({("sd", name): arch for name, arch in sd.PRESETS.items()})
+_BUILDERS = {sd.SDArch: sd.build_networks, SDXLArch: _build_sdxl, SD3Arch: _build_sd3, FluxArch: _build_flux,
+             Flux2Arch: _build_flux2, QwenImageArch: _build_qwenimage}
 # The schedulers of the published models' folders (their timestep/sigma grids are stage 1's noise levels).
 _SCHEDULERS = {
-    SDXLArch: lambda: EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                             beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-                                             prediction_type="epsilon"),
-    SD3Arch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-    FluxArch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                      max_image_seq_len=4096),
+    sd.SDArch: lambda a: sd.build_scheduler(a.prediction_type),
+    SDXLArch: lambda a: EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                               beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                               prediction_type="epsilon"),
+    SD3Arch: lambda a: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    FluxArch: lambda a: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                        max_image_seq_len=4096),
     # FLUX.2-dev's folder carries FLUX.1-dev's scheduler (scripts/convert_flux2_to_diffusers.py); its
     # pipeline computes the shift `mu` itself (`compute_empirical_mu`)
-    Flux2Arch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                       base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                       max_image_seq_len=4096),
+    Flux2Arch: lambda a: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                         base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                         max_image_seq_len=4096),
     # Qwen-Image's scheduler/scheduler_config.json
-    QwenImageArch: lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
-                                                           base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                                                           max_image_seq_len=8192, shift_terminal=0.02,
-                                                           time_shift_type="exponential"),
+    QwenImageArch: lambda a: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                             base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                             max_image_seq_len=8192, shift_terminal=0.02,
+                                                             time_shift_type="exponential"),
 }
-PIPELINES = {SDXLArch: "StableDiffusionXLPipeline", SD3Arch: "StableDiffusion3Pipeline", FluxArch: "FluxPipeline",
-             Flux2Arch: "Flux2Pipeline", QwenImageArch: "QwenImagePipeline"}
 
 
 def build_family_components(family: str, preset: str = "tiny", seed: int = 0, device: str | torch.device | None = None,
                             dtype: torch.dtype | None = None) -> dict:
-    """The components of a family's pipeline ("sdxl", "sd3", "sd3.5", "flux", "flux2", "qwenimage"), seeded
-    random weights.
+    """The components of a family's pipeline ("sd", "sdxl", "sd3", "sd3.5", "flux", "flux2", "qwenimage"),
+    seeded random weights.
 
     `device` / `dtype`: build the networks there and in that dtype directly ("cuda" and bf16 for
     the published sizes, which would not fit twice; "meta" to count parameters without memory).
@@ -493,12 +495,11 @@ def build_family_components(family: str, preset: str = "tiny", seed: int = 0, de
             parts = _BUILDERS[type(arch)](arch)
     finally:
         torch.set_default_dtype(default_dtype)
-    return {**parts, "scheduler": _SCHEDULERS[type(arch)]()}
+    return {**parts, "scheduler": _SCHEDULERS[type(arch)](arch)}
 
 
 def save_family_model(family: str, components: dict, out: Path) -> None:
     """A standard diffusers folder of the family's pipeline, loadable offline with `from_pretrained`."""
-    import diffusers
+    from conceptseg.families import save_components
 
-    pipeline_cls = getattr(diffusers, PIPELINES[type(PRESETS[(family, "tiny")])])
-    pipeline_cls(**components).save_pretrained(out, safe_serialization=True)
+    save_components(family, components, out)
