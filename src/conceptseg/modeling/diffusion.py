@@ -7,6 +7,7 @@ the benchmarks (`sd15` and `sd21-768`, the published SD v1.5 and v2.1-768 archit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +132,13 @@ PRESETS: dict[str, DiffusionArch] = {
 }
 
 
-def build_components(preset: str, seed: int = 0) -> dict:
-    """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights."""
+def build_components(preset: str, seed: int = 0, image_size: int | None = None) -> dict:
+    """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights.
+    `image_size`: the resolution the folder's configs state (the UNet's sample_size x the VAE's
+    factor), which is the resolution a run takes its images at; the weights are the same shapes."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return _build(PRESETS[preset], seed)
+    arch = PRESETS[preset] if image_size is None else dataclasses.replace(PRESETS[preset], image_size=image_size)
+    return _build(arch, seed)
 
 
