@@ -135,6 +135,24 @@ def test_an_interrupted_overwrite_leaves_no_old_outputs_to_be_taken_as_done(tmp_
     assert json.loads((out / "manifest.json").read_text())["settings"] == {"steps": 2}
 
 
+
+def test_a_rerun_with_nothing_to_do_leaves_the_manifest_untouched(tmp_path):
+    """A per-image stage whose outputs were all there rewrote its manifest.json (same contents, a new
+    file): a second `conceptseg run` touched the crop row's and every segmenter's evaluation folder."""
+    samples, out = _samples(tmp_path, 3), tmp_path / "out"
+
+    def run(done: bool) -> dict:
+        manifest = Manifest.open(out, "test", {"steps": 1})
+        return process_images(samples, manifest, 2, lambda s: done, lambda s: s.key,
+                              lambda batch, loaded: [manifest.record(s.key, "done") for s in batch], progress=False)
+
+    run(done=False)
+    stat = (out / "manifest.json").stat()
+    assert run(done=True)["skipped_done"] == 3
+    again = (out / "manifest.json").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)  # the atomic write makes a new inode
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {"done": 3}
+
 def test_finetune_with_zero_steps_is_refused(tmp_path):
     from conceptseg.finetune import FinetuneConfig
 

@@ -171,6 +171,14 @@ def test_components_list() -> None:
         build_components("no-such-preset")
 
 
+def test_a_preset_built_for_another_image_size_states_it_and_keeps_its_weights() -> None:
+    """The resolution a run takes images at is the folder's (sample_size x the VAE's factor)."""
+    parts, native = build_components("tiny", image_size=64), build_components("tiny")
+    model = from_components(parts)
+    assert model.resolution == 64 and parts["vae"].config.sample_size == 64 and from_components(native).resolution == 32
+    assert [p.shape for p in parts["unet"].parameters()] == [p.shape for p in native["unet"].parameters()]
+
+
 def test_pickled_weights_are_refused(tiny_model_dir, tmp_path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)

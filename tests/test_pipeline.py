@@ -85,6 +85,9 @@ def test_tiny_end_to_end_run_then_resume(tiny_model_dir, tmp_path, monkeypatch):
     assert manifest["disk_bytes"]["finetune"] > manifest["disk_bytes"]["prelim"] > 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["finetune"]["steps"] == 2 and "torch" in manifest["versions"]
+    # each stage's peak resident memory, measured from the stage's start where the kernel allows it
+    assert set(manifest["peak_rss_mb"]) == set(manifest["timings_s"]) and all(v > 0 for v in manifest["peak_rss_mb"].values())
+    assert manifest["peak_rss_since"] in ("stage start", "process start")
     mask = tmp_path / "run" / "refine" / "masks"
     stamps = {p.name: p.stat().st_mtime_ns for p in mask.iterdir()}
     model_stamp = (tmp_path / "run" / "finetune" / "model" / "unet" / "config.json").stat().st_mtime_ns
@@ -153,10 +156,12 @@ def test_a_lora_run_loads_each_model_once_and_holds_none_while_segmenters_train(
 
 
 def _outputs(run: Path) -> dict:
-    """Every output file of a run but its run-level records, with its modification time."""
-    return {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")
-            if p.is_file() and p.name not in ("manifest.json", "stages.json", "metrics.json", "report.html")
-            and not p.name.startswith("grid_") and "data" not in p.relative_to(run).parts[:1]}
+    """Every output file of a run but its run-level records (the stages' manifests included), with
+    its modification time and inode (an atomic rewrite makes a new file)."""
+    return {p.relative_to(run): (p.stat().st_mtime_ns, p.stat().st_ino) for p in run.rglob("*")
+            if p.is_file() and not (p.parent == run and (p.name in ("manifest.json", "stages.json", "metrics.json", "report.html")
+                                                          or p.name.startswith("grid_")))
+            and "data" not in p.relative_to(run).parts[:1]}
 
 
 def test_a_moved_run_redoes_nothing_nor_do_execution_settings(tiny_model_dir, tmp_path):

@@ -253,3 +253,29 @@ def test_the_real_path_benchmark_runs_in_its_cpu_form(tmp_path):
                                                       "train_00001", "train_00002", "train_00003", "train_00004"]
     config = json.loads((tmp_path / "work" / "cars-sd21-768-like" / "run" / "manifest.json").read_text())["config"]
     assert config["finetune"]["mixed_precision"] == "bf16" and config["segmenter"]["mixed_precision"] == "no"
+
+
+@pytest.mark.long
+def test_the_real_scale_check_runs_in_its_tiny_form(tmp_path):
+    """benchmarks/real_scale_cpu.py with the tiny preset: a folder as the hub ships SD 1.5 (safety
+    checker, feature extractor, PNDM), `conceptseg run` every stage, per-stage peak RSS beside the
+    plan, the checkpoint limit kept, and a second run that rewrites nothing (the script exits non-zero
+    on a broken promise)."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "real_scale_cpu.py"
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--image-size", "64", "--work", str(tmp_path / "work"),
+                           "--json", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["problems"] == [] and result["images"] == {"train": 4, "test": 2}
+    assert result["model"]["model_index"]["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert not result["model"]["safety_checker_built"] and result["plan"]["resolution"] == 64
+    assert result["checkpoints_kept"]["finetune"] == result["checkpoints_total_limit"]["finetune"] == 1
+    assert result["rerun"]["rewritten"]["outputs"] == [] and result["finetune_mixed_precision"] == "bf16"
+    stages = result["stages"]
+    assert all(s["peak_rss_mb"] > result["baseline_rss_mb"] for s in stages.values())
+    assert all(stages[k]["plan_memory_mb"] > 0 for k in ("prelim", "finetune", "refine", "synth", "segmenter/unet_real"))

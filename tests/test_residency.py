@@ -15,6 +15,7 @@ from PIL import Image
 from conceptseg import finetune as ft
 from conceptseg.modeling import build_components
 from conceptseg.models import from_components, load_model, save_model
+from conceptseg.residency import peak_rss_mb, reset_peak_rss
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,14 @@ def test_the_policy_on_the_model_object():
             model.conditioning(["a photo of a background"])
         model.release()
         assert not model.networks() and model.vae is None
+
+
+def test_peak_resident_memory_is_measured_from_a_reset():
+    """`conceptseg run` records each stage's peak RSS: the high-water mark starts again at each stage."""
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its high-water mark")
+    block = np.ones(2**23)  # 64 MiB, touched
+    high = peak_rss_mb()
+    del block
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 48

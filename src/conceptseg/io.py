@@ -69,8 +69,12 @@ def write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_jsonable)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable).encode()))
+    write_text(path, _json_text(obj))
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -166,7 +170,8 @@ class Manifest:
     """`manifest.json` of a per-image stage: its settings, the model, versions and each image's status.
 
     Written atomically, at most every `flush_seconds` and at the end, so a 10,000-image run does not
-    rewrite it 10,000 times. Whether an image is done is decided by its output files, not by this.
+    rewrite it 10,000 times, and only when its contents changed: a rerun with nothing to do leaves it
+    untouched. Whether an image is done is decided by its output files, not by this.
     A shard k of n processes writes `manifest.shard-k-of-n.json`; `merge_shards` joins them.
     """
 
@@ -174,7 +179,8 @@ class Manifest:
         self.out = Path(out)
         self.path = self.out / ("manifest.json" if shard[1] == 1 else f"manifest.shard-{shard[0]}-of-{shard[1]}.json")
         self.flush_seconds = flush_seconds
-        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self._written = self.path.read_text() if self.path.exists() else None  # the file's contents
+        old = json.loads(self._written) if self._written else {}
         self.data = {
             "stage": stage,
             "settings": settings,
@@ -220,7 +226,10 @@ class Manifest:
 
     def flush(self) -> None:
         self.data["counts"] = _count(self.data["images"])
-        write_json(self.path, self.data)
+        text = _json_text(self.data)
+        if text != self._written:
+            write_text(self.path, text)
+            self._written = text
         self._last_flush = time.monotonic()
 
     @staticmethod

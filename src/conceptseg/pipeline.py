@@ -46,7 +46,7 @@ from conceptseg.finetune import FinetuneConfig, training_dtypes
 from conceptseg.io import SettingsChanged, library_versions, write_json
 from conceptseg.prelim import PrelimConfig
 from conceptseg.refine import RefineConfig, prelim_geometry
-from conceptseg.residency import free_device_memory
+from conceptseg.residency import free_device_memory, peak_rss_mb, reset_peak_rss
 from conceptseg.segmenter.train import TrainSegConfig
 from conceptseg.settings import resolved_settings
 from conceptseg.synth import SynthConfig
@@ -277,6 +277,8 @@ class Run:
         self.counts: dict[str, Any] = {}
         self.folders: dict[str, Path] = {}
         self.peak_cuda_mb: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # this process's resident memory, each stage from its start
+        self.rss_since = "stage start"  # or "process start", where the high-water mark cannot be reset
         self.models = LoadedModel()
         self._current = ""  # the stage running now
         self._unchanged = False  # whether the stage running now kept its recorded fingerprint
@@ -306,12 +308,16 @@ class Run:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        if not reset_peak_rss():
+            self.rss_since = "process start"
         t0 = time.perf_counter()
         result = stage.run()
         distributed.barrier()
         self.timings[stage.name] = round(time.perf_counter() - t0, 2)
         if cuda:
             self.peak_cuda_mb[stage.name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if (rss := peak_rss_mb()) is not None:
+            self.peak_rss_mb[stage.name] = rss
         if result is not None:
             self.counts[stage.name] = result
         if distributed.is_main():
@@ -327,7 +333,8 @@ class Run:
         write_json(self.out / "manifest.json", {"config": asdict(self.cfg), "versions": library_versions(),
                                                  "git_commit": _git_commit(), "timings_s": self.timings, "counts": self.counts,
                                                  "disk_bytes": {k: _disk_use(f) for k, f in self.folders.items()},
-                                                 "peak_cuda_mb": self.peak_cuda_mb})
+                                                 "peak_cuda_mb": self.peak_cuda_mb, "peak_rss_mb": self.peak_rss_mb,
+                                                 "peak_rss_since": self.rss_since})
 
     def _per_image(self, run_stage, **kwargs):
         """A per-image stage, sharded over processes. Its manifest's settings and the stage's

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 
 import torch
 
@@ -27,6 +28,36 @@ def free_device_memory(device: torch.device | str | None = None) -> None:
     if torch.device(device or "cpu").type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of this process's resident memory (Linux: /proc/self/clear_refs),
+    so that `peak_rss_mb` measures from here; False where that is not allowed (the peak then counts
+    from the process's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB since `reset_peak_rss` (or its start); child
+    processes not included. None where the platform reports none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 class Residency:
     """The residency policy of a model dataclass with `vae`, `text_encoder*` fields and `device`

@@ -8,6 +8,7 @@ v1.5 and v2.1-768 architectures).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -132,12 +133,14 @@ PRESETS: dict[str, SDArch] = {
 }
 
 
-def build_components(preset: str, seed: int = 0) -> dict:
-    """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights."""
+def build_components(preset: str, seed: int = 0, image_size: int | None = None) -> dict:
+    """vae, unet, text_encoder, tokenizer, scheduler of a named preset, with seeded random weights.
+    `image_size`: the resolution the folder's configs state (the UNet's sample_size x the VAE's
+    factor), which is the resolution a run takes its images at; the weights are the same shapes."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     torch.manual_seed(seed)
-    arch = PRESETS[preset]
+    arch = PRESETS[preset] if image_size is None else dataclasses.replace(PRESETS[preset], image_size=image_size)
     return {**build_networks(arch), "scheduler": build_scheduler(arch.prediction_type)}
 
 
