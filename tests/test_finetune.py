@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conceptseg.finetune import (
-    BoxRules, FinetuneConfig, background_box_mask, collect_pairs, finetune, masked_loss,
+    BoxRules, FinetuneConfig, background_box_mask, collect_pairs, finetune, make_optimizer, masked_loss,
     sample_background_box, training_targets,
 )
 from conceptseg.modeling import build_components
@@ -120,6 +120,15 @@ def _cfg(root, out, **kw):
     base = dict(concept="bird", images=root / "images", prelim=root / "prelim", out=out, model=str(root / "model"),
                 steps=2, batch_size=2, checkpoint_every=2, progress=False)
     return FinetuneConfig(**{**base, **kw})
+
+
+def test_fused_adamw_is_fused_on_the_cpu_too(tmp_path):
+    """`plan` counts no foreach temporary for adamw-fused; on the CPU the optimiser was not fused,
+    so the run held one more fp32 copy of the trainable weights than planned."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    cfg = _cfg(tmp_path, tmp_path / "out", optimizer="adamw-fused")
+    assert make_optimizer([param], cfg, torch.device("cpu")).defaults["fused"]
+    assert not make_optimizer([param], _cfg(tmp_path, tmp_path / "out"), torch.device("cpu")).defaults.get("fused")
 
 
 def _unet_delta(a, b):

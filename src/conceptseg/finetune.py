@@ -247,6 +247,9 @@ def training_dtypes(cfg: FinetuneConfig) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float32 if cfg.method == "full" else weight), weight
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")  # where torch's AdamW has a fused kernel
+
+
 def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
     if cfg.optimizer == "adamw-8bit":
         try:
@@ -254,8 +257,8 @@ def make_optimizer(params, cfg: FinetuneConfig, device: torch.device):
         except ImportError:
             raise ValueError("--optimizer adamw-8bit needs bitsandbytes (pip install 'conceptseg[adam8bit]')") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr)
-    if cfg.optimizer == "adamw-fused":
-        return torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
+    if cfg.optimizer == "adamw-fused":  # one kernel, no foreach temporary (what `plan` counts); the CPU has one too
+        return torch.optim.AdamW(params, lr=cfg.lr, fused=device.type in FUSED_ADAMW_DEVICES)
     return torch.optim.AdamW(params, lr=cfg.lr)
 
 
