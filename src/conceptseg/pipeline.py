@@ -305,6 +305,7 @@ class Run:
             self.ledger.save()  # before running: an interrupted stage resumes
         distributed.barrier()
         self._current, self._unchanged = stage.name, old == fp
+        free_device_memory()  # what earlier stages released goes back before this stage's peak counts
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
