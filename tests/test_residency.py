@@ -167,5 +167,5 @@ def test_freeing_hands_the_host_heap_back():
     before = rss_mb()
     free_device_memory()
     assert rss_mb() < before - 32, "about 62 MiB of freed blocks should go back to the system"
-    assert len(kept) == 1000
+    assert len(kept) == 1000  # held until here, so the freed half stayed scattered through the heap
 

@@ -25,8 +25,8 @@ import torch
 
 def free_device_memory(device: torch.device | str | None = None) -> None:
     """Collect what was released and hand the allocator's free memory back: the CUDA cache on a CUDA
-    device, and the C heap's free pages on the host (glibc keeps freed tensor memory in its arenas,
-    so a CPU run's resident memory stayed near fine-tuning's peak for every later stage)."""
+    device, and the C heap's free pages on the host (glibc keeps freed tensor memory in its arenas;
+    untrimmed, a CPU run's resident memory stays near fine-tuning's peak for every later stage)."""
     gc.collect()
     if torch.device(device or "cpu").type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -37,9 +37,8 @@ def _trim_host_heap() -> bool:
     """glibc's malloc_trim(0); False where the C library has none (macOS, Windows, musl)."""
     try:
         return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return False
-
 
 
 def reset_peak_rss() -> bool:
@@ -70,6 +69,7 @@ def peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
 
 class Residency:
     """The residency policy of a model dataclass with `vae`, `text_encoder*` fields and `device`
