@@ -138,14 +138,15 @@ def test_sampling_equals_the_pipeline_from_the_same_noise(model, family):
             assert np.abs(model.decode_latents(ours).astype(float) / 255 - image).max() < 2 / 255
 
 
-def test_inpainting_keeps_the_known_region_renoised_at_every_step(model):
-    z0 = torch.randn(2, model.latent_channels, model.latent_resolution, model.latent_resolution,
-                     generator=torch.Generator().manual_seed(0))
+def assert_known_region_renoised(model, z0: torch.Tensor, steps: int) -> None:
+    """`inpaint_background` on two latents: at every step the known region is z0 noised to the step's
+    level with the noise replayed from the per-image generators (flow: (1 - sigma) z0 + sigma eps;
+    DDPM: sqrt(abar) z0 + sqrt(1 - abar) eps), the background comes back as z0 exactly, the hole not."""
     side = z0.shape[-1]
     region = torch.zeros(2, side, side)
     region[:, side // 4 : side // 2, side // 4 : 3 * side // 4] = 1
     trace = []
-    out = inpaint_background(model, z0, region, steps=3, generator=[torch.Generator().manual_seed(i) for i in (1, 2)],
+    out = inpaint_background(model, z0, region, steps=steps, generator=[torch.Generator().manual_seed(i) for i in (1, 2)],
                              trace=trace)
     replay = [torch.Generator().manual_seed(i) for i in (1, 2)]
     for g in replay:  # the first draws are the initial noise
@@ -153,9 +154,21 @@ def test_inpainting_keeps_the_known_region_renoised_at_every_step(model):
     known = (region == 0)[:, None].expand_as(z0)
     for level, z in trace:
         eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in replay])
-        torch.testing.assert_close(z[known], ((1 - level) * z0 + level * eps)[known], atol=1e-5, rtol=1e-5)
-    assert len(trace) == 3 and torch.equal(out[known], z0[known])
+        if model.objective.kind == "flow":
+            assert 0 < level <= 1
+            expected = (1 - level) * z0 + level * eps
+        else:
+            abar = model.scheduler.alphas_cumprod[level]
+            expected = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+        torch.testing.assert_close(z[known], expected[known], atol=1e-5, rtol=1e-5)
+    assert len(trace) == steps and torch.equal(out[known], z0[known])
     assert (out[~known] - z0[~known]).abs().mean() > 0.1
+
+
+def test_inpainting_keeps_the_known_region_renoised_at_every_step(model):
+    z0 = torch.randn(2, model.latent_channels, model.latent_resolution, model.latent_resolution,
+                     generator=torch.Generator().manual_seed(0))
+    assert_known_region_renoised(model, z0, steps=3)
 
 
 def test_noise_levels_and_training_objective_are_the_pipelines(model, family):

@@ -15,6 +15,7 @@ from conceptseg.inpaint import inpaint_background, sample_latents
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model
 from conceptseg.schedules import DDPMObjective
+from family_checks import assert_known_region_renoised
 
 FAMILIES = ("sdxl", "sd3", "flux")
 
@@ -98,30 +99,7 @@ def test_denoise_predicts_on_the_latent_grid(tiny_family_models, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inpainting_keeps_the_known_region_renoised_at_every_step(tiny_family_models, family):
-    model = tiny_family_models[family]
-    z0 = _latents(model, n=2)
-    side = z0.shape[-1]
-    region = torch.zeros(2, side, side)
-    region[:, side // 4 : side // 2, side // 4 : 3 * side // 4] = 1
-    trace = []
-    out = inpaint_background(model, z0, region, steps=4, generator=[torch.Generator().manual_seed(i) for i in (1, 2)],
-                             trace=trace)
-    replay = [torch.Generator().manual_seed(i) for i in (1, 2)]
-    for g in replay:  # the first draws are the initial noise
-        torch.randn(z0.shape[1:], generator=g)
-    known = (region == 0)[:, None].expand_as(z0)
-    for level, z in trace:
-        eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in replay])
-        if model.objective.kind == "flow":  # (1 - sigma) z0 + sigma eps
-            assert 0 < level <= 1
-            expected = (1 - level) * z0 + level * eps
-        else:
-            abar = model.scheduler.alphas_cumprod[level]
-            expected = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-        torch.testing.assert_close(z[known], expected[known], atol=1e-5, rtol=1e-5)
-    assert len(trace) == 4
-    torch.testing.assert_close(out[known], z0[known], atol=0, rtol=0)  # the background is the original exactly
-    assert (out[~known] - z0[~known]).abs().mean() > 0.1
+    assert_known_region_renoised(tiny_family_models[family], _latents(tiny_family_models[family], n=2), steps=4)
 
 
 def test_flow_sampler_options_are_checked(tiny_family_models):
