@@ -793,6 +793,8 @@ def _train_t2i_options(s) -> None:
     _config_option(s, C, "train_text_encoder", help="train the text encoder too (default: yes from scratch, no when fine-tuning)")
     _config_option(s, C, "forget_words", "--forget-word", action="append",
                    help="fine-tuning: start this word's token embedding again from random (repeatable)")
+    _config_option(s, C, "drop_negated", "--drop-negated", action="append", metavar="WORD",
+                   help="leave the report sentences that negate WORD ('No pneumothorax.') out of the captions (repeatable)")
     _config_option(s, C, "context_layers",
                    help="fine-tuning: add this many transformer layers (starting as the identity) to a context-free text encoder")
     _config_option(s, C, "checkpoints_total_limit", type=_limit, help="keep the newest N checkpoints (0: keep all)")

@@ -30,12 +30,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from conceptseg.data.imagefolder import read_imagefolder
-from conceptseg.data.medical import read_pairs
+from conceptseg.data.medical import drop_negated_sentences, read_pairs
 from conceptseg.geometry import Canvas, load_rgb, to_model_input
 from conceptseg.io import publish, save_png, write_folder, write_json
 from conceptseg.modeling import build_components
 from conceptseg.models import load_model, save_model
-from conceptseg.settings import execution_setting
+from conceptseg.settings import added_setting, execution_setting
 from conceptseg.schedules import diffusion_target, scheduler_from_config
 from conceptseg.training import (Checkpoints, OptimiserSteps, Precision, check_finite, checkpoint_settings, last_checkpoint,
                                  min_snr_weight, step_rng, trainer_accelerator, with_ema_weights)
@@ -65,6 +65,10 @@ class TrainT2IConfig:
     # encoder (no layers, as the embedded toy model's) reads "No pneumothorax." and "Large pneumothorax."
     # alike, so a report's negation can only be learnt with some
     context_layers: int = 0
+    # reports: their sentences that negate one of these words ("No pneumothorax.") are left out of the
+    # captions; a context-free encoder otherwise sees the word as often without the finding as with it
+    # (docs/medical.md). None: captions as written (RoentGen's and the paper's fine-tuning)
+    drop_negated: list[str] | None = added_setting(None)
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
@@ -82,6 +86,11 @@ class TrainT2IConfig:
 AFTER_THE_UNET = ("decoder_steps", "sample_prompts", "samples_per_prompt", "sample_guidance")
 
 
+def training_caption(cfg: TrainT2IConfig, text: str) -> str:
+    """A pair's text as the model is trained on it."""
+    return drop_negated_sentences(text, cfg.drop_negated) if cfg.drop_negated else text
+
+
 def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[str]]:
     rows = [r for r in read_imagefolder(cfg.data) if r.split != "test"]
     if not rows:
@@ -90,7 +99,7 @@ def _load_pairs(cfg: TrainT2IConfig, resolution: int) -> tuple[np.ndarray, list[
     for r in tqdm(rows, desc="loading images", disable=not cfg.progress, leave=False):
         im = load_rgb(r.image)
         images.append(Canvas(im.width, im.height, resolution).place(im))
-        captions.append(r.caption)
+        captions.append(training_caption(cfg, r.caption))
     return np.stack(images), captions
 
 
@@ -303,7 +312,7 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         """Micro-batch `micro_batch` (step x accumulation + i): clean latents, noise, timesteps, token ids."""
         rng = step_rng(cfg.seed, 2, micro_batch, accelerator.process_index)
         idx = rng.integers(0, num_images, cfg.batch_size)
-        ids = ids_all[idx].clone() if from_scratch else tokenize([pairs[i].caption() for i in idx])
+        ids = ids_all[idx].clone() if from_scratch else tokenize([training_caption(cfg, pairs[i].caption()) for i in idx])
         ids[rng.random(cfg.batch_size) < cfg.caption_dropout] = ids_empty
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         if from_scratch:
@@ -330,7 +339,7 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
             publish(decoder_dir, final / "vae")
         # from scratch: the single-class captions; fine-tuning: the first four distinct reports
         prompts = cfg.sample_prompts or (sorted({c for c in captions if " and " not in c and "," not in c}) if from_scratch
-                                         else list(dict.fromkeys(p.caption() for p in pairs[:64]))[:4])
+                                         else list(dict.fromkeys(training_caption(cfg, p.caption()) for p in pairs[:64]))[:4])
         save_png(out / "samples.png", sample_grid(final, prompts, cfg.samples_per_prompt, cfg.sample_guidance, cfg.seed,
                                                   device=accelerator.device))
     accelerator.wait_for_everyone()

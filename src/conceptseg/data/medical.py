@@ -24,7 +24,7 @@ import csv
 import gzip
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,14 +326,26 @@ class ReportedImage:
 _NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of)\b", re.IGNORECASE)
 
 
+def _sentences(report: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.;!?])\s+", report.strip()) if s]
+
+
+def _negated_in(sentence: str, word: str) -> bool:
+    """Whether `sentence` names `word` (or its plural) after a negation cue."""
+    mention = re.compile(rf"\b{re.escape(word)}s?\b", re.IGNORECASE)
+    return any(_NEGATION_CUE.search(sentence[: m.start()]) for m in mention.finditer(sentence))
+
+
 def negates(report: str, word: str) -> bool:
     """Whether a sentence of `report` names `word` (or its plural) after a negation cue."""
-    mention = re.compile(rf"\b{re.escape(word)}s?\b", re.IGNORECASE)
-    for sentence in re.split(r"(?<=[.;!?])\s+", report):
-        for m in mention.finditer(sentence):
-            if _NEGATION_CUE.search(sentence[: m.start()]):
-                return True
-    return False
+    return any(_negated_in(s, word) for s in _sentences(report))
+
+
+def drop_negated_sentences(report: str, words: Sequence[str]) -> str:
+    """`report` without the sentences that negate one of `words` ("No pneumothorax." for
+    "pneumothorax"). A text encoder that cannot read negation (the embedded model's has no context)
+    sees such a word as often with images lacking the finding as with images showing it."""
+    return " ".join(s for s in _sentences(report) if not any(_negated_in(s, w) for w in words))
 
 
 def read_chest_world_images(root: Path, split: str = "test") -> list[ReportedImage]:
