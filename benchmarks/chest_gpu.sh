@@ -10,7 +10,8 @@
 #
 # Sizes come from the environment: STEPS (16000), BATCH (16), NUM (12000 chest-world images),
 # CONTEXT_LAYERS (2), PER_FINDING (15, the table), CURVE_PER_FINDING (5), EVERY (1000: checkpoint and
-# curve spacing). The GPU machine has torch but not diffusers: put diffusers' wheel in wheels/ first
+# curve spacing); DROP_NEGATED=1 trains on the reports without their sentences that negate one of the
+# four findings (train-t2i --drop-negated; the last 3,000 steps of the shipped chest model). The GPU machine has torch but not diffusers: put diffusers' wheel in wheels/ first
 # (gpu_env.sh).
 #
 # The same script on a CPU at a tiny size (proof that it runs; numbers meaningless):
@@ -26,6 +27,7 @@ python -m conceptseg toyworld --domain chest --out "$work/data" --num "${NUM:-12
 # --device is not a train-t2i option: accelerate takes the GPU when there is one
 python -m conceptseg train-t2i --data "$work/data" --out "$work/ft" --base-model embedded:toy-v1 \
     --batch-size "${BATCH:-16}" --lr 1e-3 --warmup-steps 100 --train-text-encoder --context-layers "${CONTEXT_LAYERS:-2}" \
+    ${DROP_NEGATED:+--drop-negated consolidation --drop-negated effusion --drop-negated cardiomegaly --drop-negated pneumothorax} \
     --checkpoint-every "$every" --checkpoints-total-limit 0 --seed 0 --steps "$steps" \
     --sample-prompt "Large right pleural effusion. No pneumothorax." --sample-prompt "Marked cardiomegaly. No pleural effusion." \
     2>&1 | tr '\r' '\n' | grep -v "^train UNet" > "$out/chest_train-$device.log" || { tail -20 "$out/chest_train-$device.log"; exit 1; }
