@@ -11,8 +11,8 @@
 # Sizes come from the environment: STEPS (16000), BATCH (16), NUM (12000 chest-world images),
 # CONTEXT_LAYERS (2), PER_FINDING (15, the table), CURVE_PER_FINDING (5), EVERY (1000: checkpoint and
 # curve spacing); DROP_NEGATED=1 trains on the reports without their sentences that negate one of the
-# four findings (train-t2i --drop-negated; the last 3,000 steps of the shipped chest model). The GPU machine has torch but not diffusers: put diffusers' wheel in wheels/ first
-# (gpu_env.sh).
+# four findings (train-t2i --drop-negated; the last 3,000 steps of the shipped chest model). The GPU
+# machine has torch but not diffusers: put diffusers' wheel in wheels/ first (gpu_env.sh).
 #
 # The same script on a CPU at a tiny size (proof that it runs; numbers meaningless):
 #   DEVICE=cpu STEPS=4 EVERY=2 NUM=40 PER_FINDING=1 CURVE_PER_FINDING=1 bash benchmarks/chest_gpu.sh
