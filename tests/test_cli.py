@@ -79,7 +79,8 @@ OPTIONS = {
     'train-t2i': ('--help', '--data', '--out', '--preset', '--base-model', '--steps', '--vae-steps',
         '--decoder-steps', '--batch-size', '--lr', '--warmup-steps', '--seed', '--checkpoint-every',
         '--mixed-precision', '--gradient-accumulation', '--max-grad-norm', '--sample-prompt', '--sample-guidance',
-        '--train-text-encoder', '--no-train-text-encoder', '--forget-word', '--drop-negated', '--context-layers', '--checkpoints-total-limit', '--threads'),
+        '--train-text-encoder', '--no-train-text-encoder', '--forget-word', '--drop-negated', '--context-layers',
+        '--attention-layers', '--checkpoints-total-limit', '--threads'),
 }
 
 

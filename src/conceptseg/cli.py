@@ -797,6 +797,8 @@ def _train_t2i_options(s) -> None:
                    help="leave the report sentences that negate WORD ('No pneumothorax.') out of the captions (repeatable)")
     _config_option(s, C, "context_layers",
                    help="fine-tuning: add this many transformer layers (starting as the identity) to a context-free text encoder")
+    _config_option(s, C, "attention_layers",
+                   help="fine-tuning: add this many transformer blocks (starting as the identity) to each of the UNet's cross-attention blocks")
     _config_option(s, C, "checkpoints_total_limit", type=_limit, help="keep the newest N checkpoints (0: keep all)")
     s.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
 

@@ -36,6 +36,7 @@ class FinetuneT2ISection:
     # a new word (a finding unknown to the base model) needs its token embedding trained: set it true
     train_text_encoder: bool | None = field_default(TrainT2IConfig, "train_text_encoder")
     context_layers: int = field_default(TrainT2IConfig, "context_layers")
+    attention_layers: int = field_default(TrainT2IConfig, "attention_layers")
     drop_negated: list[str] | None = field_default(TrainT2IConfig, "drop_negated")
     checkpoint_every: int = field_default(TrainT2IConfig, "checkpoint_every")
     mixed_precision: str = field_default(TrainT2IConfig, "mixed_precision")

@@ -69,6 +69,9 @@ class TrainT2IConfig:
     # captions; a context-free encoder otherwise sees the word as often without the finding as with it
     # (docs/medical.md). None: captions as written (RoentGen's and the paper's fine-tuning)
     drop_negated: list[str] | None = added_setting(None)
+    # fine-tuning: transformer blocks added to each of the UNet's cross-attention blocks (down, mid, up),
+    # starting as the identity: more of the denoiser's layers read the prompt at each resolution
+    attention_layers: int = added_setting(0)
     checkpoint_every: int = execution_setting(250)
     checkpoints_total_limit: int | None = execution_setting(2)  # keep the newest N checkpoints (None: all)
     mixed_precision: str = "no"
@@ -230,15 +233,18 @@ def _refuse_fine_tuning_settings(cfg: TrainT2IConfig) -> None:
         raise ValueError("forget_words applies to fine-tuning (--base-model); from scratch every word starts random")
     if cfg.context_layers:
         raise ValueError("context_layers applies to fine-tuning (--base-model); from scratch the preset sets the encoder's layers")
+    if cfg.attention_layers:
+        raise ValueError("attention_layers applies to fine-tuning (--base-model); from scratch the preset sets the UNet's layers")
 
 
-def _adapted_text_encoder(cfg: TrainT2IConfig, text_encoder, tokenizer):
-    """The base model's text encoder as fine-tuning starts from it: forgotten words re-drawn, context layers added."""
-    if cfg.forget_words:
-        forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
-    if cfg.context_layers:
-        text_encoder = add_context_layers(text_encoder, cfg.context_layers, cfg.seed)
-    return text_encoder
+def _grown(run: dict, unet, text_encoder):
+    """The base model's UNet and text encoder with the layers a fine-tune's settings (`run`: its
+    train_config.json, or the config as a dict) add; every added layer starts as the identity."""
+    if run.get("context_layers"):
+        text_encoder = add_context_layers(text_encoder, run["context_layers"], run["seed"])
+    if run.get("attention_layers"):
+        unet = add_attention_layers(unet, run["attention_layers"], run["seed"])
+    return unet, text_encoder
 
 
 def train_t2i(cfg: TrainT2IConfig) -> Path:
@@ -287,7 +293,10 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         ids_all = tokenize(captions)
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
-    text_encoder = _adapted_text_encoder(cfg, text_encoder, tokenizer)
+    if not from_scratch:  # the base model as fine-tuning starts from it
+        if cfg.forget_words:
+            forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
+        unet, text_encoder = _grown(asdict(cfg), unet, text_encoder)
 
     trained = [unet] + ([text_encoder] if train_te else [])
     for mod in trained:
@@ -385,6 +394,41 @@ def add_context_layers(text_encoder, layers: int, seed: int):
     return grown.to(text_encoder.dtype)
 
 
+def add_attention_layers(unet, layers: int, seed: int):
+    """A copy of a UNet2DConditionModel with `layers` more transformer blocks in each of its
+    cross-attention blocks (down, mid and up). Each new block's self-attention, cross-attention and
+    feed-forward output projections start at zero, so the block is the identity (its residual
+    branches add nothing) and the UNet computes what it did; fine-tuning then trains them. Stage 1
+    reads every cross-attention layer, the new ones too."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"attention_layers needs a UNet2DConditionModel, got {type(unet).__name__}")
+    config = dict(unet.config)
+    blocks = len(config["down_block_types"])
+    for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+        per_block = config.get(key)
+        if per_block is not None:
+            per_block = [per_block] * blocks if isinstance(per_block, int) else list(per_block)
+            config[key] = [p + layers if isinstance(p, int) else [q + layers for q in p] for p in per_block]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = UNet2DConditionModel.from_config(config)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    new_blocks = [b for m in grown.modules() if hasattr(m, "transformer_blocks")
+                  for b in m.transformer_blocks[len(m.transformer_blocks) - layers :]]
+    if unexpected or len(missing) != sum(len(b.state_dict()) for b in new_blocks):
+        raise ValueError(f"attention_layers: the grown UNet does not hold the old one's weights ({unexpected or missing[:3]})")
+    with torch.no_grad():
+        for block in new_blocks:
+            feed_forward_out = [m for m in block.ff.modules() if isinstance(m, torch.nn.Linear)][-1]
+            for attn_or_ff in (block.attn1.to_out[0], block.attn2.to_out[0] if block.attn2 else None, feed_forward_out):
+                for tensor in (attn_or_ff.weight, attn_or_ff.bias) if attn_or_ff is not None else ():
+                    if tensor is not None:
+                        tensor.zero_()
+    return grown.to(unet.dtype)
+
+
 def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
     """The model as it stood at `checkpoint` (its EMA weights), without an export per checkpoint:
     the run's `OUT/model` (or, for a fine-tune not yet finished, its base model) gives the
@@ -400,8 +444,8 @@ def checkpoint_model(out: Path, checkpoint: Path, device=None, dtype=None):
     # a fine-tune still running has no export yet: its base model has the same architecture and VAE
     exported = Path(out) / "model"
     model = load_model(exported if exported.is_dir() or not run.get("base_model") else run["base_model"], device="cpu", dtype="fp32")
-    if run.get("context_layers") and not exported.is_dir():
-        model.text_encoder = add_context_layers(model.text_encoder, run["context_layers"], run["seed"])
+    if not exported.is_dir():
+        model.unet, model.text_encoder = _grown(run, model.unet, model.text_encoder)
     params = list(model.unet.parameters()) + (list(model.text_encoder.parameters()) if train_te else [])
     shadow = load_file(Path(checkpoint) / "ema.safetensors")
     if len(shadow) != len(params):
