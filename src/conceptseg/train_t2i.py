@@ -422,10 +422,11 @@ def add_attention_layers(unet, layers: int, seed: int):
     with torch.no_grad():
         for block in new_blocks:
             feed_forward_out = [m for m in block.ff.modules() if isinstance(m, torch.nn.Linear)][-1]
-            for attn_or_ff in (block.attn1.to_out[0], block.attn2.to_out[0] if block.attn2 else None, feed_forward_out):
-                for tensor in (attn_or_ff.weight, attn_or_ff.bias) if attn_or_ff is not None else ():
-                    if tensor is not None:
-                        tensor.zero_()
+            attentions = [a for a in (block.attn1, block.attn2) if a is not None]
+            for proj in [a.to_out[0] for a in attentions] + [feed_forward_out]:
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
     return grown.to(unet.dtype)
 
 
