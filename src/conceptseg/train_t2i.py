@@ -247,6 +247,13 @@ def _grown(run: dict, unet, text_encoder):
     return unet, text_encoder
 
 
+def _fine_tuning_start(cfg: TrainT2IConfig, unet, text_encoder, tokenizer):
+    """The base model's UNet and text encoder as fine-tuning starts from them: forgotten words re-drawn, layers added."""
+    if cfg.forget_words:
+        forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
+    return _grown(asdict(cfg), unet, text_encoder)
+
+
 def train_t2i(cfg: TrainT2IConfig) -> Path:
     with trainer_accelerator(cfg.gradient_accumulation) as accelerator:
         return _train_t2i(cfg, accelerator)
@@ -293,10 +300,8 @@ def _train_t2i(cfg: TrainT2IConfig, accelerator) -> Path:
         ids_all = tokenize(captions)
     ids_empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
-    if not from_scratch:  # the base model as fine-tuning starts from it
-        if cfg.forget_words:
-            forget_word_embeddings(text_encoder, tokenizer, cfg.forget_words, cfg.seed)
-        unet, text_encoder = _grown(asdict(cfg), unet, text_encoder)
+    if not from_scratch:
+        unet, text_encoder = _fine_tuning_start(cfg, unet, text_encoder, tokenizer)
 
     trained = [unet] + ([text_encoder] if train_te else [])
     for mod in trained:
